@@ -1,0 +1,17 @@
+"""gsops: Group-and-Shuffle structured orthogonal matrices (Gorbunov et al., NeurIPS 2024)."""
+__version__ = "0.1.0"
+
+from .perm import perm, permute, paired_perm
+from .ops import block_diag_mm, gs_chain, gs_apply, gs_dense, skew, unskew, cayley, gs_project
+from .ops.dispatch import use_backend
+from .backends import BackendUnavailable
+from .checks import set_check_finite
+
+__all__ = [
+    "perm", "permute", "paired_perm",
+    "block_diag_mm", "gs_chain", "gs_apply", "gs_dense", "skew", "unskew", "cayley", "gs_project",
+    "use_backend", "BackendUnavailable", "set_check_finite",
+]
+
+# --- adapters (issue 4) ---
+# --- GS-SOC (issue 7) ---

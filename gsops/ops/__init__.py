@@ -1,0 +1,139 @@
+"""The checked public GS operations. Each validates its arguments, then dispatches.
+
+Conventions are those of SPEC.md: every op acts on the last dimension of ``x``
+as on a column vector, with any leading batch shape.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import reference as ref
+from ..checks import (
+    check_blocks, check_divides, check_features, check_finite, check_int, check_same_device, check_tensor,
+)
+from ..reference.cayley import neumann_error_bound, spectral_norm
+from . import dispatch
+
+
+def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``diag(B_1..B_r) x`` for ``B`` of shape (r, b, b), ``r*b == x.shape[-1]``."""
+    check_tensor("x", x)
+    check_blocks("B", B)
+    check_same_device(x=x, B=B)
+    check_features("x", x, B.shape[0] * B.shape[1], "r*b of B")
+    return dispatch.get("block_diag_mm", x.device)(x, B)
+
+
+def _check_chain(x, blocks, names=None):
+    check_tensor("x", x)
+    if isinstance(blocks, torch.Tensor):
+        raise TypeError("blocks must be a list of (r, b, b) tensors, got a single tensor")
+    blocks = list(blocks)
+    names = names or [f"blocks[{i}]" for i in range(len(blocks))]
+    if not blocks:
+        raise ValueError("blocks must contain at least one (r, b, b) factor")
+    check_blocks(names[0], blocks[0])
+    r, b = blocks[0].shape[0], blocks[0].shape[1]
+    for name, B in zip(names[1:], blocks[1:]):
+        check_blocks(name, B, r=r, b=b)
+    check_same_device(x=x, **dict(zip(names, blocks)))
+    check_features("x", x, r * b, "r*b of the blocks")
+    return blocks
+
+
+def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
+    """``B_m P ... B_2 P B_1 x`` for a list of (r, b, b) factors, ``P = perm(r, r*b)``."""
+    blocks = _check_chain(x, blocks)
+    return dispatch.get("gs_chain", x.device)(x, blocks)
+
+
+def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """GSOFT's ``Q x`` with ``Q = P^T L P R``, ``P = perm(r, d)``, L and R of shape (r, b, b)."""
+    _check_chain(x, [R, L], ["R", "L"])
+    return dispatch.get("gs_apply", x.device)(x, L, R)
+
+
+def gs_dense(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The dense ``d x d`` matrix ``Q = P^T L P R``."""
+    check_blocks("R", R)
+    check_blocks("L", L, r=R.shape[0], b=R.shape[1])
+    check_same_device(L=L, R=R)
+    return ref.gs_dense(L, R)
+
+
+def skew(params: torch.Tensor, b: int) -> torch.Tensor:
+    """Packed ``b(b-1)/2`` numbers (upper triangle, row major) -> skew ``K`` of shape (..., b, b)."""
+    check_tensor("params", params)
+    b = check_int("b", b)
+    need = b * (b - 1) // 2
+    if params.shape[-1] != need:
+        raise ValueError(f"params.shape[-1]={params.shape[-1]} must equal b*(b-1)/2={need} for b={b}")
+    return ref.skew(params, b)
+
+
+def _check_square(name, K):
+    check_tensor(name, K, min_dim=2)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"{name} must have square trailing dimensions (..., b, b), got {tuple(K.shape)}")
+
+
+def unskew(K: torch.Tensor) -> torch.Tensor:
+    """The packed strict upper triangle of skew ``K`` (..., b, b); inverse of :func:`skew`."""
+    _check_square("K", K)
+    return ref.unskew(K)
+
+
+_SKEW_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+_neumann_warned = [False]
+NEUMANN_WARN_ERROR = 1e-3
+
+
+def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tensor:
+    """Batched Cayley transform ``(I + K)(I - K)^{-1}`` of skew ``K`` (..., b, b).
+
+    ``method="exact"`` inverts ``I - K`` (always valid for skew K) with the
+    SPEC's exact backward. ``method="neumann"`` is OFTv2's truncated series
+    ``M ~ I + K + ... + K^terms``: it raises when ``max ||K||_2 >= 1`` (the
+    series diverges) and warns once when its orthogonality error bound
+    ``2 ||K||^(terms+1) / (1 - ||K||)`` exceeds 1e-3.
+    """
+    _check_square("K", K)
+    check_finite("K", K)
+    if method not in ("exact", "neumann"):
+        raise ValueError(f"method={method!r} must be 'exact' or 'neumann'")
+    Kd = K.detach()
+    asym = (Kd + Kd.transpose(-1, -2)).abs().amax() if K.numel() else 0.0
+    scale = Kd.abs().amax() if K.numel() else 0.0
+    if K.numel() and asym > _SKEW_TOL[K.dtype] * max(1.0, float(scale)):
+        raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {float(asym):.3g}")
+    if method == "exact":
+        return dispatch.get("cayley_exact", K.device)(K)
+    terms = check_int("terms", terms, minimum=1)
+    if K.numel():
+        norm = float(spectral_norm(K).max())
+        if norm >= 1:
+            raise ValueError(
+                f"method='neumann' needs ||K||_2 < 1 for every block, got max ||K||_2 = {norm:.4g}: "
+                "the series diverges and Q would not be orthogonal; use method='exact'"
+            )
+        err = float(neumann_error_bound(torch.tensor(norm, dtype=torch.float64), terms))
+        if err > NEUMANN_WARN_ERROR and not _neumann_warned[0]:
+            _neumann_warned[0] = True
+            warnings.warn(
+                f"cayley(method='neumann', terms={terms}): max ||K||_2 = {norm:.3g} gives an orthogonality "
+                f"error up to {err:.3g}; use more terms or method='exact'"
+            )
+    return dispatch.get("cayley_neumann", K.device)(K, terms)
+
+
+def gs_project(W: torch.Tensor, block_size: int):
+    """Algorithm 1 of the GS paper for ``Q = P^T L P R``: the Frobenius-closest ``(L, R)`` to ``W``."""
+    check_tensor("W", W, dim=2)
+    if W.shape[0] != W.shape[1]:
+        raise ValueError(f"W must be square (d, d), got {tuple(W.shape)}")
+    block_size = check_int("block_size", block_size)
+    check_divides("block_size", block_size, "W.shape[0]", W.shape[0])
+    check_finite("W", W)
+    return ref.gs_project(W, block_size)

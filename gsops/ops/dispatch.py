@@ -1,0 +1,81 @@
+"""One dispatch: picks the backend for an op from ``GSOPS_BACKEND`` and the tensors' device.
+
+``GSOPS_BACKEND=auto`` (default) takes the best backend that runs on the
+device (cuda > triton > torch on CUDA tensors, torch on CPU) and says once,
+with the reason, when a CUDA tensor falls back to the reference path. A forced
+backend that cannot run raises :class:`~gsops.backends.BackendUnavailable`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from .. import backends
+
+_IMPLS: dict[str, dict[str, object]] = {}
+_override: list[str] = []
+_warned: set = set()
+
+CHOICES = ("auto",) + backends.NAMES
+AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+def register(backend: str, op: str, fn) -> None:
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def requested() -> str:
+    name = _override[-1] if _override else os.environ.get("GSOPS_BACKEND", "auto").strip().lower() or "auto"
+    if name not in CHOICES:
+        raise ValueError(f"GSOPS_BACKEND={name!r} must be one of {CHOICES}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (same rules as ``GSOPS_BACKEND``)."""
+    if name not in CHOICES:
+        raise ValueError(f"backend={name!r} must be one of {CHOICES}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _has(backend: str, op: str, device: torch.device) -> tuple[bool, str]:
+    ok, reason = backends.runs_on(backend, device)
+    if ok and backend not in _IMPLS.get(op, {}):
+        return False, f"the {backend} backend has no kernel for {op}"
+    return ok, reason
+
+
+def choose(op: str, device: torch.device) -> str:
+    name = requested()
+    if name != "auto":
+        ok, reason = _has(name, op, device)
+        if not ok:
+            raise backends.BackendUnavailable(f"GSOPS_BACKEND={name} cannot run {op}: {reason}")
+        return name
+    if device.type != "cuda":
+        _has("torch", op, device)
+        return "torch"
+    reasons = []
+    for cand in AUTO_ORDER:
+        ok, reason = _has(cand, op, device)
+        if ok:
+            break
+        reasons.append(f"{cand}: {reason}")
+    if cand == "torch" and (op, "fallback") not in _warned:
+        _warned.add((op, "fallback"))
+        warnings.warn(f"gsops: {op} on CUDA uses the torch reference path ({'; '.join(reasons)})")
+    return cand
+
+
+def get(op: str, device: torch.device):
+    """The implementation of ``op`` for tensors on ``device``."""
+    backend = choose(op, device)  # loads the backend, which registers its kernels
+    return _IMPLS[op][backend]
