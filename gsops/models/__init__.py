@@ -1,0 +1,1 @@
+"""Model families built from gsops layers (LipConvnet)."""

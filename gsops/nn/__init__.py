@@ -1,0 +1,1 @@
+"""Layer modules: adapters (GSOFT, OFT, BOFT, ...) and GS-SOC layers."""
