@@ -1,0 +1,324 @@
+"""Fused block-diagonal x permutation kernels for GS matrices (SPEC "GS matrices").
+
+One *step* computes ``y = P_out · diag(B_1..B_r) · P_in · x`` on the last
+dimension of ``x`` (``d = r*b``), where each of ``P_in`` / ``P_out`` is the
+identity or the GS permutation ``P = perm(r, d)``.  The permutations are never
+materialised: they are index arithmetic in the loads and stores.  With block
+``p`` and in-block index ``q`` (0 <= p < r, 0 <= q < b) the feature touched is
+
+* ``LINEAR``:  ``p*b + q``  (no permutation), and
+* ``STRIDED``: ``q*r + p``  -- loading block p from ``x[q*r + p]`` reads
+  block p of ``P x`` (``(P x)[p*b+q] = x[q*r+p]``); storing block p of ``z`` to
+  ``y[q*r + p]`` writes ``y = P^T z``.
+
+So ``gs_chain`` is one LINEAR->LINEAR step followed by STRIDED->LINEAR steps,
+and GSOFT's ``Q x = P^T L P R x`` is LINEAR->LINEAR (R) then STRIDED->STRIDED
+(L).  The transpose of a step (its input gradient) is the same kernel with the
+load and store layouts swapped and the blocks transposed.  Block gradients
+``dB_p = sum_n dy'_{n,p} x'_{n,p}^T`` are per-block reductions over tokens.
+
+Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
+features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
+tokens.  ``tl.dot`` needs tiles >= 16 on a GPU, so for ``b < 16`` several blocks
+are packed into one 16-wide tile: the program loads a ``TILE x TILE`` weight
+whose off-diagonal blocks are masked to zero, i.e. the block-diagonal of its
+``G`` blocks, and does one dense ``[BLOCK_N, TILE] x [TILE, TILE]`` dot.  Any
+``b`` (not only powers of two) is handled by masking ``q >= b``; any number of
+tokens by masking ``n >= N``.  Accumulation is float32; half inputs are fed to
+``tl.dot`` in their own dtype on a GPU and as float32 under the interpreter
+(whose bf16 dot is not exact).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LINEAR = 0
+STRIDED = 1
+
+_HALF = (torch.float16, torch.bfloat16)
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _feature_index(p, q, r, b, LAYOUT: tl.constexpr):
+    if LAYOUT == 0:
+        return p * b + q
+    else:
+        return q * r + p
+
+
+@triton.jit
+def _block_step_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, r, b,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    n_groups,
+    TILES_PER_PROG: tl.constexpr, LOAD: tl.constexpr, STORE: tl.constexpr, TRANS: tl.constexpr,
+    BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    TILE: tl.constexpr = G * BB
+    pid = tl.program_id(0)
+    pid_g = pid % n_groups  # block groups vary fastest: neighbouring programs share cache lines
+    pid_n = pid // n_groups
+
+    c = tl.arange(0, TILE)
+    p = pid_g * G + c // BB
+    q = c % BB
+    valid = (q < b) & (p < r)
+    feat = _feature_index(p, q, r, b, LOAD).to(tl.int64)
+    feat_out = _feature_index(p, q, r, b, STORE).to(tl.int64)
+
+    # Block-diagonal weight of this group: W[c_in, c_out] so that y = x @ W.
+    ci = c[:, None]
+    co = c[None, :]
+    same = (ci // BB == co // BB) & valid[:, None] & valid[None, :]
+    pb = (pid_g * G + ci // BB).to(tl.int64)
+    if TRANS:  # y_e = sum_c B[p, c, e] x_c  (B^T x)
+        w_off = pb * b * b + (ci % BB) * b + (co % BB)
+    else:  # y_e = sum_c B[p, e, c] x_c  (B x)
+        w_off = pb * b * b + (co % BB) * b + (ci % BB)
+    w = tl.load(w_ptr + w_off, mask=same, other=0.0).to(DOT_DTYPE)
+
+    rows = tl.arange(0, BLOCK_N)
+    for t in range(0, TILES_PER_PROG):
+        n = (pid_n * TILES_PER_PROG + t) * BLOCK_N + rows
+        n64 = n.to(tl.int64)
+        mask = (n < N)[:, None] & valid[None, :]
+        xt = tl.load(x_ptr + n64[:, None] * stride_xn + feat[None, :] * stride_xd, mask=mask, other=0.0)
+        if IEEE:
+            acc = tl.dot(xt.to(DOT_DTYPE), w, input_precision="ieee", out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(xt.to(DOT_DTYPE), w)
+        tl.store(y_ptr + n64[:, None] * stride_yn + feat_out[None, :] * stride_yd,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block_grad_kernel(
+    g_ptr, x_ptr, out_ptr,
+    N, r, b,
+    stride_gn, stride_gd, stride_xn, stride_xd,
+    n_groups,
+    TILES_PER_SPLIT: tl.constexpr, G_LAYOUT: tl.constexpr, X_LAYOUT: tl.constexpr,
+    BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """out[split, p, i, q] = sum over this split's tokens of g'[n, p, i] * x'[n, p, q]."""
+    TILE: tl.constexpr = G * BB
+    pid = tl.program_id(0)
+    pid_g = pid % n_groups
+    split = pid // n_groups
+
+    c = tl.arange(0, TILE)
+    p = pid_g * G + c // BB
+    q = c % BB
+    valid = (q < b) & (p < r)
+    feat_g = _feature_index(p, q, r, b, G_LAYOUT).to(tl.int64)
+    feat_x = _feature_index(p, q, r, b, X_LAYOUT).to(tl.int64)
+
+    acc = tl.zeros((TILE, TILE), dtype=out_ptr.dtype.element_ty)  # float32 (float64 for float64 data)
+    rows = tl.arange(0, BLOCK_N)
+    for t in range(0, TILES_PER_SPLIT):
+        n = (split * TILES_PER_SPLIT + t) * BLOCK_N + rows
+        n64 = n.to(tl.int64)
+        mask = (n < N)[:, None] & valid[None, :]
+        gt = tl.load(g_ptr + n64[:, None] * stride_gn + feat_g[None, :] * stride_gd, mask=mask, other=0.0)
+        xt = tl.load(x_ptr + n64[:, None] * stride_xn + feat_x[None, :] * stride_xd, mask=mask, other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE), input_precision="ieee",
+                          out_dtype=out_ptr.dtype.element_ty)
+        else:
+            acc += tl.dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE))
+
+    ci = c[:, None]  # i (output index of the block)
+    cq = c[None, :]  # q (input index)
+    same = (ci // BB == cq // BB) & valid[:, None] & valid[None, :]
+    pb = (pid_g * G + ci // BB).to(tl.int64)
+    off = split.to(tl.int64) * r * b * b + pb * b * b + (ci % BB) * b + (cq % BB)
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=same)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _tiling(b: int) -> tuple[int, int]:
+    """(BB, G): padded block size and blocks per program (TILE = G*BB >= 16)."""
+    bb = triton.next_power_of_2(b)
+    g = max(1, 16 // bb)
+    return bb, g
+
+
+def _block_n(tile: int, n_tokens: int) -> int:
+    if _interpreting():  # few, fat programs: the interpreter pays per program
+        return max(16, min(128, triton.next_power_of_2(max(n_tokens, 1))))
+    return 64 if tile <= 64 else 32
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _loop_count(n_tiles: int, n_groups: int, want_programs: int) -> int:
+    """Token tiles per program, a power of two (a constexpr: the loop bound is compile-time, which also
+    avoids the Triton 3.6 interpreter's failure on runtime loop bounds under numpy >= 2.4).
+
+    Enough programs to fill the GPU; the remaining tiles are looped in-program so each
+    program loads its weights once. Under the interpreter: one program per block group.
+    """
+    if _interpreting():
+        return triton.next_power_of_2(n_tiles)
+    per = max(1, (n_groups * n_tiles) // max(want_programs, 1))
+    return min(triton.next_power_of_2(n_tiles), 1 << (per.bit_length() - 1), 64)
+
+
+def _dot_config(dtype: torch.dtype, w_dtype: torch.dtype):
+    """(DOT_DTYPE, IEEE): float32 'ieee' dots for float32/64 data and under the interpreter."""
+    if dtype == torch.float64 or w_dtype == torch.float64:
+        return tl.float64, True
+    if dtype in _HALF and not _interpreting():
+        return _TL_DTYPE[dtype], False
+    return tl.float32, True
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _num_warps(tile: int) -> int:
+    return 8 if tile >= 128 else 4
+
+
+def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpose: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``P_store^T · diag(B or B^T) · P_load x`` on the last dim (see the module docstring).
+
+    ``x`` may be non-contiguous (strides are passed to the kernel); the result
+    has ``x``'s shape and dtype.
+    """
+    r, b, _ = B.shape
+    d = r * b
+    lead = x.shape[:-1]
+    x2 = _as_2d(x)
+    n_tok = x2.shape[0]
+    y2 = torch.empty((n_tok, d), dtype=x.dtype, device=x.device) if out is None else out
+    if n_tok == 0:
+        return y2.reshape(*lead, d)
+    Bc = B.contiguous()
+    bb, g = _tiling(b)
+    tile = bb * g
+    n_groups = triton.cdiv(r, g)
+    block_n = _block_n(tile, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    tiles_per_prog = _loop_count(n_tiles, n_groups, 8 * _n_sm(x.device))
+    n_prog_n = triton.cdiv(n_tiles, tiles_per_prog)
+    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
+    _block_step_kernel[(n_groups * n_prog_n,)](
+        x2, Bc, y2, n_tok, r, b,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        n_groups,
+        TILES_PER_PROG=tiles_per_prog, LOAD=load, STORE=store, TRANS=bool(transpose),
+        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC_DTYPE=tl.float64 if dot_dtype == tl.float64 else tl.float32, num_warps=_num_warps(tile),
+    )
+    return y2.reshape(*lead, d)
+
+
+def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout: int, x_layout: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``dB[p] = sum_n g'[n, p] x'[n, p]^T`` (r, b, b), g' and x' read in the given layouts."""
+    g2 = _as_2d(grad)
+    x2 = _as_2d(x)
+    n_tok = x2.shape[0]
+    if n_tok == 0:
+        return torch.zeros((r, b, b), dtype=out_dtype, device=x.device)
+    bb, g = _tiling(b)
+    tile = bb * g
+    n_groups = triton.cdiv(r, g)
+    block_n = _block_n(tile, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    tiles_per_split = _loop_count(n_tiles, n_groups, 4 * _n_sm(x.device))
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    partial = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    dot_dtype, ieee = _dot_config(x.dtype, grad.dtype)
+    _block_grad_kernel[(n_groups * splits,)](
+        g2, x2, partial, n_tok, r, b,
+        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
+        n_groups,
+        TILES_PER_SPLIT=tiles_per_split, G_LAYOUT=grad_layout, X_LAYOUT=x_layout,
+        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        num_warps=_num_warps(tile),
+    )
+    return partial.sum(0).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- GS ops
+
+def _layouts(n_steps: int, apply: bool):
+    """(load, store) layout of every step: gs_chain gathers P before steps 2..m; gs_apply also stores P^T."""
+    lay = [(LINEAR, LINEAR)] + [(STRIDED, LINEAR)] * (n_steps - 1)
+    if apply:
+        lay[-1] = (STRIDED, STRIDED)
+    return lay
+
+
+def _forward(x, blocks, apply):
+    lay = _layouts(len(blocks), apply)
+    acts = [x]
+    for B, (ld, st) in zip(blocks, lay):
+        acts.append(block_step(acts[-1], B, ld, st))
+    return acts
+
+
+def _backward(grad, x, blocks, apply):
+    """Gradients of the chain: input gradient by transposed steps, block gradients by token reductions."""
+    r, b, _ = blocks[0].shape
+    lay = _layouts(len(blocks), apply)
+    acts = _forward(x, blocks[:-1], False) if len(blocks) > 1 else [x]  # recompute step inputs
+    grads = [None] * len(blocks)
+    g = grad
+    for j in range(len(blocks) - 1, -1, -1):
+        ld, st = lay[j]
+        grads[j] = block_grad(g, acts[j], r, b, st, ld, blocks[j].dtype)
+        g = block_step(g, blocks[j], st, ld, transpose=True)
+    return g, grads
+
+
+def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``diag(B_1..B_r) x``."""
+    return block_step(x, B, LINEAR, LINEAR)
+
+
+def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor):
+    r, b, _ = B.shape
+    dx = block_step(grad, B, LINEAR, LINEAR, transpose=True)
+    return dx, block_grad(grad, x, r, b, LINEAR, LINEAR, B.dtype)
+
+
+def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
+    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads."""
+    return _forward(x, list(blocks), False)[-1]
+
+
+def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
+    return _backward(grad, x, list(blocks), False)
+
+
+def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """GSOFT's ``P^T L P R x``: two fused steps, P in the second step's loads and P^T in its stores."""
+    return _forward(x, [R, L], True)[-1]
+
+
+def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
+    dx, (dR, dL) = _backward(grad, x, [R, L], True)
+    return dx, dL, dR
