@@ -14,4 +14,13 @@ __all__ = [
 ]
 
 # --- adapters (issue 4) ---
+from .adapters import (
+    AdapterConfig, apply_, merge_, unmerge_, revert_, trainable_parameters, save_adapter, load_adapter,
+    sorsa_regularizer, adapter_summary,
+)
+
+__all__ += [
+    "AdapterConfig", "apply_", "merge_", "unmerge_", "revert_", "trainable_parameters", "save_adapter",
+    "load_adapter", "sorsa_regularizer", "adapter_summary",
+]
 # --- GS-SOC (issue 7) ---

@@ -1,0 +1,17 @@
+"""Model-level adapter verbs: ``AdapterConfig``, ``apply_``, ``merge_``, ``unmerge_``, ``revert_``, save/load.
+
+Layering: adapters -> nn (OrthogonalAdapter) and baselines (SORSA, LoLDU) -> ops.
+"""
+from .config import AdapterConfig, METHODS
+from .model import (
+    AdapterSummary, adapter_layers, adapter_parameters, adapter_summary, apply_, merge_, revert_,
+    trainable_parameters, unmerge_,
+)
+from .io import load_adapter, save_adapter
+from ..baselines.sorsa import sorsa_regularizer
+
+__all__ = [
+    "AdapterConfig", "METHODS", "AdapterSummary", "adapter_layers", "adapter_parameters", "adapter_summary",
+    "apply_", "merge_", "unmerge_", "revert_", "trainable_parameters", "save_adapter", "load_adapter",
+    "sorsa_regularizer",
+]

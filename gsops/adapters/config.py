@@ -1,0 +1,151 @@
+"""``AdapterConfig``: which method, which layers, and the method's knobs; validated on creation."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any
+
+from torch import nn
+
+from ..checks import check_int
+from ..nn.adapters import CAYLEY_METHODS
+
+METHODS = ("gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu")
+ORTHOGONAL = ("gsoft", "double_gsoft", "oft", "boft")
+LOW_RANK = ("sorsa", "loldu")
+SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """What :func:`gsops.apply_` does to a model.
+
+    method: ``"gsoft"`` (Q = P^T L P R), ``"double_gsoft"`` (Q_out W Q_in), ``"oft"``
+        (one block-diagonal factor), ``"boft"`` (``n_factors`` butterfly factors),
+        ``"sorsa"`` or ``"loldu"`` (low-rank baselines, need ``rank``).
+    block_size: Cayley block size ``b`` (orthogonal methods); must divide every
+        targeted layer's input dimension (``in_features``, or ``in_channels*kh*kw`` for Conv2d).
+    n_factors: number of butterfly factors for ``boft``. ``gsoft``/``double_gsoft``
+        always have 2 factors (L and R) and require ``n_factors == 2``; ``oft``,
+        ``sorsa`` and ``loldu`` do not read it.
+    scale: learn the per-output magnitude ``s`` (init 1) of the orthogonal methods.
+    packed: store the ``b(b-1)/2`` free numbers of each skew block (True) or full
+        ``b x b`` blocks with ``K = A - A^T`` as the GSOFT paper's code (False).
+    cayley: ``"exact"`` or ``"neumann"`` (OFTv2's series, ``neumann_terms`` terms).
+    rank: rank of ``sorsa`` / ``loldu``; must be None for the orthogonal methods.
+    target_modules: None (every ``nn.Linear``), or a list of regular expressions
+        (``re.search`` on the module's qualified name, e.g. ``"attention"`` or
+        ``r"\\.query$"``) and/or module types (``nn.Linear``, ``nn.Conv2d``).
+    """
+
+    method: str = "gsoft"
+    block_size: int = 32
+    n_factors: int = 2
+    scale: bool = True
+    packed: bool = True
+    cayley: str = "exact"
+    neumann_terms: int = 5
+    rank: int | None = None
+    target_modules: Any = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} must be one of {METHODS}")
+        self.block_size = check_int("block_size", self.block_size)
+        self.n_factors = check_int("n_factors", self.n_factors)
+        self.neumann_terms = check_int("neumann_terms", self.neumann_terms)
+        for flag in ("scale", "packed"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.cayley not in CAYLEY_METHODS:
+            raise ValueError(f"cayley={self.cayley!r} must be one of {CAYLEY_METHODS}")
+        if self.method in ("gsoft", "double_gsoft") and self.n_factors != 2:
+            raise ValueError(
+                f"n_factors={self.n_factors}: method={self.method!r} has exactly 2 factors (L and R); "
+                "use method='boft' for more factors"
+            )
+        if self.method == "boft" and self.n_factors > 1 and self.block_size % 2:
+            raise ValueError(f"block_size={self.block_size} must be even for boft with n_factors={self.n_factors} > 1")
+        if self.method in LOW_RANK:
+            if self.rank is None:
+                raise ValueError(f"method={self.method!r} needs rank=<int>, got rank=None")
+            self.rank = check_int("rank", self.rank)
+        elif self.rank is not None:
+            raise ValueError(f"rank={self.rank!r} is only used by {LOW_RANK}; method={self.method!r} needs rank=None")
+        self.target_modules = _normalise_targets(self.target_modules)
+
+    # ---- matching
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.target_modules is None:
+            return type(module) is nn.Linear or isinstance(module, nn.Linear)
+        for t in self.target_modules:
+            if isinstance(t, str):
+                if re.search(t, name):
+                    return True
+            elif isinstance(module, t):
+                return True
+        return False
+
+    # ---- serialisation (JSON-safe)
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.target_modules is not None:
+            d["target_modules"] = [
+                t if isinstance(t, str) else f"type:{t.__module__}.{t.__qualname__}" for t in self.target_modules
+            ]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict, got {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; known: {sorted(fields)}")
+        d = dict(d)
+        if d.get("target_modules") is not None:
+            d["target_modules"] = [_type_from_string(t) if t.startswith("type:") else t for t in d["target_modules"]]
+        return cls(**d)
+
+
+def _normalise_targets(targets):
+    if targets is None:
+        return None
+    if isinstance(targets, (str, type)):
+        targets = [targets]
+    try:
+        targets = list(targets)
+    except TypeError:
+        raise TypeError(
+            f"target_modules must be None, a list of regex strings and/or nn.Module types, got {targets!r}"
+        ) from None
+    if not targets:
+        raise ValueError("target_modules must not be empty (use None for every nn.Linear)")
+    for t in targets:
+        if isinstance(t, str):
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"target_modules: {t!r} is not a valid regular expression ({e})") from None
+        elif isinstance(t, type) and issubclass(t, nn.Module):
+            if not issubclass(t, SUPPORTED_TYPES):
+                raise ValueError(
+                    f"target_modules: type {t.__name__} is not supported; adapters wrap nn.Linear and nn.Conv2d"
+                )
+        else:
+            raise TypeError(f"target_modules entries must be regex strings or nn.Module types, got {t!r}")
+    return targets
+
+
+def _type_from_string(s: str):
+    path = s[len("type:"):]
+    module, _, name = path.rpartition(".")
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise ValueError(f"target_modules: cannot resolve module type {path!r}") from None
+    return obj

@@ -1,0 +1,234 @@
+"""Model-level verbs: ``apply_``, ``merge_``, ``unmerge_``, ``revert_``, ``trainable_parameters``."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from torch import nn
+
+from ..baselines.loldu import LoLDUAdapter
+from ..baselines.sorsa import SORSAAdapter
+from ..nn.adapters import MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer, check_base_layer, layer_dims
+from .config import AdapterConfig, ORTHOGONAL
+
+ADAPTER_TYPES = (OrthogonalAdapter, SORSAAdapter, LoLDUAdapter)
+
+
+@dataclasses.dataclass
+class AdapterSummary:
+    method: str
+    layers: list            # qualified names of the wrapped layers
+    skipped: list           # (name, reason) of matched layers left alone
+    trainable: int          # trainable parameters after apply_
+    base: int               # parameters of the model without the adapters
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.base if self.base else 0.0
+
+    def __str__(self) -> str:
+        s = (f"gsops.apply_: method={self.method!r}, {len(self.layers)} layer(s) wrapped, "
+             f"{self.trainable:,} trainable parameters ({self.percent:.4f}% of {self.base:,} base parameters)")
+        if self.skipped:
+            s += f"; skipped {len(self.skipped)}: " + ", ".join(f"{n} ({why})" for n, why in self.skipped[:5])
+        return s
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def adapter_layers(model: nn.Module) -> list:
+    """``(qualified name, adapter)`` of every gsops adapter layer in ``model``."""
+    _check_model(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+
+
+def _targets(model: nn.Module, config: AdapterConfig):
+    targets, skipped = [], []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, ADAPTER_TYPES):
+            continue
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not config.matches(name, child):
+                continue
+            if isinstance(child, ADAPTER_TYPES):
+                raise ValueError(f"{name} is already an adapter layer; call gsops.revert_(model) first")
+            if isinstance(parent, nn.MultiheadAttention):
+                # MultiheadAttention reads out_proj.weight directly and never calls its forward
+                skipped.append((name, "inside nn.MultiheadAttention, which bypasses the module's forward"))
+                continue
+            if isinstance(child, nn.Conv2d) and child.groups != 1:
+                skipped.append((name, f"Conv2d groups={child.groups}; adapters need groups=1"))
+                continue
+            if not isinstance(child, (nn.Linear, nn.Conv2d)):
+                if config.target_modules is not None and any(isinstance(t, str) for t in config.target_modules):
+                    skipped.append((name, f"{type(child).__name__} is not nn.Linear or nn.Conv2d"))
+                continue
+            targets.append((name, parent, child_name, child))
+    return targets, skipped
+
+
+def _validate(name, layer, config):
+    if config.method in ORTHOGONAL:
+        check_orthogonal_layer(name, layer, config.method, config.block_size, config.n_factors)
+    else:
+        check_base_layer(name=name, base=layer)
+        d_in, d_out = layer_dims(layer)
+        if config.rank > min(d_in, d_out):
+            raise ValueError(
+                f"{name}: rank={config.rank} must be <= min(out, in)={min(d_in, d_out)} (weight is {d_out} x {d_in})"
+            )
+
+
+def _make(name, layer, config):
+    if config.method in ORTHOGONAL:
+        return OrthogonalAdapter(
+            layer, method=config.method, block_size=config.block_size, n_factors=config.n_factors,
+            scale=config.scale, packed=config.packed, cayley=config.cayley,
+            neumann_terms=config.neumann_terms, name=name,
+        )
+    if config.method == "sorsa":
+        return SORSAAdapter(layer, config.rank, name=name)
+    return LoLDUAdapter(layer, config.rank, name=name)
+
+
+def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bool = True) -> nn.Module:
+    """Wrap every targeted ``nn.Linear`` / ``nn.Conv2d`` of ``model`` in place and freeze everything else.
+
+    All targeted layers are validated before any is changed: an invalid layer
+    raises a ValueError naming it and the numbers, and leaves ``model`` as it was.
+    Prints a one-line summary when ``verbose``; :func:`adapter_summary` returns it.
+    Returns ``model``.
+    """
+    _check_model(model)
+    config = AdapterConfig() if config is None else config
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a gsops.AdapterConfig, got {type(config).__name__}")
+    if adapter_layers(model):
+        raise ValueError("model already has gsops adapters; call gsops.revert_(model) before applying again")
+    targets, skipped = _targets(model, config)
+    if not targets:
+        why = f"; skipped: {skipped}" if skipped else ""
+        raise ValueError(f"no nn.Linear / nn.Conv2d layer of the model matched target_modules={config.target_modules!r}{why}")
+    for name, _, _, layer in targets:
+        _validate(name, layer, config)
+    model._gsops_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, parent, child_name, layer in targets:
+        adapter = _make(name, layer, config)
+        adapter.gsops_config = config
+        setattr(parent, child_name, adapter)
+    for _, m in adapter_layers(model):
+        for pname, p in m.named_parameters():
+            if not pname.startswith("base_layer."):
+                p.requires_grad_(True)
+    if skipped:
+        warnings.warn("gsops.apply_ left matched layers alone: " + "; ".join(f"{n}: {w}" for n, w in skipped))
+    model._gsops_skipped = skipped
+    if verbose:
+        print(adapter_summary(model))
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> list:
+    """``(qualified name, parameter)`` of every adapter parameter (not the base layers')."""
+    out = []
+    for lname, m in adapter_layers(model):
+        for pname, p in m.named_parameters():
+            if not pname.startswith("base_layer."):
+                out.append((f"{lname}.{pname}", p))
+    return out
+
+
+def adapter_summary(model: nn.Module) -> AdapterSummary:
+    """Layers wrapped, trainable parameters and their percentage of the base model's parameters."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no gsops adapters")
+    adapter_ids = {id(p) for _, p in adapter_parameters(model)}
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return AdapterSummary(
+        method=layers[0][1].gsops_config.method, layers=[n for n, _ in layers],
+        skipped=list(getattr(model, "_gsops_skipped", [])), trainable=trainable, base=base,
+    )
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """The parameters of ``model`` that require gradients (after :func:`apply_`: the adapters'), for an optimizer.
+
+    Count them with ``sum(p.numel() for p in gsops.trainable_parameters(model))``.
+    """
+    _check_model(model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_(model: nn.Module) -> nn.Module:
+    """Write every adapter into its base layer's weight (``W' = diag(s) Q_out W Q_in``, float64).
+
+    Already-merged layers are left alone with a warning (never merged twice).
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no gsops adapters to merge")
+    already = [n for n, m in layers if m.merged]
+    if already:
+        warnings.warn(f"gsops.merge_: {len(already)} layer(s) already merged, left as they are: {already[:3]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _, m in layers:
+            if not m.merged:
+                m.merge()
+    return model
+
+
+def unmerge_(model: nn.Module) -> nn.Module:
+    """Restore every merged layer's frozen weight (``Q^{-1} = Q^T``, float64). Unmerged layers: warning, no-op."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no gsops adapters to unmerge")
+    for n, m in layers:  # refuse before changing anything (e.g. a zero scale)
+        if m.merged:
+            try:
+                m._check_unmergeable()
+            except ValueError as e:
+                raise ValueError(f"{n}: {e}") from None
+    not_merged = [n for n, m in layers if not m.merged]
+    if not_merged:
+        warnings.warn(f"gsops.unmerge_: {len(not_merged)} layer(s) were not merged, left as they are: {not_merged[:3]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _, m in layers:
+            if m.merged:
+                m.unmerge()
+    return model
+
+
+def revert_(model: nn.Module) -> nn.Module:
+    """Remove every adapter, putting the original modules (with their original weights) back.
+
+    Restores each parameter's ``requires_grad`` as it was before :func:`apply_` froze it.
+    """
+    _check_model(model)
+    if not adapter_layers(model):
+        raise ValueError("model has no gsops adapters to revert")
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ADAPTER_TYPES):
+                setattr(parent, child_name, child.revert())
+    for p, flag in getattr(model, "_gsops_requires_grad", [(p, True) for p in model.parameters()]):
+        p.requires_grad_(flag)
+    for attr in ("_gsops_skipped", "_gsops_requires_grad"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+__all__ = [
+    "apply_", "merge_", "unmerge_", "revert_", "trainable_parameters", "adapter_layers", "adapter_parameters",
+    "adapter_summary", "AdapterSummary", "MergeableAdapter",
+]

@@ -1,0 +1,101 @@
+"""SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation (Cao, 2024).
+
+For a frozen weight ``W`` (flattened to ``m x n`` for Conv2d) with SVD
+``W = U S V^T``, SORSA splits ``W = W_r + W_p`` with the principal part
+``W_p = U_p S_p V_p^T`` (the first ``rank`` singular triplets, eq. 5) and the
+residual ``W_r`` (eq. 6). ``W_r`` is frozen and stored in the base layer's
+weight; ``U_p`` (m x r), ``S_p`` (r) and ``V_p^T`` (r x n) are trained, and the
+layer computes ``SORSA(x) = W_r x + W_p x`` (eq. 7), which equals the base
+layer at initialisation up to float rounding. The orthonormal regulariser
+(eq. 8) ``||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F`` is
+:func:`sorsa_regularizer`; add ``gamma * sorsa_regularizer(model)`` to the loss.
+
+The SVD runs in float64. ``revert()`` rebuilds ``W = W_r + W_p(init)`` in float64
+from factors kept at initialisation (non-persistent buffers), so it restores the
+original weight up to one rounding of the residual.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks import check_int
+from ..nn.adapters import MergeableAdapter, check_base_layer, layer_dims
+
+
+class SORSAAdapter(MergeableAdapter):
+    def __init__(self, base: nn.Module, rank: int, name: str = "layer"):
+        super().__init__()
+        check_base_layer(base, name)
+        rank = check_int("rank", rank)
+        m, n = layer_dims(base)[1], layer_dims(base)[0]
+        if rank > min(m, n):
+            raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
+        self.base_layer = base
+        self.rank = rank
+        self.d_in, self.d_out = n, m
+        W = base.weight
+        W64 = W.detach().reshape(m, n).to(torch.float64)
+        U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+        Up, Sp, Vhp = U[:, :rank], S[:rank], Vh[:rank]
+        self.U = nn.Parameter(Up.to(W.dtype).clone())
+        self.S = nn.Parameter(Sp.to(W.dtype).clone())
+        self.Vh = nn.Parameter(Vhp.to(W.dtype).clone())
+        principal = self._principal(torch.float64)  # from the stored (rounded) factors
+        for key, t in (("U0", self.U), ("S0", self.S), ("Vh0", self.Vh)):
+            self.register_buffer(key, t.detach().clone(), persistent=False)
+        with torch.no_grad():
+            base.weight.copy_((W64 - principal).reshape(W.shape).to(W.dtype))
+        self.merged = False
+
+    def _principal(self, dtype=None, factors=None) -> torch.Tensor:
+        U, S, Vh = factors or (self.U, self.S, self.Vh)
+        if dtype is not None:
+            U, S, Vh = U.to(dtype), S.to(dtype), Vh.to(dtype)
+        return (U * S) @ Vh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if isinstance(self.base_layer, nn.Linear):
+            y = self.base_layer(x)
+            return y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.Vh) * self.S, self.U)
+        return self._base_forward(x, self._flat_weight() + self._principal())
+
+    def _merged_weight(self):
+        return self._flat_weight(torch.float64) + self._principal(torch.float64)
+
+    def _unmerged_weight(self):
+        return self._flat_weight(torch.float64) - self._principal(torch.float64)
+
+    def revert(self) -> nn.Module:
+        if self.merged:
+            self.unmerge()
+        with torch.no_grad():
+            W = self.base_layer.weight
+            W0 = self._flat_weight(torch.float64) + self._principal(torch.float64, (self.U0, self.S0, self.Vh0))
+            W.copy_(W0.reshape(W.shape).to(W.dtype))
+        return self.base_layer
+
+    def regularizer(self) -> torch.Tensor:
+        """``||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F`` (SORSA eq. 8; ``V_p^T`` is stored as ``Vh``)."""
+        eye = torch.eye(self.rank, dtype=self.U.dtype, device=self.U.device)
+        gu = self.U.transpose(0, 1) @ self.U - eye
+        gv = self.Vh @ self.Vh.transpose(0, 1) - eye
+        return torch.linalg.matrix_norm(gu) + torch.linalg.matrix_norm(gv)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
+
+
+def sorsa_regularizer(model: nn.Module) -> torch.Tensor:
+    """Sum of SORSA's orthonormal regulariser (eq. 8) over every SORSA layer of ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    terms = [m.regularizer() for m in model.modules() if isinstance(m, SORSAAdapter)]
+    if not terms:
+        raise ValueError("model has no SORSA layer; apply gsops.AdapterConfig(method='sorsa', rank=...) first")
+    return torch.stack(terms).sum()
+
+
+__all__ = ["SORSAAdapter", "sorsa_regularizer"]
