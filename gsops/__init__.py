@@ -24,3 +24,9 @@ __all__ += [
     "load_adapter", "sorsa_regularizer", "adapter_summary",
 ]
 # --- GS-SOC (issue 7) ---
+from .nn.soc import SOCConv2d, ChShuffle, GSSOC, MaxMinPermuted
+from . import models
+from .models.lipconvnet import certified_accuracy
+from .ops.conv_exp import conv_exp
+
+__all__ += ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "models", "certified_accuracy", "conv_exp"]

@@ -1,0 +1,263 @@
+"""GS-SOC layers: skew orthogonal convolutions with groups, channel shuffles, MaxMin activations.
+
+Section 6 and Appendix F of Gorbunov et al. (NeurIPS 2024), after SOC (Singla
+and Feizi, ICML 2021):
+
+* :class:`SOCConv2d`: ``y = exp(L) * x + b`` with the grouped skew kernel
+  ``L = M - ConvTranspose(M)``, scaled by SOC's power-iteration spectral bound
+  so the truncated Taylor series converges; stride 2 by space-to-depth.
+* :class:`ChShuffle`: the paired channel permutation of Appendix F
+  (:func:`gsops.paired_perm`), or ``perm(k, n)`` when ``paired=False``.
+* :class:`GSSOC`: ``GrExpConv_2(ChShuffle_2(GrExpConv_1(ChShuffle_1(x))))``,
+  the second exponential 1x1 (exact matrix exponential).
+* :class:`MaxMinPermuted` (Definition F.2) and :class:`MaxMin` (Definition F.1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks import check_divides, check_int, check_tensor
+from ..ops import conv_exp as cops
+from ..perm import invert, paired_perm, perm
+from ..reference import conv_exp as cref
+
+__all__ = ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "MaxMin"]
+
+
+def _check_groups_fit(name: str, groups: int, channels_name: str, channels: int, paired: bool) -> None:
+    check_divides(name, groups, channels_name, channels)
+    if paired and groups > 1:
+        if channels % 2:
+            raise ValueError(f"{channels_name}={channels} must be even for a paired ChShuffle")
+        check_divides(name, groups, f"{channels_name} // 2", channels // 2)
+
+
+class ChShuffle(nn.Module):
+    """Channel permutation ``out[:, sigma(i)] = x[:, i]`` (matrix convention of SPEC).
+
+    ``paired=True``: ``sigma = paired_perm(groups, channels)`` (Appendix F), which
+    keeps the pairs ``(2j, 2j+1)`` of :class:`MaxMinPermuted` together;
+    ``paired=False``: ``sigma = perm(groups, channels)`` (Definition 5.2).
+    """
+
+    def __init__(self, channels: int, groups: int, paired: bool = True):
+        super().__init__()
+        self.channels = check_int("channels", channels)
+        self.groups = check_int("groups", groups)
+        self.paired = bool(paired)
+        # Index tensors are built on the CPU even under a ``torch.device(...)`` context (e.g. meta):
+        # perm.py caches them, and a meta tensor in that cache would have no data.
+        with torch.device("cpu"):
+            if self.paired:
+                sigma = paired_perm(self.groups, self.channels)
+            else:
+                check_divides("groups", self.groups, "channels", self.channels)
+                sigma = perm(self.groups, self.channels)
+            index = invert(sigma)
+        self.register_buffer("sigma", sigma, persistent=False)
+        self.register_buffer("index", index, persistent=False)  # out = x[:, index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, min_dim=2)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x.shape[1]={x.shape[1]} must equal channels={self.channels}")
+        return x.index_select(1, self.index.to(x.device))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, groups={self.groups}, paired={self.paired}"
+
+
+def _check_pairs(x: torch.Tensor) -> None:
+    check_tensor("x", x, min_dim=2)
+    if x.shape[1] % 2:
+        raise ValueError(f"x.shape[1]={x.shape[1]} must be even (channels are taken in pairs)")
+
+
+class MaxMinPermuted(nn.Module):
+    """Definition F.2: pairs ``(2i, 2i+1)``; ``out[2i] = max``, ``out[2i+1] = min``. 1-Lipschitz, GNP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_pairs(x)
+        a, b = x[:, 0::2], x[:, 1::2]
+        return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).reshape(x.shape)
+
+
+class MaxMin(nn.Module):
+    """Definition F.1 (SOC's MaxMin): pairs ``(i, i + C/2)``; first half max, second half min."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_pairs(x)
+        a, b = x.chunk(2, dim=1)
+        return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=1)
+
+
+class SOCConv2d(nn.Module):
+    """Skew orthogonal convolution with ``groups`` groups (SOC; GrExpConv of the GS paper).
+
+    ``y = slice_out(exp(L) * pad(s2d(x))) + bias`` where ``s2d`` is space-to-depth
+    by ``stride`` (channels x stride^2), ``pad`` appends zero channels up to
+    ``max(in, out)``, and ``L = c * (M - ConvTranspose(M)) / sigma`` with SOC's
+    power-iteration bound ``sigma`` and correction ``c`` (0.7 for k > 1). The
+    exponential is the Taylor series with ``train_terms`` / ``eval_terms``
+    convolutions; a 1x1 kernel uses the exact matrix exponential instead. With
+    ``out_channels == channels * stride**2`` (the default) the Jacobian is
+    orthogonal; otherwise the layer is 1-Lipschitz.
+    Parameters: ``M`` of shape (work, work/groups, k, k) and a bias of ``out_channels``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, groups: int = 1, train_terms: int = 5,
+                 eval_terms: int = 12, *, out_channels: int | None = None, stride: int = 1, bias: bool = True,
+                 correction: float | None = None, init_iters: int = 50, update_iters: int = 1,
+                 update_freq: int = 200):
+        super().__init__()
+        self.channels = check_int("channels", channels)
+        self.kernel_size = check_int("kernel_size", kernel_size)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size} must be odd")
+        self.groups = check_int("groups", groups)
+        self.train_terms = check_int("train_terms", train_terms)
+        self.eval_terms = check_int("eval_terms", eval_terms)
+        self.stride = check_int("stride", stride)
+        self.in_work = self.channels * self.stride ** 2
+        self.out_channels = self.in_work if out_channels is None else check_int("out_channels", out_channels)
+        self.work = max(self.in_work, self.out_channels)
+        check_divides("groups", self.groups, "max(channels*stride**2, out_channels)", self.work)
+        self.init_iters = check_int("init_iters", init_iters, minimum=0)
+        self.update_iters = check_int("update_iters", update_iters, minimum=0)
+        self.update_freq = check_int("update_freq", update_freq)
+        if correction is None:
+            correction = 0.7 if self.kernel_size > 1 else 1.0
+        if not correction > 0:
+            raise ValueError(f"correction={correction} must be > 0")
+        self.correction = float(correction)
+
+        c = self.work // self.groups
+        self.weight = nn.Parameter(torch.empty(self.work, c, self.kernel_size, self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
+        self.exact = self.kernel_size == 1
+        self._n_vec = 0 if self.exact else 4
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        c = self.work // self.groups
+        nn.init.normal_(self.weight, std=1.0 / (c ** 0.5))
+        if self.bias is not None:
+            bound = 1.0 / (self.out_channels ** 0.5)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if not self.exact:
+            with torch.no_grad():
+                L = cref.skew_kernel(self.weight, self.groups)
+                us, vs = cref.power_iteration_vectors(L, self.groups)
+                cref.power_iterate(L, self.groups, us, vs, self.init_iters)
+            for i in range(4):
+                self.register_buffer(f"pi_u{i}", us[i])
+                self.register_buffer(f"pi_v{i}", vs[i])
+        self.steps.zero_()
+
+    def _vectors(self):
+        return ([getattr(self, f"pi_u{i}") for i in range(4)], [getattr(self, f"pi_v{i}") for i in range(4)])
+
+    def skew_kernel(self) -> torch.Tensor:
+        """The (unnormalised) grouped skew kernel ``M - ConvTranspose(M)``."""
+        return cops.skew_kernel(self.weight, self.groups)
+
+    def normalised_kernel(self) -> torch.Tensor:
+        """``L`` as used in the exponential; updates the power iteration when training."""
+        L = self.skew_kernel()
+        if self.exact:
+            return L
+        us, vs = self._vectors()
+        if self.training:
+            iters = self.init_iters if int(self.steps) % self.update_freq == 0 else self.update_iters
+            cref.power_iterate(L, self.groups, us, vs, iters)
+            self.steps += 1
+        sigma = cref.spectral_bound(L, self.groups, us, vs)
+        return (self.correction / sigma) * L
+
+    def terms(self) -> int:
+        return self.train_terms if self.training else self.eval_terms
+
+    def _lift(self, x: torch.Tensor) -> torch.Tensor:
+        """Space-to-depth and zero channels: (N, channels, H, W) -> (N, work, H/s, W/s)."""
+        check_tensor("x", x, dim=4)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x.shape[1]={x.shape[1]} must equal channels={self.channels}")
+        if self.stride > 1:
+            for name, size in (("x.shape[2]", x.shape[2]), ("x.shape[3]", x.shape[3])):
+                check_divides("stride", self.stride, name, size)
+            x = cref.space_to_depth(x, self.stride)
+        if self.work > self.in_work:
+            x = torch.cat((x, x.new_zeros(x.shape[0], self.work - self.in_work, *x.shape[2:])), dim=1)
+        return x
+
+    def _exp(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.normalised_kernel().to(x.dtype)
+        if self.exact:
+            return cops.conv_exp_1x1(x, L, self.groups)
+        return cops.conv_exp(x, L, self.terms(), self.groups)
+
+    def _finish(self, z: torch.Tensor) -> torch.Tensor:
+        if self.out_channels < self.work:
+            z = z[:, : self.out_channels]
+        if self.bias is not None:
+            z = z + self.bias.to(z.dtype).view(1, -1, 1, 1)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(self._exp(self._lift(x)))
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, kernel_size={self.kernel_size}, groups={self.groups}"
+        if self.stride != 1:
+            s += f", stride={self.stride}"
+        if self.out_channels != self.in_work:
+            s += f", out_channels={self.out_channels}"
+        return s + f", terms={self.train_terms}/{self.eval_terms}" + (", exact" if self.exact else "")
+
+
+class GSSOC(nn.Module):
+    """GS orthogonal convolution: ``GrExpConv_2(ChShuffle_2(GrExpConv_1(ChShuffle_1(x))))`` (Section 6).
+
+    ``groups=(g1, g2)``: the first exponential has ``kernel_size`` and ``g1``
+    groups (shuffled before it with ``ChShuffle(work, g1)``), the second is a
+    1x1 exponential with ``g2`` groups (exact matrix exponential), shuffled
+    before it with ``ChShuffle(out, g2)``. ``g2=None`` (or 0) leaves out the
+    second exponential: Table 3's ``(4, -)``. Each exponential has its own bias.
+    Stride and channel change are those of :class:`SOCConv2d`.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, groups=(4, None), train_terms: int = 5,
+                 eval_terms: int = 12, *, out_channels: int | None = None, stride: int = 1, bias: bool = True,
+                 paired: bool = True):
+        super().__init__()
+        if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+            raise ValueError(f"groups={groups!r} must be a pair (g1, g2) with g2 an int or None")
+        g1 = check_int("groups[0]", groups[0])
+        g2 = groups[1]
+        if g2 is not None:
+            g2 = check_int("groups[1]", g2, minimum=0) or None
+        self.groups = (g1, g2)
+        self.conv1 = SOCConv2d(channels, kernel_size, g1, train_terms, eval_terms,
+                               out_channels=out_channels, stride=stride, bias=bias)
+        _check_groups_fit("groups[0]", g1, "max(channels*stride**2, out_channels)", self.conv1.work, paired)
+        self.shuffle1 = ChShuffle(self.conv1.work, g1, paired) if g1 > 1 else nn.Identity()
+        self.out_channels = self.conv1.out_channels
+        if g2 is None:
+            self.shuffle2 = None
+            self.conv2 = None
+        else:
+            _check_groups_fit("groups[1]", g2, "out_channels", self.out_channels, paired)
+            self.shuffle2 = ChShuffle(self.out_channels, g2, paired) if g2 > 1 else nn.Identity()
+            self.conv2 = SOCConv2d(self.out_channels, 1, g2, train_terms, eval_terms, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.conv1
+        y = c1._finish(c1._exp(self.shuffle1(c1._lift(x))))
+        if self.conv2 is not None:
+            y = self.conv2(self.shuffle2(y))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"

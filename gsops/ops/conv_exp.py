@@ -1,0 +1,95 @@
+"""Checked public ops for GS-SOC: skew kernels and the grouped convolution exponential.
+
+``conv_exp`` dispatches (``GSOPS_BACKEND``): the torch reference
+(:func:`gsops.reference.conv_exp.conv_exp`) is registered here at import; the
+Triton kernel (``triton_kernels/conv_exp.py``) is registered lazily, imported
+on its first call, and runs wherever the dispatch lets the Triton backend run
+(CUDA tensors, or the interpreter with ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checks import check_int, check_same_device, check_tensor
+from ..reference import conv_exp as ref
+from . import dispatch
+
+__all__ = ["skew_kernel", "conv_transpose_kernel", "conv_exp", "conv_exp_1x1"]
+
+
+def _check_kernel(name: str, K, groups: int) -> torch.Tensor:
+    check_tensor(name, K, dim=4)
+    C, c, kh, kw = K.shape
+    if kh != kw:
+        raise ValueError(f"{name} must have a square spatial size (C, C/groups, k, k), got {tuple(K.shape)}")
+    if kh % 2 == 0:
+        raise ValueError(f"{name} kernel size k={kh} must be odd (a 'same' convolution needs an odd k)")
+    if c * groups != C:
+        raise ValueError(
+            f"{name} must have shape (C, C/groups, k, k) with groups={groups}: "
+            f"got {tuple(K.shape)}, so {name}.shape[1]*groups={c * groups} != C={C}"
+        )
+    return K
+
+
+def conv_transpose_kernel(M: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``ConvTranspose(M)[i,j,k,l] = M[j,i,h-k-1,w-l-1]`` within each group; M is (C, C/groups, k, k)."""
+    groups = check_int("groups", groups)
+    _check_kernel("M", M, groups)
+    return ref.conv_transpose_kernel(M, groups)
+
+
+def skew_kernel(M: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``L = M - ConvTranspose(M)`` (SOC): the convolution with L has a skew-symmetric Jacobian."""
+    groups = check_int("groups", groups)
+    _check_kernel("M", M, groups)
+    return ref.skew_kernel(M, groups)
+
+
+def _check_x(x, L, groups):
+    check_tensor("x", x, dim=4)
+    check_same_device(x=x, L=L)
+    if x.dtype != L.dtype:
+        raise TypeError(f"x and L must have the same dtype, got x {x.dtype} and L {L.dtype}")
+    if x.shape[1] != L.shape[0]:
+        raise ValueError(f"x.shape[1]={x.shape[1]} must equal the channels of L, L.shape[0]={L.shape[0]}")
+
+
+def conv_exp(x: torch.Tensor, L: torch.Tensor, terms: int, groups: int = 1) -> torch.Tensor:
+    """Grouped convolution exponential ``sum_{i=0}^{terms} L^{*i} x / i!`` (Definition 6.1, GS paper).
+
+    ``x`` is (N, C, H, W); ``L`` is a grouped kernel (C, C/groups, k, k) with odd
+    k, applied with "same" zero padding. For a skew kernel (:func:`skew_kernel`)
+    the limit ``terms -> inf`` has an orthogonal Jacobian.
+    """
+    groups = check_int("groups", groups)
+    terms = check_int("terms", terms, minimum=0)
+    _check_kernel("L", L, groups)
+    _check_x(x, L, groups)
+    return dispatch.get("conv_exp", x.device)(x, L, terms, groups)
+
+
+def conv_exp_1x1(x: torch.Tensor, L: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Exact ``exp(L) * x`` for a 1x1 grouped kernel: ``torch.linalg.matrix_exp`` of each channel block."""
+    groups = check_int("groups", groups)
+    _check_kernel("L", L, groups)
+    if L.shape[-1] != 1:
+        raise ValueError(f"L must be a 1x1 kernel (C, C/groups, 1, 1), got {tuple(L.shape)}")
+    _check_x(x, L, groups)
+    return ref.conv_exp_1x1(x, L, groups)
+
+
+_triton_impl = []
+
+
+def _conv_exp_triton(x, L, terms, groups):
+    # Imported on first call so that importing gsops never imports Triton.
+    if not _triton_impl:
+        from triton_kernels.conv_exp import conv_exp_triton
+
+        _triton_impl.append(conv_exp_triton)
+    return _triton_impl[0](x, L, terms, groups)
+
+
+dispatch.register("torch", "conv_exp", ref.conv_exp)
+dispatch.register("triton", "conv_exp", _conv_exp_triton)
