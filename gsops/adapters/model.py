@@ -64,9 +64,7 @@ def _targets(model: nn.Module, config: AdapterConfig):
                 skipped.append((name, f"Conv2d groups={child.groups}; adapters need groups=1"))
                 continue
             if not isinstance(child, (nn.Linear, nn.Conv2d)):
-                if config.target_modules is not None and any(isinstance(t, str) for t in config.target_modules):
-                    skipped.append((name, f"{type(child).__name__} is not nn.Linear or nn.Conv2d"))
-                continue
+                continue  # a name regex also matches containers, norms, dropouts: only Linear/Conv2d are wrapped
             targets.append((name, parent, child_name, child))
     return targets, skipped
 
