@@ -2,6 +2,10 @@
 
 Conventions are those of SPEC.md: every op acts on the last dimension of ``x``
 as on a column vector, with any leading batch shape.
+
+The dispatched ops run as ``torch.library`` custom ops (:mod:`gsops.ops.custom`),
+so they trace under ``torch.compile``; the backend is chosen here, before the
+op runs, and the backward runs on the same backend.
 """
 from __future__ import annotations
 
@@ -14,7 +18,15 @@ from ..checks import (
     check_blocks, check_divides, check_features, check_finite, check_int, check_same_device, check_tensor,
 )
 from ..reference.cayley import neumann_error_bound, spectral_norm
-from . import dispatch
+from . import custom, dispatch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _backend(op: str, device: torch.device, *tensors: torch.Tensor) -> str:
+    """The backend for ``op``; when a gradient will flow, it must also have ``op``'s backward."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return dispatch.choose(op, device, (op + "_backward",) if needs_grad else ())
 
 
 def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -23,7 +35,7 @@ def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     check_blocks("B", B)
     check_same_device(x=x, B=B)
     check_features("x", x, B.shape[0] * B.shape[1], "r*b of B")
-    return dispatch.get("block_diag_mm", x.device)(x, B)
+    return custom.block_diag_mm(x, B, _backend("block_diag_mm", x.device, x, B))
 
 
 def _check_chain(x, blocks, names=None):
@@ -46,13 +58,13 @@ def _check_chain(x, blocks, names=None):
 def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
     """``B_m P ... B_2 P B_1 x`` for a list of (r, b, b) factors, ``P = perm(r, r*b)``."""
     blocks = _check_chain(x, blocks)
-    return dispatch.get("gs_chain", x.device)(x, blocks)
+    return custom.gs_chain(x, blocks, _backend("gs_chain", x.device, x, *blocks))
 
 
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``Q x`` with ``Q = P^T L P R``, ``P = perm(r, d)``, L and R of shape (r, b, b)."""
     _check_chain(x, [R, L], ["R", "L"])
-    return dispatch.get("gs_apply", x.device)(x, L, R)
+    return custom.gs_apply(x, L, R, _backend("gs_apply", x.device, x, L, R))
 
 
 def gs_dense(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -109,7 +121,9 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
     if K.numel() and asym > _SKEW_TOL[K.dtype] * max(1.0, float(scale)):
         raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {float(asym):.3g}")
     if method == "exact":
-        return dispatch.get("cayley_exact", K.device)(K)
+        # the op works in float32 (float64 for float64 K) and saves Q = 2M - I for its backward
+        acc = torch.float32 if K.dtype in _HALF else K.dtype
+        return custom.cayley_exact(K.to(acc), _backend("cayley_exact", K.device, K)).to(K.dtype)
     terms = check_int("terms", terms, minimum=1)
     if K.numel():
         norm = float(spectral_norm(K).max())
@@ -125,7 +139,7 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
                 f"cayley(method='neumann', terms={terms}): max ||K||_2 = {norm:.3g} gives an orthogonality "
                 f"error up to {err:.3g}; use more terms or method='exact'"
             )
-    return dispatch.get("cayley_neumann", K.device)(K, terms)
+    return custom.cayley_neumann(K, terms, _backend("cayley_neumann", K.device, K))
 
 
 def gs_project(W: torch.Tensor, block_size: int):

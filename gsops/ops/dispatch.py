@@ -46,26 +46,31 @@ def use_backend(name: str):
         _override.pop()
 
 
-def _has(backend: str, op: str, device: torch.device) -> tuple[bool, str]:
+def _has(backend: str, op: str, device: torch.device, also=()) -> tuple[bool, str]:
     ok, reason = backends.runs_on(backend, device)
-    if ok and backend not in _IMPLS.get(op, {}):
-        return False, f"the {backend} backend has no kernel for {op}"
+    if ok:
+        for name in (op, *also):
+            if backend not in _IMPLS.get(name, {}):
+                return False, f"the {backend} backend has no kernel for {name}"
     return ok, reason
 
 
-def choose(op: str, device: torch.device) -> str:
+def choose(op: str, device: torch.device, also=()) -> str:
+    """The backend that runs ``op`` on ``device``; it must also have the ops in ``also``
+    (e.g. ``op + "_backward"`` when a gradient will be needed), so that forward and
+    backward run on the same backend."""
     name = requested()
     if name != "auto":
-        ok, reason = _has(name, op, device)
+        ok, reason = _has(name, op, device, also)
         if not ok:
             raise backends.BackendUnavailable(f"GSOPS_BACKEND={name} cannot run {op}: {reason}")
         return name
     if device.type != "cuda":
-        _has("torch", op, device)
+        _has("torch", op, device, also)
         return "torch"
     reasons = []
     for cand in AUTO_ORDER:
-        ok, reason = _has(cand, op, device)
+        ok, reason = _has(cand, op, device, also)
         if ok:
             break
         reasons.append(f"{cand}: {reason}")
@@ -79,3 +84,14 @@ def get(op: str, device: torch.device):
     """The implementation of ``op`` for tensors on ``device``."""
     backend = choose(op, device)  # loads the backend, which registers its kernels
     return _IMPLS[op][backend]
+
+
+def impl(op: str, backend: str):
+    """The implementation of ``op`` registered by ``backend`` (loading the backend first)."""
+    ok, reason = backends.load(backend)
+    if not ok:
+        raise backends.BackendUnavailable(f"backend {backend} cannot run {op}: {reason}")
+    try:
+        return _IMPLS[op][backend]
+    except KeyError:
+        raise backends.BackendUnavailable(f"the {backend} backend has no kernel for {op}") from None

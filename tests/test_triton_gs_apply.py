@@ -1,0 +1,166 @@
+"""Triton fused GS kernels (triton_kernels/gs_apply.py) through the public ops, forced backend "triton".
+
+Oracles: dense float64 matrices built with explicit loops (tests/dense.py) for values and input
+gradients; the pure-torch reference differentiated by torch autograd for block gradients;
+``gradcheck`` (finite differences) in float64 on tiny shapes.  On CPU this runs the Triton
+interpreter (tests/conftest.py), so shapes stay small.
+"""
+import numpy as np
+import pytest
+import torch
+
+import gsops
+from gsops import reference as ref
+from gsops.tolerances import tol
+
+from dense import block_diag, gs_chain_matrix, gsoft_matrix, np64
+
+pytest.importorskip("triton")
+
+# (b, r, tokens): b < 16 packs several blocks per tile; 130 tokens > one interpreter tile (128)
+SHAPES = [(1, 5, 7), (2, 3, 130), (3, 4, 9), (8, 3, 33), (16, 3, 17), (32, 2, 5)]
+
+
+def _orth_blocks(r, b, dtype=torch.float64):
+    return torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
+
+
+def _dense_apply(A, x):
+    return torch.from_numpy(np64(x) @ A.T)
+
+
+@pytest.mark.parametrize("b,r,n", SHAPES)
+def test_gs_apply_matches_dense_float64(b, r, n):
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(x, L, R)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(y, _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b,r,n", SHAPES)
+def test_gs_apply_backward_float32(b, r, n):
+    L, R = _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
+    x = torch.randn(n, r * b)
+    g = torch.randn(n, r * b)
+    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(*leaves)
+    y.backward(g)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(y.detach(), _dense_apply(A, x).float(), **tol(torch.float32))
+    # dx = A^T g (dense float64 oracle)
+    torch.testing.assert_close(leaves[0].grad, torch.from_numpy(np64(g) @ A).float(), **tol(torch.float32))
+    ref_leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    ref.gs_apply(*ref_leaves).backward(g)
+    for mine, theirs in zip(leaves[1:], ref_leaves[1:]):
+        torch.testing.assert_close(mine.grad, theirs.grad, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("b,r,n", [(1, 4, 5), (3, 2, 7), (16, 2, 19), (32, 2, 3)])
+def test_gs_chain_three_factors(b, r, n):
+    blocks = [torch.randn(r, b, b, dtype=torch.float64) for _ in range(3)]
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    g = torch.randn(n, r * b, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_()] + [B.clone().requires_grad_() for B in blocks]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_chain(leaves[0], leaves[1:])
+    y.backward(g)
+    A = gs_chain_matrix([np64(B) for B in blocks])
+    torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaves[0].grad, torch.from_numpy(np64(g) @ A), rtol=1e-12, atol=1e-12)
+    ref_leaves = [t.clone().requires_grad_() for t in [x] + blocks]
+    ref.gs_chain(ref_leaves[0], ref_leaves[1:]).backward(g)
+    for mine, theirs in zip(leaves[1:], ref_leaves[1:]):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b,r", [(1, 6), (3, 5), (8, 2), (32, 1)])
+def test_block_diag_mm_forward_backward(b, r):
+    B = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, r * b, dtype=torch.float64, requires_grad=True)  # leading batch shape
+    g = torch.randn(2, 3, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        y = gsops.block_diag_mm(x, B)
+    y.backward(g)
+    D = block_diag(np64(B))
+    torch.testing.assert_close(y.detach(), torch.from_numpy(np64(x) @ D.T), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.from_numpy(np64(g) @ D), rtol=1e-12, atol=1e-12)
+    dB = np.zeros((r, b, b))  # sum over tokens of g_p x_p^T, by loops
+    gn, xn = np64(g).reshape(-1, r * b), np64(x).reshape(-1, r * b)
+    for p in range(r):
+        for i in range(b):
+            for q in range(b):
+                dB[p, i, q] = (gn[:, p * b + i] * xn[:, p * b + q]).sum()
+    torch.testing.assert_close(B.grad, torch.from_numpy(dB), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,r", [(2, 4), (16, 2)])
+def test_half_precision_matches_reference(dtype, b, r):
+    L, R = _orth_blocks(r, b, dtype), _orth_blocks(r, b, dtype)
+    x = torch.randn(37, r * b).to(dtype)
+    g = torch.randn(37, r * b).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(*leaves)
+    y.backward(g)
+    assert y.dtype == dtype and leaves[1].grad.dtype == dtype
+    # the reference computes in float32 from the same half inputs
+    ref_leaves = [t.float().requires_grad_() for t in (x, L, R)]
+    y_ref = ref.gs_apply(*ref_leaves)
+    y_ref.backward(g.float())
+    torch.testing.assert_close(y.float(), y_ref.detach(), **tol(dtype))
+    for mine, theirs in zip(leaves, ref_leaves):
+        scale = theirs.grad.abs().max()
+        torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+
+
+def test_half_activations_with_float32_blocks():
+    r, b = 3, 8
+    L, R = _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
+    x = torch.randn(11, r * b, dtype=torch.bfloat16)
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(x, L, R)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.gs_apply(x.float(), L, R), **tol(torch.bfloat16))
+
+
+def test_non_contiguous_input_and_grad():
+    r, b = 4, 3
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    base = torch.randn(r * b, 2 * 9, dtype=torch.float64)
+    x = base.t()[::2]  # (9, d), strides (1, 18): neither row- nor column-contiguous
+    assert not x.is_contiguous()
+    xl = x.clone().requires_grad_()
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(x, L, R)
+        g = torch.randn(r * b, 9, dtype=torch.float64).t()  # non-contiguous incoming gradient
+        gsops.gs_apply(xl, L, R).backward(g)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(y, _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xl.grad, torch.from_numpy(np64(g) @ A), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_of_one_token_and_empty_batch():
+    r, b = 2, 16
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    A = gsoft_matrix(np64(L), np64(R))
+    x1 = torch.randn(1, r * b, dtype=torch.float64)
+    x0 = torch.randn(0, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        y1 = gsops.gs_apply(x1, L, R)
+        y0 = gsops.gs_apply(x0, L, R)
+    torch.testing.assert_close(y1, _dense_apply(A, x1), rtol=1e-12, atol=1e-12)
+    assert y0.shape == (0, r * b)
+
+
+def test_gradcheck_float64_tiny():
+    r, b = 3, 2
+    x = torch.randn(2, r * b, dtype=torch.float64, requires_grad=True)
+    L = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
+    with gsops.use_backend("triton"):
+        assert torch.autograd.gradcheck(gsops.gs_apply, (x, L, R), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda x, B1, B2: gsops.gs_chain(x, [B1, B2]), (x, R, L), fast_mode=True)
