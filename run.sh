@@ -8,21 +8,30 @@ cd "$(dirname "$0")"
 VENV=${GSOPS_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+log=$(mktemp)
+pip_install() {  # quiet unless it fails
+  if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -40 >&2; echo "run.sh: pip install $* failed" >&2; exit 1
+  fi
+}
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then
-    echo "run.sh: reusing the system torch ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    echo "run.sh: creating $VENV on the system torch ($("$PY" -c 'import torch; print(torch.__version__)'))"
     "$PY" -m venv --system-site-packages "$VENV"
   else
+    echo "run.sh: creating $VENV with torch==2.13.0 triton==3.6.0 (about a minute)"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0 triton==3.6.0
+    pip_install torch==2.13.0 triton==3.6.0
   fi
 fi
 stamp="$VENV/.gsops-installed-$(cat requirements-dev.txt setup.py pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .
+  echo "run.sh: installing requirements-dev.txt and gsops (pip install --no-build-isolation -e .)"
+  pip_install -r requirements-dev.txt
+  pip_install --no-build-isolation -e .
   rm -f "$VENV"/.gsops-installed-* && touch "$stamp"
 fi
+rm -f "$log"
 
 job=${1:-}
 shift || true
