@@ -31,6 +31,7 @@ LAYERS = {
     "conv3x3": lambda: nn.Conv2d(8, 12, 3, padding=1),
     "conv1x3": lambda: nn.Conv2d(8, 12, (1, 3), padding=(0, 1)),
     "conv3x3_s2": lambda: nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2),
+    "conv3x3_reflect": lambda: nn.Conv2d(8, 12, 3, padding=1, padding_mode="reflect", bias=False),
 }
 
 
@@ -132,6 +133,9 @@ def run_base(base, W_flat, x):
     bias = None if base.bias is None else base.bias.detach().to(torch.float64)
     if isinstance(base, nn.Linear):
         return torch.nn.functional.linear(x, Wt, bias)
+    if base.padding_mode != "zeros":
+        x = torch.nn.functional.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        return torch.nn.functional.conv2d(x, Wt, bias, base.stride, 0, base.dilation)
     return torch.nn.functional.conv2d(x, Wt, bias, base.stride, base.padding, base.dilation)
 
 
