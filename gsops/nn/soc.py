@@ -46,6 +46,7 @@ class ChShuffle(nn.Module):
         self.channels = check_int("channels", channels)
         self.groups = check_int("groups", groups)
         self.paired = bool(paired)
+        _check_groups_fit("groups", self.groups, "channels", self.channels, self.paired)
         # Index tensors are built on the CPU even under a ``torch.device(...)`` context (e.g. meta):
         # perm.py caches them, and a meta tensor in that cache would have no data.
         with torch.device("cpu"):
@@ -239,16 +240,19 @@ class GSSOC(nn.Module):
         if g2 is not None:
             g2 = check_int("groups[1]", g2, minimum=0) or None
         self.groups = (g1, g2)
+        in_work = check_int("channels", channels) * check_int("stride", stride) ** 2
+        out = in_work if out_channels is None else check_int("out_channels", out_channels)
+        _check_groups_fit("groups[0]", g1, "max(channels*stride**2, out_channels)", max(in_work, out), paired)
+        if g2 is not None:
+            _check_groups_fit("groups[1]", g2, "out_channels", out, paired)
         self.conv1 = SOCConv2d(channels, kernel_size, g1, train_terms, eval_terms,
                                out_channels=out_channels, stride=stride, bias=bias)
-        _check_groups_fit("groups[0]", g1, "max(channels*stride**2, out_channels)", self.conv1.work, paired)
         self.shuffle1 = ChShuffle(self.conv1.work, g1, paired) if g1 > 1 else nn.Identity()
         self.out_channels = self.conv1.out_channels
         if g2 is None:
             self.shuffle2 = None
             self.conv2 = None
         else:
-            _check_groups_fit("groups[1]", g2, "out_channels", self.out_channels, paired)
             self.shuffle2 = ChShuffle(self.out_channels, g2, paired) if g2 > 1 else nn.Identity()
             self.conv2 = SOCConv2d(self.out_channels, 1, g2, train_terms, eval_terms, bias=bias)
 
