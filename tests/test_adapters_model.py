@@ -370,3 +370,29 @@ def test_torchvision_resnet_one_step():
     loss = model(x).logsumexp(-1).sum()
     loss.backward()
     assert all(p.grad is not None for p in gsops.trainable_parameters(model))
+
+
+def test_shared_module_and_tied_weights():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    x = torch.randn(4, 8)
+    y0 = model(x)
+    gsops.apply_(model, gsops.AdapterConfig(method="sorsa", rank=2), verbose=False)
+    assert model[0] is model[2] and len(gsops.adapter_summary(model).layers) == 1
+    perturb_(model)
+    gsops.revert_(model)
+    assert model[0] is shared and model[2] is shared
+    torch.testing.assert_close(model(x), y0, **tol(torch.float32))
+
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight  # tied, as in language models
+    tied = nn.ModuleDict({"emb": emb, "head": head})
+    before = state_hash(tied)
+    with pytest.raises(ValueError, match="head: its weight is shared"):
+        gsops.apply_(tied, gsops.AdapterConfig(method="loldu", rank=2), verbose=False)
+    assert state_hash(tied) == before
+    gsops.apply_(tied, gsops.AdapterConfig(block_size=4), verbose=False)
+    with pytest.raises(ValueError, match="tied weights"):
+        gsops.merge_(tied)
+    torch.testing.assert_close(tied["emb"].weight, emb.weight)

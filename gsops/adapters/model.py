@@ -50,7 +50,8 @@ def _targets(model: nn.Module, config: AdapterConfig):
     for parent_name, parent in model.named_modules():
         if isinstance(parent, ADAPTER_TYPES):
             continue
-        for child_name, child in parent.named_children():
+        # parent._modules, not named_children(): a module registered twice must be seen twice
+        for child_name, child in [(k, v) for k, v in parent._modules.items() if v is not None]:
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if not config.matches(name, child):
                 continue
@@ -67,6 +68,15 @@ def _targets(model: nn.Module, config: AdapterConfig):
                 continue  # a name regex also matches containers, norms, dropouts: only Linear/Conv2d are wrapped
             targets.append((name, parent, child_name, child))
     return targets, skipped
+
+
+def _shared_weights(model) -> set:
+    """ids of parameters owned by more than one module (tied weights)."""
+    owners = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return {pid for pid, mods in owners.items() if len(mods) > 1}
 
 
 def _validate(name, layer, config):
@@ -111,15 +121,26 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
     if not targets:
         why = f"; skipped: {skipped}" if skipped else ""
         raise ValueError(f"no nn.Linear / nn.Conv2d layer of the model matched target_modules={config.target_modules!r}{why}")
+    shared = _shared_weights(model)
     for name, _, _, layer in targets:
         _validate(name, layer, config)
+        if config.method not in ORTHOGONAL and id(layer.weight) in shared:
+            raise ValueError(
+                f"{name}: its weight is shared with another module (tied weights); method={config.method!r} "
+                "rewrites the base weight into a residual, which would change the other module. "
+                "Exclude this layer via target_modules"
+            )
     model._gsops_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    made = {}  # a module registered under several names gets one adapter, shared the same way
     for name, parent, child_name, layer in targets:
-        adapter = _make(name, layer, config)
-        adapter.gsops_config = config
-        setattr(parent, child_name, adapter)
+        if id(layer) not in made:
+            adapter = _make(name, layer, config)
+            adapter.gsops_config = config
+            adapter.weight_is_shared = id(layer.weight) in shared
+            made[id(layer)] = adapter
+        setattr(parent, child_name, made[id(layer)])
     for _, m in adapter_layers(model):
         for pname, p in m.named_parameters():
             if not pname.startswith("base_layer."):
@@ -214,10 +235,13 @@ def revert_(model: nn.Module) -> nn.Module:
     _check_model(model)
     if not adapter_layers(model):
         raise ValueError("model has no gsops adapters to revert")
+    reverted = {}  # an adapter shared under several names is reverted once
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in [(k, v) for k, v in parent._modules.items() if v is not None]:
             if isinstance(child, ADAPTER_TYPES):
-                setattr(parent, child_name, child.revert())
+                if id(child) not in reverted:
+                    reverted[id(child)] = child.revert()
+                setattr(parent, child_name, reverted[id(child)])
     for p, flag in getattr(model, "_gsops_requires_grad", [(p, True) for p in model.parameters()]):
         p.requires_grad_(flag)
     for attr in ("_gsops_skipped", "_gsops_requires_grad"):

@@ -285,7 +285,11 @@ class MergeableAdapter(nn.Module):
         return True
 
     def _check_mergeable(self):
-        pass
+        if getattr(self, "weight_is_shared", False):
+            raise ValueError(
+                f"{type(self).__name__}: the base weight is shared with another module (tied weights); "
+                "merging would change that module too. Exclude this layer via target_modules, or untie the weights"
+            )
 
     def _check_unmergeable(self):
         pass
