@@ -395,3 +395,28 @@ def test_boft_equals_peft(n_factors, packed):
     got = ours(x, z)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("method", ["gsoft", "double_gsoft", "oft", "boft"])
+def test_linear_is_input_centric(method, monkeypatch):
+    """SPEC: for nn.Linear the input is rotated; neither W Q nor a dense Q is built in forward/backward."""
+    layer = make_adapter(method, nn.Linear(24, 12))
+    perturb_(layer, 0.1)
+
+    def forbidden(*a, **k):
+        raise AssertionError("dense W Q / Q built during a Linear forward")
+
+    monkeypatch.setattr(layer, "adapted_weight", forbidden)
+    for rot in (layer.rotation, layer.rotation_out):
+        if rot is not None:
+            monkeypatch.setattr(rot, "dense", forbidden)
+    calls = []
+    real = torch.nn.functional.linear
+
+    def spy(x, W, b=None):
+        calls.append(tuple(W.shape))
+        return real(x, W, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    layer(torch.randn(3, 24)).sum().backward()
+    assert calls == [(12, 24)] and layer.rotation.factors.params.grad is not None
