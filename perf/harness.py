@@ -148,7 +148,7 @@ def default_cases(device: torch.device, quick: bool, sizes, tokens, block: int, 
     if conv:
         ch, hw, n = (128, 16, 8) if not cuda else (256, 32, 32)
         if quick and not cuda:
-            n = 4
+            ch, n = 64, 4
         d = ch * 9
         cases.append(M.Case("conv", d, n * hw * hw, M.block_size_for(d, block), (n, ch, hw, hw),
                             conv=dict(in_channels=ch, out_channels=ch, kernel=3, padding=1)))
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the methods (default 3)")
     p.add_argument("--row-seconds", type=float, default=None, help="target timing seconds per row (default 4, quick 1)")
     p.add_argument("--max-reps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row before timing (default 2, quick 1)")
     p.add_argument("--max-step-seconds", type=float, default=None,
                    help="skip (and say so) PEFT BOFT rows estimated slower than this per step (default 30)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -493,6 +493,8 @@ def main(argv=None) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     opts.rounds = opts.rounds or 3
+    if opts.warmup is None:
+        opts.warmup = 1 if opts.quick else 2
     opts.row_seconds = opts.row_seconds if opts.row_seconds is not None else (1.0 if opts.quick else 4.0)
     opts.max_step_seconds = opts.max_step_seconds or 30.0
     if opts.tiny:
