@@ -49,7 +49,9 @@ def cuda_extension():
         name="gsops._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc", "include")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # no -std flag: torch's BuildExtension adds the C++ standard its headers need (c++20 for torch >= 2.10);
+        # no --use_fast_math: the Cayley pivots and fp32 tolerances want IEEE division.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

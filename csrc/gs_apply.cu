@@ -35,41 +35,32 @@ __global__ void block_diag_perm_kernel(const T* __restrict__ x, const float* __r
   bdp_store_tile(Bt, xs, y, n_tokens, r, b, tile, k, t0, out_mode, threadIdx.x, blockDim.x);
 }
 
-constexpr int kGradTile = 32;                                                      // tokens staged per step
-constexpr int kGradPerThread = (kMaxBlock * kMaxBlock + kThreads - 1) / kThreads;  // accumulators per thread
-constexpr int kGradTokensPerBlock = 512;                                           // tokens one CUDA block reduces
+constexpr int kGradTile = 32;             // tokens staged per step
+constexpr int kGradTokensPerBlock = 512;  // tokens one CUDA block reduces
 
-// One CUDA block = one diagonal block k x one chunk of tokens; partial sums go to dB_acc by atomicAdd.
-// Shared memory: gs (kGradTile*b, output grads) then xs (kGradTile*b, inputs), both gathered.
+// One CUDA block = one diagonal block k x one chunk of tokens; its partial dB_k goes to dB_acc by atomicAdd.
+// Shared memory: gs (kGradTile*b, output grads) and xs (kGradTile*b, inputs), both gathered, then acc (b*b);
+// thread tid owns acc entries tid, tid + blockDim, ... (no two threads touch one entry).
 template <typename T>
 __global__ void block_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, float* __restrict__ dB,
                                   int64_t n_tokens, int r, int b, int in_mode, int out_mode) {
   extern __shared__ float smem[];
   float* gs = smem;
   float* xs = smem + kGradTile * b;
+  float* acc = smem + 2 * kGradTile * b;
   const int k = blockIdx.x % r;
   const int64_t chunk0 = (int64_t)(blockIdx.x / r) * kGradTokensPerBlock;
   const int64_t chunk1 = min(chunk0 + kGradTokensPerBlock, n_tokens);
   const int bb = b * b;
-  float acc[kGradPerThread];
-#pragma unroll
-  for (int q = 0; q < kGradPerThread; ++q) acc[q] = 0.f;
+  for (int e = threadIdx.x; e < bb; e += blockDim.x) acc[e] = 0.f;
   for (int64_t t0 = chunk0; t0 < chunk1; t0 += kGradTile) {
     __syncthreads();
     bgrad_load_tile(dy, x, gs, xs, chunk1, r, b, kGradTile, k, t0, in_mode, out_mode, threadIdx.x, blockDim.x);
     __syncthreads();
     const int nt = (int)min((int64_t)kGradTile, chunk1 - t0);
-#pragma unroll
-    for (int q = 0; q < kGradPerThread; ++q) {
-      const int e = threadIdx.x + q * kThreads;
-      if (e < bb) acc[q] += bgrad_tile_entry(gs, xs, b, nt, e);
-    }
+    for (int e = threadIdx.x; e < bb; e += blockDim.x) acc[e] += bgrad_tile_entry(gs, xs, b, nt, e);
   }
-#pragma unroll
-  for (int q = 0; q < kGradPerThread; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    if (e < bb) atomicAdd(&dB[(int64_t)k * bb + e], acc[q]);
-  }
+  for (int e = threadIdx.x; e < bb; e += blockDim.x) atomicAdd(&dB[(int64_t)k * bb + e], acc[e]);
 }
 
 bool valid_modes(int in_mode, int out_mode) {
@@ -103,7 +94,7 @@ cudaError_t block_diag_perm_grad_blocks(DType dt, const void* dy, const void* x,
   if (n_tokens == 0) return cudaSuccess;
   const int64_t grid = ceil_div(n_tokens, kGradTokensPerBlock) * r;
   if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
-  const size_t smem = sizeof(float) * 2 * (size_t)kGradTile * b;
+  const size_t smem = sizeof(float) * (2 * (size_t)kGradTile * b + (size_t)b * b);
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = block_grad_kernel<T>;

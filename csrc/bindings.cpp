@@ -1,0 +1,235 @@
+// The one torch binding of the gsops CUDA kernels (csrc/include/gsops/kernels.h).
+//
+// Registers the ops under torch.ops.gsops_cuda.* (CUDA dispatch key) and makes an
+// importable module gsops._C. Every op checks its arguments (device, dtype,
+// contiguity, shapes) with messages naming the argument before it launches;
+// the Python side (gsops.ops) has already validated the user's call.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "include/gsops/kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+void check_cuda(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
+}
+
+void check_contiguous(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first), got strides ", t.strides());
+}
+
+gsops::DType dtype_of(const char* name, const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return gsops::DType::F32;
+    case at::kHalf: return gsops::DType::F16;
+    case at::kBFloat16: return gsops::DType::BF16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return gsops::DType::F32;
+}
+
+void check_same_device(const char* a, const Tensor& ta, const char* b, const Tensor& tb) {
+  TORCH_CHECK(ta.device() == tb.device(), a, " and ", b, " must be on the same device, got ", ta.device(), " and ",
+              tb.device());
+}
+
+void check_same_dtype(const char* a, const Tensor& ta, const char* b, const Tensor& tb) {
+  TORCH_CHECK(ta.scalar_type() == tb.scalar_type(), a, " and ", b, " must have the same dtype, got ",
+              ta.scalar_type(), " and ", tb.scalar_type());
+}
+
+void check_mode(const char* name, int64_t mode) {
+  TORCH_CHECK(mode >= gsops::PERM_NONE && mode <= gsops::PERM_PT, name,
+              "=", mode, " must be 0 (identity), 1 (P = perm(r, d)) or 2 (P^T)");
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "gsops CUDA kernel ", op, " failed: ", cudaGetErrorString(err));
+}
+
+// (r, b, b) blocks with 1 <= b <= 128.
+void check_blocks(const char* name, const Tensor& B) {
+  check_cuda(name, B);
+  TORCH_CHECK(B.dim() == 3 && B.size(1) == B.size(2), name, " must have shape (r, b, b), got ", B.sizes());
+  TORCH_CHECK(B.size(0) >= 1 && B.size(1) >= 1, name, " must have r >= 1 and b >= 1, got ", B.sizes());
+  TORCH_CHECK(B.size(1) <= gsops::kMaxBlock, name, " block size b=", B.size(1), " must be <= ", gsops::kMaxBlock);
+  TORCH_CHECK(at::isFloatingType(B.scalar_type()), name, " must be a floating tensor, got ", B.scalar_type());
+}
+
+// x (..., r*b): the activations of a block-diagonal factor.
+int64_t check_features(const char* name, const Tensor& x, int64_t r, int64_t b) {
+  check_cuda(name, x);
+  dtype_of(name, x);
+  check_contiguous(name, x);
+  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
+  TORCH_CHECK(x.size(-1) == r * b, name, ".shape[-1]=", x.size(-1), " must equal r*b=", r * b, " (r=", r, ", b=", b, ")");
+  return x.size(-1) ? x.numel() / x.size(-1) : 0;
+}
+
+// ---- fused block-diagonal x permutation ------------------------------------------
+Tensor block_diag_perm(const Tensor& x, const Tensor& blocks, int64_t in_mode, int64_t out_mode, bool transpose_blocks) {
+  check_blocks("blocks", blocks);
+  const int64_t r = blocks.size(0), b = blocks.size(1);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  check_same_device("x", x, "blocks", blocks);
+  check_mode("in_mode", in_mode);
+  check_mode("out_mode", out_mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor Bf = blocks.to(at::kFloat).contiguous();
+  Tensor y = at::empty_like(x);
+  check_launch(gsops::block_diag_perm(dtype_of("x", x), x.data_ptr(), Bf.data_ptr<float>(), y.data_ptr(), n_tokens,
+                                      (int)r, (int)b, (int)in_mode, (int)out_mode, transpose_blocks,
+                                      c10::cuda::getCurrentCUDAStream()),
+               "block_diag_perm");
+  return y;
+}
+
+Tensor block_diag_perm_grad_blocks(const Tensor& dy, const Tensor& x, int64_t r, int64_t b, int64_t in_mode,
+                                   int64_t out_mode) {
+  TORCH_CHECK(r >= 1 && b >= 1 && b <= gsops::kMaxBlock, "r=", r, " and b=", b, " must satisfy r >= 1, 1 <= b <= ",
+              gsops::kMaxBlock);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  check_features("dy", dy, r, b);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  check_same_device("dy", dy, "x", x);
+  check_same_dtype("dy", dy, "x", x);
+  check_mode("in_mode", in_mode);
+  check_mode("out_mode", out_mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor dB = at::zeros({r, b, b}, x.options().dtype(at::kFloat));
+  check_launch(gsops::block_diag_perm_grad_blocks(dtype_of("x", x), dy.data_ptr(), x.data_ptr(), dB.data_ptr<float>(),
+                                                  n_tokens, (int)r, (int)b, (int)in_mode, (int)out_mode,
+                                                  c10::cuda::getCurrentCUDAStream()),
+               "block_diag_perm_grad_blocks");
+  return dB;
+}
+
+// ---- batched Cayley ---------------------------------------------------------------
+void check_square_batch(const char* name, const Tensor& K) {
+  check_cuda(name, K);
+  dtype_of(name, K);
+  check_contiguous(name, K);
+  TORCH_CHECK(K.dim() >= 2 && K.size(-1) == K.size(-2), name, " must have shape (..., b, b), got ", K.sizes());
+  TORCH_CHECK(K.size(-1) >= 1 && K.size(-1) <= gsops::kMaxBlock, name, " block size b=", K.size(-1),
+              " must be in 1..", gsops::kMaxBlock);
+}
+
+std::tuple<Tensor, Tensor> cayley_forward(const Tensor& K) {
+  check_square_batch("K", K);
+  const int64_t b = K.size(-1);
+  const int64_t n_mats = K.numel() / (b * b);
+  const c10::cuda::CUDAGuard guard(K.device());
+  Tensor Q = at::empty_like(K);
+  Tensor M = at::empty(K.sizes(), K.options().dtype(at::kFloat));
+  check_launch(gsops::cayley_forward(dtype_of("K", K), K.data_ptr(), M.data_ptr<float>(), Q.data_ptr(), n_mats, (int)b,
+                                     c10::cuda::getCurrentCUDAStream()),
+               "cayley_forward");
+  return {Q, M};
+}
+
+Tensor cayley_backward(const Tensor& M, const Tensor& G) {
+  check_square_batch("G", G);
+  check_cuda("M", M);
+  check_contiguous("M", M);
+  TORCH_CHECK(M.scalar_type() == at::kFloat, "M must be float32 (saved by cayley_forward), got ", M.scalar_type());
+  TORCH_CHECK(M.sizes() == G.sizes(), "M and G must have the same shape, got ", M.sizes(), " and ", G.sizes());
+  check_same_device("M", M, "G", G);
+  const int64_t b = G.size(-1);
+  const c10::cuda::CUDAGuard guard(G.device());
+  Tensor dK = at::empty_like(G);
+  check_launch(gsops::cayley_backward(dtype_of("G", G), M.data_ptr<float>(), G.data_ptr(), dK.data_ptr(),
+                                      G.numel() / (b * b), (int)b, c10::cuda::getCurrentCUDAStream()),
+               "cayley_backward");
+  return dK;
+}
+
+// ---- grouped convolution exponential --------------------------------------------
+gsops::ConvShape check_conv(const Tensor& x, const Tensor& weight, int64_t groups, int64_t terms) {
+  check_cuda("x", x);
+  dtype_of("x", x);
+  check_contiguous("x", x);
+  check_cuda("weight", weight);
+  check_same_device("x", x, "weight", weight);
+  TORCH_CHECK(x.dim() == 4, "x must have shape (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "weight must have shape (C, C/groups, kh, kw), got ", weight.sizes());
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, "groups=", groups, " must be >= 1 and divide x.shape[1]=",
+              x.size(1));
+  TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == x.size(1) / groups, "weight must have shape (C, C/groups, kh, kw) = (",
+              x.size(1), ", ", x.size(1) / groups, ", kh, kw) for x.shape[1]=", x.size(1), " and groups=", groups,
+              ", got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1, "weight kernel size (", weight.size(2), ", ",
+              weight.size(3), ") must be odd for 'same' padding");
+  TORCH_CHECK(terms >= 0, "terms=", terms, " must be >= 0");
+  return gsops::ConvShape{x.size(0), (int)x.size(1), (int)x.size(2), (int)x.size(3), (int)groups,
+                          (int)weight.size(2), (int)weight.size(3)};
+}
+
+Tensor conv_exp_forward(const Tensor& x, const Tensor& weight, int64_t terms, int64_t groups, bool adjoint) {
+  const gsops::ConvShape s = check_conv(x, weight, groups, terms);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor wf = weight.to(at::kFloat).contiguous();
+  const int device = x.get_device();
+  Tensor ws = at::empty({(int64_t)gsops::conv_exp_forward_workspace(s, device)}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty_like(x);
+  check_launch(gsops::conv_exp_forward(dtype_of("x", x), x.data_ptr(), wf.data_ptr<float>(), y.data_ptr(),
+                                       ws.numel() ? ws.data_ptr<float>() : nullptr, s, (int)terms, adjoint, device,
+                                       c10::cuda::getCurrentCUDAStream()),
+               "conv_exp_forward");
+  return y;
+}
+
+Tensor conv_exp_weight_grad(const Tensor& x, const Tensor& dy, const Tensor& weight, int64_t terms, int64_t groups) {
+  const gsops::ConvShape s = check_conv(x, weight, groups, terms);
+  check_cuda("dy", dy);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  check_same_device("dy", dy, "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xf = x.to(at::kFloat).contiguous(), dyf = dy.to(at::kFloat).contiguous();
+  const Tensor wf = weight.to(at::kFloat).contiguous();
+  Tensor ws = at::empty({(int64_t)gsops::conv_exp_weight_grad_workspace(s, (int)terms)}, x.options().dtype(at::kFloat));
+  Tensor dw = at::zeros(weight.sizes(), x.options().dtype(at::kFloat));
+  check_launch(gsops::conv_exp_weight_grad(xf.data_ptr<float>(), dyf.data_ptr<float>(), wf.data_ptr<float>(),
+                                           dw.data_ptr<float>(), ws.data_ptr<float>(), s, (int)terms,
+                                           c10::cuda::getCurrentCUDAStream()),
+               "conv_exp_weight_grad");
+  return dw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gsops_cuda, m) {
+  m.def("block_diag_perm(Tensor x, Tensor blocks, int in_mode, int out_mode, bool transpose_blocks) -> Tensor");
+  m.def("block_diag_perm_grad_blocks(Tensor dy, Tensor x, int r, int b, int in_mode, int out_mode) -> Tensor");
+  m.def("cayley_forward(Tensor K) -> (Tensor, Tensor)");
+  m.def("cayley_backward(Tensor M, Tensor G) -> Tensor");
+  m.def("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor");
+  m.def("conv_exp_weight_grad(Tensor x, Tensor dy, Tensor weight, int terms, int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gsops_cuda, CUDA, m) {
+  m.impl("block_diag_perm", &block_diag_perm);
+  m.impl("block_diag_perm_grad_blocks", &block_diag_perm_grad_blocks);
+  m.impl("cayley_forward", &cayley_forward);
+  m.impl("cayley_backward", &cayley_backward);
+  m.impl("conv_exp_forward", &conv_exp_forward);
+  m.impl("conv_exp_weight_grad", &conv_exp_weight_grad);
+}
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gsops CUDA kernels; the ops are registered as torch.ops.gsops_cuda.*";
+  m.attr("max_block") = gsops::kMaxBlock;
+}
