@@ -164,3 +164,20 @@ def test_gradcheck_float64_tiny():
     with gsops.use_backend("triton"):
         assert torch.autograd.gradcheck(gsops.gs_apply, (x, L, R), fast_mode=True)
         assert torch.autograd.gradcheck(lambda x, B1, B2: gsops.gs_chain(x, [B1, B2]), (x, R, L), fast_mode=True)
+
+
+@pytest.mark.parametrize("b,r,n", [(16, 3, 9), (16, 32, 7), (32, 4, 3)])
+def test_one_launch_fused_forward(b, r, n):
+    """triton_kernels.gs_apply.gs_apply_fused: r % b == 0 (closed super groups) and whole-row slabs."""
+    from triton_kernels.gs_apply import gs_apply_fused
+
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+    xh, Lo, Ro = x.to(torch.bfloat16), _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
+    # the reference also rounds the intermediate R x to x's dtype
+    torch.testing.assert_close(gs_apply_fused(xh, Lo, Ro).float(), ref.gs_apply(xh, Lo, Ro).float(),
+                               **tol(torch.bfloat16))
+    with pytest.raises(ValueError, match="b >= 16"):
+        gs_apply_fused(torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4))
