@@ -103,3 +103,18 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 def check_features(name_x: str, x: torch.Tensor, n: int, what: str) -> None:
     if x.shape[-1] != n:
         raise ValueError(f"{name_x}.shape[-1]={x.shape[-1]} must equal {what}={n}")
+
+
+# Inputs (activations) are not scanned for NaN/inf by default (a pass over every
+# activation); opt in with GSOPS_CHECK_INPUTS=1 or gsops.checks.set_check_inputs(True).
+_CHECK_INPUTS = os.environ.get("GSOPS_CHECK_INPUTS", "0") not in ("0", "false", "False", "")
+
+
+def set_check_inputs(enabled: bool) -> None:
+    """Turn the opt-in non-finite scan of adapter layer inputs on or off."""
+    global _CHECK_INPUTS
+    _CHECK_INPUTS = bool(enabled)
+
+
+def check_inputs_enabled() -> bool:
+    return _CHECK_INPUTS

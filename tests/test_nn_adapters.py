@@ -250,10 +250,11 @@ def test_merge_unmerge_round_trip(method, kind):
 
 
 def test_unmerge_refuses_zero_scale():
+    # unmerge undoes what was merged (a snapshot of the parameters): a zero scale merged into W cannot be undone
     layer = make_adapter("gsoft", nn.Linear(8, 4))
-    layer.merge()
     with torch.no_grad():
         layer.scale[1] = 0.0
+    layer.merge()
     W = layer.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="zero entries"):
         layer.unmerge()

@@ -51,6 +51,7 @@ class LoLDUAdapter(MergeableAdapter):
         with torch.no_grad():
             base.weight.copy_((W64 - self._dsm(torch.float64)).reshape(W.shape).to(W.dtype))
         self.merged = False
+        self.name = name
 
     def _dsm(self, dtype=None, z=None, sigma=None) -> torch.Tensor:
         z = self.z if z is None else z
@@ -61,8 +62,10 @@ class LoLDUAdapter(MergeableAdapter):
         return sigma * (left * z) @ right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.merged:
             return self.base_layer(x)
+        self.check_parameters_finite()
         if isinstance(self.base_layer, nn.Linear):
             F = torch.nn.functional
             return self.base_layer(x) + self.sigma * F.linear(F.linear(x, self.right) * self.z, self.left)

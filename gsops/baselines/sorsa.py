@@ -47,6 +47,7 @@ class SORSAAdapter(MergeableAdapter):
         with torch.no_grad():
             base.weight.copy_((W64 - principal).reshape(W.shape).to(W.dtype))
         self.merged = False
+        self.name = name
 
     def _principal(self, dtype=None, factors=None) -> torch.Tensor:
         U, S, Vh = factors or (self.U, self.S, self.Vh)
@@ -55,8 +56,10 @@ class SORSAAdapter(MergeableAdapter):
         return (U * S) @ Vh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.merged:
             return self.base_layer(x)
+        self.check_parameters_finite()
         if isinstance(self.base_layer, nn.Linear):
             y = self.base_layer(x)
             return y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.Vh) * self.S, self.U)

@@ -30,10 +30,47 @@ block (strict upper triangle, row major, as :func:`gsops.ops.skew`);
 ``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T`` as the
 GSOFT paper's code does. All parameters start at zero, so ``Q = I`` and the
 adapted layer equals the base layer at initialisation; the scale ``s`` starts at 1.
+
+Reliability policies (issue 10):
+
+* Non-finite values. Before any kernel runs, every adapter layer scans its own
+  parameters (not the frozen base weight) and raises ``ValueError`` naming the
+  layer and the parameter when one holds NaN or inf, e.g. ``encoder.q: adapter
+  parameter(s) ['rotation.factors.params'] contain NaN or inf``: a run whose
+  optimizer produced a non-finite step stops at the next forward instead of
+  training on garbage. The scan is one device sync per layer and forward; the
+  global opt-out is ``GSOPS_CHECK_FINITE=0`` (or ``gsops.set_check_finite(False)``).
+  Inputs are not scanned (that costs a pass over every activation); the opt-in
+  is ``GSOPS_CHECK_INPUTS=1`` (or ``gsops.checks.set_check_inputs(True)``).
+  ``merge()`` always scans, whatever the switches say, and also refuses to write
+  a merged weight that is not finite in the base weight's dtype (e.g. fp16
+  overflow): a merge never corrupts the base layer.
+* Inputs are checked before computing: a tensor of a floating dtype equal to the
+  weight's (any floating dtype under ``torch.autocast``), with ``in_features``
+  last (Linear) or ``in_channels`` at dim -3 (Conv2d); else TypeError/ValueError
+  naming the layer.
+* Cayley–Neumann (``cayley="neumann"``, ``t = neumann_terms``) is OFTv2's series,
+  valid only while ``||K||_2 < 1`` (SPEC). An adapter refuses, with a
+  ValueError naming the layer, as soon as the series' error bound
+  ``2 ||K||^(t+1) / (1 - ||K||)`` (largest block) exceeds
+  ``gsops.ops.NEUMANN_WARN_ERROR`` (1e-3), i.e. before Q is visibly
+  non-orthogonal; it never trains on a non-orthogonal Q. ``cayley="exact"`` has
+  no such limit (``(I - K)^{-1}`` exists for every skew K).
+* Merging stores a copy of the adapter parameters (small); ``unmerge()`` undoes
+  exactly what was merged, even if the parameters changed while merged (it
+  warns). Merging a merged layer or unmerging an unmerged one warns and does
+  nothing: never a double apply.
+* Determinism: on CPU every method's forward and backward is bitwise
+  reproducible for a fixed seed. GPU kernels that reduce block gradients with
+  atomics (the CUDA backend's ``gs_apply`` block gradient and grouped
+  conv-exponential weight gradient use ``atomicAdd``) are not bitwise
+  deterministic; the torch reference backend (``GSOPS_BACKEND=torch``) is as
+  deterministic as torch itself.
 """
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -41,8 +78,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..checks import check_divides, check_int
+from ..checks import FLOAT_DTYPES, check_divides, check_finite_enabled, check_inputs_enabled, check_int
 from ..perm import invert, permute
+from ..reference.cayley import neumann_error_bound, spectral_norm
 
 ORTHOGONAL_METHODS = ("gsoft", "double_gsoft", "oft", "boft")
 CAYLEY_METHODS = ("exact", "neumann")
@@ -67,6 +105,7 @@ class CayleyBlocks(nn.Module):
         self.neumann_terms = check_int("neumann_terms", neumann_terms)
         shape = (n, r, b * (b - 1) // 2) if self.packed else (n, r, b, b)
         self.params = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        self.label = "CayleyBlocks"  # set by the adapter to "<layer name>.<attribute>" for messages
 
     def skew_matrices(self, dtype=None) -> torch.Tensor:
         p = self.params if dtype is None else self.params.to(dtype)
@@ -76,7 +115,30 @@ class CayleyBlocks(nn.Module):
 
     def forward(self, dtype=None) -> torch.Tensor:
         K = self.skew_matrices(dtype)
+        if self.cayley == "neumann":
+            self.check_neumann(K)
         return ops.cayley(K, method=self.cayley, terms=self.neumann_terms)
+
+    def neumann_bound(self, K: torch.Tensor | None = None) -> tuple[float, float]:
+        """``(max ||K||_2, error bound 2||K||^(t+1)/(1-||K||))`` over the blocks (inf when ``||K|| >= 1``)."""
+        K = self.skew_matrices() if K is None else K
+        if not K.numel() or K.device.type == "meta" or torch.compiler.is_compiling():
+            return 0.0, 0.0
+        norm = float(spectral_norm(K).max())
+        if not math.isfinite(norm) or norm >= 1:
+            return norm, math.inf
+        return norm, float(neumann_error_bound(torch.tensor(norm, dtype=torch.float64), self.neumann_terms))
+
+    def check_neumann(self, K: torch.Tensor | None = None) -> None:
+        """Refuse (ValueError naming the layer) when the Neumann series no longer gives an orthogonal Q."""
+        norm, err = self.neumann_bound(K)
+        if err > ops.NEUMANN_WARN_ERROR:
+            raise ValueError(
+                f"{self.label}: cayley='neumann' with neumann_terms={self.neumann_terms} is no longer orthogonal: "
+                f"max ||K||_2 = {norm:.4g} gives an error bound {err:.3g} > {ops.NEUMANN_WARN_ERROR} "
+                "(the series needs ||K||_2 < 1 and diverges at 1); refusing to train on a non-orthogonal Q. "
+                "Use cayley='exact' (valid for every K), more neumann_terms, or a smaller learning rate"
+            )
 
     def extra_repr(self) -> str:
         return f"n={self.n}, r={self.r}, b={self.b}, packed={self.packed}, cayley={self.cayley!r}"
@@ -255,32 +317,130 @@ def check_orthogonal_layer(name: str, base: nn.Module, method: str, block_size: 
 
 # --------------------------------------------------------------------------- merge bookkeeping
 class MergeableAdapter(nn.Module):
-    """Shared merge/unmerge state of every adapter layer."""
+    """Shared merge/unmerge state and input/parameter checks of every adapter layer."""
 
     base_layer: nn.Module
     merged: bool
+    name: str = "layer"
+
+    # ---- checks shared by every adapter's forward
+    def adapter_named_parameters(self) -> list:
+        """``(name, parameter)`` of the adapter's own parameters (not the base layer's)."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def nonfinite_parameters(self) -> list:
+        """Names of adapter parameters holding NaN or inf (one device sync for all of them)."""
+        named = [(n, p) for n, p in self.adapter_named_parameters() if p.numel()]
+        if not named or named[0][1].device.type == "meta" or torch.compiler.is_compiling():
+            return []
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+        return [n for (n, _), good in zip(named, ok) if not good]
+
+    def check_parameters_finite(self, force: bool = False) -> None:
+        """Raise ValueError naming the layer when an adapter parameter is NaN/inf (see module docstring)."""
+        if not (force or check_finite_enabled()):
+            return
+        bad = self.nonfinite_parameters()
+        if bad:
+            raise ValueError(
+                f"{self.name}: adapter parameter(s) {bad} contain NaN or inf (a diverged optimizer step?); "
+                "refusing to run on them. Lower the learning rate / clip gradients and reload a checkpoint. "
+                "Set GSOPS_CHECK_FINITE=0 to skip this check"
+            )
+
+    def check_input(self, x) -> None:
+        """x: a floating tensor of the weight's dtype (any float under autocast) and the layer's feature size."""
+        base = self.base_layer
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: input x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{self.name}: input x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
+            )
+        W = base.weight
+        if x.dtype != W.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self.name}: input x has dtype {x.dtype} but the layer's weights are {W.dtype}; "
+                "cast the input or run under torch.autocast"
+            )
+        if x.device != W.device:
+            raise ValueError(f"{self.name}: input x is on {x.device} but the layer's weights are on {W.device}")
+        if isinstance(base, nn.Linear):
+            if x.dim() < 1 or x.shape[-1] != base.in_features:
+                raise ValueError(
+                    f"{self.name}: input x.shape[-1] must equal in_features={base.in_features}, got shape {tuple(x.shape)}"
+                )
+        else:
+            if x.dim() not in (3, 4) or x.shape[-3] != base.in_channels:
+                raise ValueError(
+                    f"{self.name}: input x must be (N, C, H, W) or (C, H, W) with C = in_channels={base.in_channels}, "
+                    f"got shape {tuple(x.shape)}"
+                )
+        if check_inputs_enabled() and x.numel() and x.device.type != "meta" and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{self.name}: input x contains NaN or inf (GSOPS_CHECK_INPUTS=1 is on)")
+
+    # ---- merging
+    def _param_snapshot(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.adapter_named_parameters()}
 
     def merge(self) -> bool:
-        """Write the adapted weight into the base layer. Warns and does nothing when already merged."""
+        """Write the adapted weight into the base layer. Warns and does nothing when already merged.
+
+        Refuses (ValueError, layer unchanged) when an adapter parameter or the
+        merged weight in the base weight's dtype is not finite.
+        """
         if self.merged:
-            warnings.warn(f"{type(self).__name__}: already merged; merge() did nothing (no double apply)")
+            warnings.warn(f"{self.name} ({type(self).__name__}): already merged; merge() did nothing (no double apply)")
             return False
         self._check_mergeable()
+        self.check_parameters_finite(force=True)
         with torch.no_grad():
             W = self.base_layer.weight
-            self.base_layer.weight.copy_(self._merged_weight().reshape(W.shape).to(W.dtype))
+            new = self._merged_weight().reshape(W.shape).to(W.dtype)
+            if not bool(torch.isfinite(new).all()):
+                raise ValueError(f"{self.name}: the merged weight is not finite in {W.dtype}; merge refused, layer unchanged")
+            snapshot = self._param_snapshot()
+            W.copy_(new)
+        self._merged_params = snapshot
         self.merged = True
         return True
 
     def unmerge(self) -> bool:
-        """Restore the frozen base weight. Warns and does nothing when not merged."""
+        """Restore the frozen base weight. Warns and does nothing when not merged.
+
+        Undoes exactly what :meth:`merge` wrote: if the adapter parameters
+        changed while merged (e.g. an optimizer step), it warns and unmerges with
+        the parameters that were merged, keeping the new values afterwards.
+        """
         if not self.merged:
-            warnings.warn(f"{type(self).__name__}: not merged; unmerge() did nothing")
+            warnings.warn(f"{self.name} ({type(self).__name__}): not merged; unmerge() did nothing")
             return False
-        self._check_unmergeable()
+        snapshot = getattr(self, "_merged_params", None)
+        named = dict(self.adapter_named_parameters())
+        changed = snapshot is not None and any(not torch.equal(named[n], t.to(named[n])) for n, t in snapshot.items())
         with torch.no_grad():
-            W = self.base_layer.weight
-            self.base_layer.weight.copy_(self._unmerged_weight().reshape(W.shape).to(W.dtype))
+            current = self._param_snapshot() if changed else None
+            if changed:
+                warnings.warn(
+                    f"{self.name}: adapter parameters changed while merged; unmerging with the parameters that "
+                    "were merged (the new values are kept afterwards)"
+                )
+                for n, t in snapshot.items():
+                    named[n].copy_(t)
+            try:
+                self._check_unmergeable()
+                W = self.base_layer.weight
+                new = self._unmerged_weight().reshape(W.shape).to(W.dtype)
+                if not bool(torch.isfinite(new).all()):
+                    raise ValueError(f"{self.name}: the unmerged weight is not finite; unmerge refused, layer unchanged")
+            finally:
+                if changed:
+                    for n, t in current.items():
+                        named[n].copy_(t)
+            W.copy_(new)
+        self._merged_params = None
         self.merged = False
         return True
 
@@ -334,11 +494,17 @@ class OrthogonalAdapter(MergeableAdapter):
         self.rotation_out = GSRotation(self.d_out, block_size, **kw) if method == "double_gsoft" else None
         self.scale = nn.Parameter(torch.ones(self.d_out, dtype=W.dtype, device=W.device)) if scale else None
         self.merged = False
+        self.name = name
+        self.rotation.factors.label = f"{name}.rotation"
+        if self.rotation_out is not None:
+            self.rotation_out.factors.label = f"{name}.rotation_out"
 
     # y = s * Q_out(W (Q_in x)) + c
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.merged:
             return self.base_layer(x)
+        self.check_parameters_finite()
         base = self.base_layer
         if isinstance(base, nn.Linear):
             y = F.linear(self.rotation(x), base.weight)
@@ -366,9 +532,15 @@ class OrthogonalAdapter(MergeableAdapter):
         return self.adapted_weight(torch.float64)
 
     def _check_unmergeable(self):
-        if self.scale is not None and bool((self.scale == 0).any()):
-            idx = torch.nonzero(self.scale == 0).flatten()[:5].tolist()
-            raise ValueError(f"cannot unmerge: scale has zero entries (indices {idx}); diag(s) is not invertible")
+        if self.scale is None:
+            return
+        snapshot = getattr(self, "_merged_params", None) if self.merged else None
+        scale = snapshot["scale"].to(self.scale) if snapshot else self.scale  # the scale that was merged
+        if bool((scale == 0).any()):
+            idx = torch.nonzero(scale == 0).flatten()[:5].tolist()
+            raise ValueError(
+                f"{self.name}: cannot unmerge: scale has zero entries (indices {idx}); diag(s) is not invertible"
+            )
 
     def _unmerged_weight(self):
         f64 = torch.float64
