@@ -1,0 +1,188 @@
+"""How gsops/backends/cuda_backend.py composes the gsops_cuda kernels, checked on CPU.
+
+The compiled kernels need a GPU (tests/test_cuda_kernels.py); the composition
+(permutation modes of every factor, the input backward as the transposed
+kernel with inverse permutations, the block gradients, M from Q, the conv
+exponential's adjoint) is plain Python and is checked here: a subprocess
+registers CPU stand-ins for the ``gsops_cuda`` ops, defined independently from
+their documented meaning (``y = P^out diag(B) P^in x`` with ``P`` from
+:mod:`gsops.perm`), loads the backend against them and compares every
+registered function with the reference path and with dense float64 matrices.
+A subprocess keeps the stand-ins out of this test session's backends.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import sys, types, warnings
+import numpy as np
+import torch
+sys.path.insert(0, sys.argv[1])  # tests/ for dense.py
+from dense import gsoft_matrix, gs_chain_matrix, block_diag, cayley as dense_cayley, np64
+from gsops.perm import gather_index
+from gsops.reference import conv_exp as cref
+from gsops.tolerances import tol
+
+# ---- CPU stand-ins for torch.ops.gsops_cuda.* (their documented meaning, not the backend's code)
+lib = torch.library.Library("gsops_cuda", "DEF")
+lib.define("block_diag_perm(Tensor x, Tensor blocks, int in_mode, int out_mode, bool transpose_blocks) -> Tensor")
+lib.define("block_diag_perm_grad_blocks(Tensor dy, Tensor x, int r, int b, int in_mode, int out_mode) -> Tensor")
+lib.define("cayley_forward(Tensor K) -> (Tensor, Tensor)")
+lib.define("cayley_backward(Tensor M, Tensor G) -> Tensor")
+lib.define("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor")
+lib.define("conv_exp_weight_grad(Tensor x, Tensor dy, Tensor weight, int terms, int groups) -> Tensor")
+
+def P_mode(x, mode, r):  # P^mode x along the last dim; 1: P = perm(r, d), 2: P^T
+    d = x.shape[-1]
+    if mode == 0:
+        return x
+    return x[..., gather_index(r, d, inverse=(mode == 2))]
+
+def bdp(x, blocks, in_mode, out_mode, transpose_blocks):
+    r, b, _ = blocks.shape
+    B = blocks.double()
+    if transpose_blocks:
+        B = B.transpose(1, 2)
+    z = torch.einsum("nrj,rij->nri", P_mode(x.double(), in_mode, r).reshape(-1, r, b), B).reshape(x.shape)
+    return P_mode(z, out_mode, r).to(x.dtype)
+
+def bgrad(dy, x, r, b, in_mode, out_mode):
+    inv = {0: 0, 1: 2, 2: 1}
+    g = P_mode(dy.double(), inv[out_mode], r).reshape(-1, r, b)
+    xi = P_mode(x.double(), in_mode, r).reshape(-1, r, b)
+    return torch.einsum("nri,nrj->rij", g, xi).float()
+
+def cayley_fwd(K):
+    eye = torch.eye(K.shape[-1], dtype=torch.float64)
+    M = torch.linalg.inv(eye - K.double())
+    return (2 * M - eye).to(K.dtype), M.float()
+
+def cayley_bwd(M, G):
+    Mt = M.double().transpose(-1, -2)
+    return (2 * Mt @ G.double() @ Mt).to(G.dtype)
+
+def conv_fwd(x, w, terms, groups, adjoint):
+    ww = cref.conv_transpose_kernel(w, groups) if adjoint else w
+    return cref.conv_exp(x.double(), ww.double(), terms, groups).to(x.dtype)
+
+def conv_wgrad(x, dy, w, terms, groups):
+    with torch.enable_grad():  # called from a backward, where grad mode is off
+        wd = w.detach().double().requires_grad_()
+        y = cref.conv_exp(x.detach().double(), wd, terms, groups)
+        (g,) = torch.autograd.grad(y, wd, dy.double())
+    return g.float()
+
+for name, fn in [("block_diag_perm", bdp), ("block_diag_perm_grad_blocks", bgrad), ("cayley_forward", cayley_fwd),
+                 ("cayley_backward", cayley_bwd), ("conv_exp_forward", conv_fwd), ("conv_exp_weight_grad", conv_wgrad)]:
+    lib.impl(name, fn, "CPU")
+
+fake = types.ModuleType("gsops._C")
+fake.max_block = 128
+fake.__file__ = "<CPU stand-ins>"
+sys.modules["gsops._C"] = fake
+
+import gsops
+from gsops.backends import cuda_backend as cb
+from gsops.ops import custom, dispatch
+from gsops import reference as ref
+
+def close(got, want, dtype=torch.float32, what=""):
+    want = torch.as_tensor(want, dtype=torch.float64)
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    t = tol(dtype)
+    torch.testing.assert_close(got.double(), want, rtol=t["rtol"], atol=t["atol"] * scale, msg=what)
+
+torch.manual_seed(0)
+checks = 0
+for r, b in [(3, 4), (4, 3), (1, 5), (5, 1), (2, 8), (6, 2)]:
+    d = r * b
+    x = torch.randn(2, 7, d)
+    L, R, B3 = torch.randn(r, b, b), torch.randn(r, b, b), torch.randn(r, b, b)
+    g = torch.randn(2, 7, d)
+    tag = f"r={r} b={b}"
+    Q = gsoft_matrix(np64(L), np64(R))
+    close(cb.gs_apply(x, L, R), np64(x) @ Q.T, what="gs_apply " + tag)
+    dx, dL, dR = cb.gs_apply_backward(g, x, L, R)
+    wx, wL, wR = custom.gs_apply_backward_torch(g.double(), x.double(), L.double(), R.double())
+    close(dx, np64(g) @ Q, what="gs_apply dx " + tag)
+    close(dL, wL, what="gs_apply dL " + tag)
+    close(dR, wR, what="gs_apply dR " + tag)
+    blocks = [R, L, B3]
+    A = gs_chain_matrix([np64(t) for t in blocks])
+    close(cb.gs_chain(x, blocks), np64(x) @ A.T, what="gs_chain " + tag)
+    dx, dBs = cb.gs_chain_backward(g, x, blocks)
+    wx, wBs = custom.gs_chain_backward_torch(g.double(), x.double(), [t.double() for t in blocks])
+    close(dx, np64(g) @ A, what="gs_chain dx " + tag)
+    for j, (a, w) in enumerate(zip(dBs, wBs)):
+        close(a, w, what=f"gs_chain dB[{j}] " + tag)
+    D = block_diag(np64(L))
+    close(cb.block_diag_mm(x, L), np64(x) @ D.T, what="block_diag_mm " + tag)
+    dx, dB = cb.block_diag_mm_backward(g, x, L)
+    close(dx, np64(g) @ D, what="block_diag_mm dx " + tag)
+    close(dB, custom.block_diag_mm_backward_torch(g.double(), x.double(), L.double())[1], what="block_diag_mm dB " + tag)
+    checks += 13
+
+for b in [1, 2, 3, 8]:
+    A = torch.randn(4, b, b)
+    K = A - A.transpose(1, 2)
+    Q = cb.cayley_exact(K)
+    close(Q, dense_cayley(np64(K)), what=f"cayley b={b}")
+    G = torch.randn(4, b, b)
+    close(cb.cayley_exact_backward(G, Q), custom.cayley_exact_backward_torch(G.double(), Q.double()), what=f"cayley dK b={b}")
+    checks += 2
+
+for C, groups, k in [(4, 1, 3), (6, 3, 3), (8, 4, 1)]:
+    x = torch.randn(2, C, 5, 4, requires_grad=True)
+    Lk = (0.2 * torch.randn(C, C // groups, k, k)).requires_grad_()
+    y = cb.conv_exp(x, Lk, 4, groups)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xd, Ld = x.detach().double().requires_grad_(), Lk.detach().double().requires_grad_()
+    yd = cref.conv_exp(xd, Ld, 4, groups)
+    yd.backward(gy.double())
+    close(y, yd, what=f"conv_exp C={C} groups={groups} k={k}")
+    close(x.grad, xd.grad, what="conv_exp dx")
+    close(Lk.grad, Ld.grad, what="conv_exp dL")
+    checks += 3
+
+# float64 / oversized blocks: forced cuda raises, auto warns once and runs the reference
+x64, L64 = torch.randn(3, 8, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
+with dispatch.use_backend("cuda"):
+    try:
+        cb.gs_apply(x64, L64, L64)
+        raise AssertionError("forced cuda accepted float64")
+    except TypeError as e:
+        assert "float64" in str(e) and "gs_apply" in str(e), e
+with dispatch.use_backend("auto"), warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    y = cb.gs_apply(x64, L64, L64)
+    assert any("reference path" in str(w.message) for w in rec), [str(w.message) for w in rec]
+    torch.testing.assert_close(y, ref.gs_apply(x64, L64, L64))
+big = torch.randn(1, 129, 129)
+with dispatch.use_backend("cuda"):
+    try:
+        cb.cayley_exact(big - big.transpose(1, 2))
+        raise AssertionError("forced cuda accepted b=129")
+    except TypeError as e:
+        assert "b=129" in str(e), e
+checks += 3
+
+for op in ["block_diag_mm", "block_diag_mm_backward", "gs_chain", "gs_chain_backward", "gs_apply",
+           "gs_apply_backward", "cayley_exact", "cayley_exact_backward", "conv_exp"]:
+    assert dispatch.impl(op, "cuda") is getattr(cb, op), op
+print(f"OK {checks + 9} checks")
+'''
+
+
+def test_cuda_backend_composition_on_cpu_stand_ins():
+    env = dict(os.environ, OMP_NUM_THREADS="1", GSOPS_BACKEND="auto")
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT / "tests")], capture_output=True, text=True, timeout=300, env=env,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("OK "), res.stdout + res.stderr
