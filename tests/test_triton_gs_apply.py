@@ -181,3 +181,39 @@ def test_one_launch_fused_forward(b, r, n):
                                **tol(torch.bfloat16))
     with pytest.raises(ValueError, match="b >= 16"):
         gs_apply_fused(torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4))
+
+
+def test_gpu_launch_heuristics_loop_and_split(monkeypatch):
+    """The GPU tiling (several token tiles per program, token splits for block gradients, a ragged
+    last program) run under the interpreter by pretending not to interpret; float64 data keeps the
+    float64 dot path."""
+    import triton_kernels.gs_apply as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    r, b, n = 1, 16, 1100  # 18 token tiles of 64: 2 tiles per program, 5 gradient splits (last one ragged)
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    g = torch.randn(n, r * b, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(*leaves)
+    y.backward(g)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    ref.gs_apply(*ref_leaves).backward(g)
+    for mine, theirs in zip(leaves, ref_leaves):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-11, atol=1e-11)
+
+
+def test_one_launch_fused_gpu_heuristics(monkeypatch):
+    """gs_apply_fused with the GPU launch plan: few programs, each looping over several (token tile,
+    super group) items with its slab reused, dead items masked."""
+    import triton_kernels.gs_apply as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    r, b, n = 32, 16, 300  # 5 token tiles x 2 super groups = 10 items on 4 programs, 4 iterations each
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(kernels.gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)

@@ -104,15 +104,20 @@ def _block_step_kernel(
 
 @triton.jit
 def _block_grad_kernel(
-    g_ptr, x_ptr, out_ptr,
+    g_ptr, x_ptr, out_ptr, w_ptr, dx_ptr,
     N, r, b,
-    stride_gn, stride_gd, stride_xn, stride_xd,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
     n_groups,
     TILES_PER_SPLIT: tl.constexpr, G_LAYOUT: tl.constexpr, X_LAYOUT: tl.constexpr,
     BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, WITH_DX: tl.constexpr,
 ):
-    """out[split, p, i, q] = sum over this split's tokens of g'[n, p, i] * x'[n, p, q]."""
+    """out[split, p, i, q] = sum over this split's tokens of g'[n, p, i] * x'[n, p, q].
+
+    With ``WITH_DX`` it also writes the step's input gradient ``dx' = B_p^T g'``
+    (stored in ``X_LAYOUT``) from the same loads of ``g``: one pass over the
+    activations gives both gradients.
+    """
     TILE: tl.constexpr = G * BB
     pid = tl.program_id(0)
     pid_g = pid % n_groups
@@ -126,6 +131,12 @@ def _block_grad_kernel(
     feat_x = _feature_index(p, q, r, b, X_LAYOUT).to(tl.int64)
 
     acc = tl.zeros((TILE, TILE), dtype=out_ptr.dtype.element_ty)  # float32 (float64 for float64 data)
+    if WITH_DX:  # W[e, c] = B[p, e, c]: dx' = g' @ W is B^T g' per block
+        wi = c[:, None]
+        wo = c[None, :]
+        wsame = (wi // BB == wo // BB) & valid[:, None] & valid[None, :]
+        wp = (pid_g * G + wi // BB).to(tl.int64)
+        w = tl.load(w_ptr + wp * b * b + (wi % BB) * b + (wo % BB), mask=wsame, other=0.0).to(DOT_DTYPE)
     rows = tl.arange(0, BLOCK_N)
     for t in range(0, TILES_PER_SPLIT):
         n = (split * TILES_PER_SPLIT + t) * BLOCK_N + rows
@@ -138,6 +149,13 @@ def _block_grad_kernel(
                           out_dtype=out_ptr.dtype.element_ty)
         else:
             acc += tl.dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE))
+        if WITH_DX:
+            if IEEE:
+                dxt = tl.dot(gt.to(DOT_DTYPE), w, input_precision="ieee", out_dtype=out_ptr.dtype.element_ty)
+            else:
+                dxt = tl.dot(gt.to(DOT_DTYPE), w)
+            tl.store(dx_ptr + n64[:, None] * stride_dxn + feat_x[None, :] * stride_dxd,
+                     dxt.to(dx_ptr.dtype.element_ty), mask=mask)
 
     ci = c[:, None]  # i (output index of the block)
     cq = c[None, :]  # q (input index)
@@ -234,13 +252,19 @@ def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpos
 
 
 def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout: int, x_layout: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """``dB[p] = sum_n g'[n, p] x'[n, p]^T`` (r, b, b), g' and x' read in the given layouts."""
+               out_dtype: torch.dtype, B: torch.Tensor | None = None):
+    """``dB[p] = sum_n g'[n, p] x'[n, p]^T`` (r, b, b), g' and x' read in the given layouts.
+
+    Given the step's blocks ``B``, returns ``(dx, dB)`` with the step's input
+    gradient ``dx`` (``B^T g'`` stored in ``x_layout``) computed in the same pass.
+    """
     g2 = _as_2d(grad)
     x2 = _as_2d(x)
     n_tok = x2.shape[0]
+    dx2 = None if B is None else torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
     if n_tok == 0:
-        return torch.zeros((r, b, b), dtype=out_dtype, device=x.device)
+        dB = torch.zeros((r, b, b), dtype=out_dtype, device=x.device)
+        return dB if B is None else (dx2.reshape(x.shape), dB)
     bb, g = _tiling(b)
     tile = bb * g
     n_groups = triton.cdiv(r, g)
@@ -251,15 +275,20 @@ def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout:
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     partial = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
     dot_dtype, ieee = _dot_config(x.dtype, grad.dtype)
+    with_dx = B is not None
+    Bc = B.contiguous() if with_dx else partial
+    dx_arg = dx2 if with_dx else partial
     _block_grad_kernel[(n_groups * splits,)](
-        g2, x2, partial, n_tok, r, b,
+        g2, x2, partial, Bc, dx_arg, n_tok, r, b,
         g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
+        dx_arg.stride(0), dx_arg.stride(1),
         n_groups,
         TILES_PER_SPLIT=tiles_per_split, G_LAYOUT=grad_layout, X_LAYOUT=x_layout,
-        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee, WITH_DX=with_dx,
         num_warps=_num_warps(tile),
     )
-    return partial.sum(0).to(out_dtype)
+    dB = partial.sum(0).to(out_dtype)
+    return (dx2.reshape(x.shape), dB) if with_dx else dB
 
 
 # ----------------------------------------------------------------------------- GS ops
@@ -289,8 +318,7 @@ def _backward(grad, x, blocks, apply):
     g = grad
     for j in range(len(blocks) - 1, -1, -1):
         ld, st = lay[j]
-        grads[j] = block_grad(g, acts[j], r, b, st, ld, blocks[j].dtype)
-        g = block_step(g, blocks[j], st, ld, transpose=True)
+        g, grads[j] = block_grad(g, acts[j], r, b, st, ld, blocks[j].dtype, B=blocks[j])
     return g, grads
 
 
@@ -301,8 +329,7 @@ def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor):
     r, b, _ = B.shape
-    dx = block_step(grad, B, LINEAR, LINEAR, transpose=True)
-    return dx, block_grad(grad, x, r, b, LINEAR, LINEAR, B.dtype)
+    return block_grad(grad, x, r, b, LINEAR, LINEAR, B.dtype, B=B)
 
 
 def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
