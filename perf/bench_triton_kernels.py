@@ -122,9 +122,16 @@ def bench_cayley(r, b, device, rows, terms=5):
         K = K0.clone().requires_grad_()
         ref.cayley_exact(K).backward(G)
 
+    from triton_kernels import cayley as kernels
+
+    def step_kernels():  # the two launches alone, without the public op's checks and autograd
+        Q = kernels.cayley_exact(K0)
+        kernels.cayley_exact_backward(G, Q)
+
     t_solve = _bench(step_solve)
     for label, fn in [("cayley_exact_fwd_bwd", lambda: step_triton("exact")),
                       ("cayley_neumann_fwd_bwd", lambda: step_triton("neumann")),
+                      ("cayley_exact_kernels_only_fwd_bwd", step_kernels),
                       ("cayley_reference_fwd_bwd", step_ref)]:
         t = _bench(fn)
         rows.append({

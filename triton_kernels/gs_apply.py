@@ -13,9 +13,18 @@ materialised: they are index arithmetic in the loads and stores.  With block
 
 So ``gs_chain`` is one LINEAR->LINEAR step followed by STRIDED->LINEAR steps,
 and GSOFT's ``Q x = P^T L P R x`` is LINEAR->LINEAR (R) then STRIDED->STRIDED
-(L).  The transpose of a step (its input gradient) is the same kernel with the
-load and store layouts swapped and the blocks transposed.  Block gradients
-``dB_p = sum_n dy'_{n,p} x'_{n,p}^T`` are per-block reductions over tokens.
+(L).  The transpose of a step (its input gradient) is the same index
+arithmetic with the load and store layouts swapped and the blocks transposed;
+block gradients ``dB_p = sum_n dy'_{n,p} x'_{n,p}^T`` are per-block reductions
+over tokens.  The backward kernel does both from one load of ``dy`` and ``x``
+per token tile (programs = block groups x token splits; partial sums per split
+are added by torch, deterministically).  The backward recomputes the
+intermediate ``R x`` instead of saving it (activation memory).
+
+``gs_apply`` launches two steps (the intermediate ``R x`` makes one round trip
+through memory).  :func:`gs_apply_fused` does GSOFT in one launch, keeping the
+intermediate in a per-program slab sized for L2; it is opt-in until timed on a
+GPU (``perf/bench_triton_kernels.py``).
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
