@@ -1,0 +1,208 @@
+"""The compiled CUDA kernels (gsops._C, csrc/) against dense float64 oracles and the reference path.
+
+GPU only: skips with the reason on a machine without a CUDA device or without
+the built extension (``pip install --no-build-isolation .`` on a CUDA machine).
+The same logic is covered on CPU by the reference and Triton tests, by
+tests/test_cuda_backend_wiring.py (the backend's composition) and by the host
+test of csrc/ (tests/test_csrc_compile.py).
+"""
+import numpy as np
+import pytest
+import torch
+
+from dense import block_diag, cayley as dense_cayley, gs_chain_matrix, gsoft_matrix, np64
+from gsops import backends
+from gsops.tolerances import ORTHO_TOL, tol
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (the CUDA kernels do not run on CPU)", allow_module_level=True)
+_ok, _reason = backends.load("cuda")
+if not _ok:
+    pytest.skip(f"the CUDA extension is not available: {_reason}", allow_module_level=True)
+
+import gsops  # noqa: E402
+from gsops.backends import cuda_backend as cb  # noqa: E402
+from gsops.ops import custom, dispatch  # noqa: E402
+from gsops.reference import conv_exp as cref  # noqa: E402
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BLOCKS = [1, 2, 3, 8, 16, 32, 64, 128]
+_ops = torch.ops.gsops_cuda
+
+
+def _r_for(b):
+    return {1: 7, 2: 5, 3: 6, 8: 4, 16: 3, 32: 4, 64: 2, 128: 3}[b]
+
+
+def close(got, want, dtype, what=""):
+    """``got`` within tol(dtype) of the float64 ``want``, the absolute part scaled by max |want|."""
+    want = torch.as_tensor(np.asarray(want) if not torch.is_tensor(want) else want.detach().cpu(), dtype=torch.float64)
+    got = got.detach().to("cpu", torch.float64)
+    assert torch.isfinite(got).all(), f"{what}: non-finite output"
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    t = tol(dtype)
+    torch.testing.assert_close(got, want, rtol=t["rtol"], atol=t["atol"] * scale, msg=what)
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (scale * torch.randn(*shape, dtype=torch.float64)).to(DEV, dtype)
+
+
+# ----------------------------------------------------------------------------- fused GS apply
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b", BLOCKS)
+def test_gs_apply_forward_backward(b, dtype):
+    r = _r_for(b)
+    d = r * b
+    x = rand(3, 37, d, dtype=dtype)  # 111 tokens: not a multiple of any tile
+    L, R = rand(r, b, b, dtype=dtype, scale=b ** -0.5), rand(r, b, b, dtype=dtype, scale=b ** -0.5)
+    g = rand(3, 37, d, dtype=dtype)
+    Q = gsoft_matrix(np64(L), np64(R))
+    close(cb.gs_apply(x, L, R), np64(x) @ Q.T, dtype, f"gs_apply b={b}")
+    dx, dL, dR = cb.gs_apply_backward(g, x, L, R)
+    _, wL, wR = custom.gs_apply_backward_torch(g.double().cpu(), x.double().cpu(), L.double().cpu(), R.double().cpu())
+    close(dx, np64(g) @ Q, dtype, f"gs_apply dx b={b}")
+    close(dL, wL, dtype, f"gs_apply dL b={b}")
+    close(dR, wR, dtype, f"gs_apply dR b={b}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b", [1, 3, 16, 128])
+def test_gs_chain_and_block_diag_mm(b, dtype):
+    r = _r_for(b)
+    d = r * b
+    x = rand(1, 5, d, dtype=dtype)  # batch 1
+    blocks = [rand(r, b, b, dtype=dtype, scale=b ** -0.5) for _ in range(3)]
+    g = rand(1, 5, d, dtype=dtype)
+    A = gs_chain_matrix([np64(B) for B in blocks])
+    close(cb.gs_chain(x, blocks), np64(x) @ A.T, dtype, "gs_chain")
+    dx, dBs = cb.gs_chain_backward(g, x, blocks)
+    _, wBs = custom.gs_chain_backward_torch(g.double().cpu(), x.double().cpu(), [B.double().cpu() for B in blocks])
+    close(dx, np64(g) @ A, dtype, "gs_chain dx")
+    for j, (a, w) in enumerate(zip(dBs, wBs)):
+        close(a, w, dtype, f"gs_chain dB[{j}]")
+    D = block_diag(np64(blocks[0]))
+    close(cb.block_diag_mm(x, blocks[0]), np64(x) @ D.T, dtype, "block_diag_mm")
+    dx, dB = cb.block_diag_mm_backward(g, x, blocks[0])
+    close(dx, np64(g) @ D, dtype, "block_diag_mm dx")
+
+
+def test_block_gradient_over_many_tokens():
+    """Several token chunks per block (atomic reduction across CUDA blocks)."""
+    r, b = 4, 16
+    x, g = rand(5000, r * b, dtype=torch.float32), rand(5000, r * b, dtype=torch.float32)
+    B = rand(r, b, b, dtype=torch.float32)
+    _, dB = cb.block_diag_mm_backward(g, x, B)
+    want = torch.einsum("nri,nrj->rij", g.double().reshape(-1, r, b), x.double().reshape(-1, r, b))
+    torch.testing.assert_close(dB.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_public_ops_on_the_cuda_backend_match_the_reference(dtype):
+    r, b = 4, 16
+    x = rand(2, 9, r * b, dtype=dtype).requires_grad_()
+    L = rand(r, b, b, dtype=dtype, scale=0.25).requires_grad_()
+    R = rand(r, b, b, dtype=dtype, scale=0.25).requires_grad_()
+    outs = {}
+    for backend in ("cuda", "torch"):
+        with dispatch.use_backend(backend):
+            y = gsops.ops.gs_apply(x, L, R)
+            gx, gL, gR = torch.autograd.grad(y.float().square().sum(), (x, L, R))
+        outs[backend] = (y, gx, gL, gR)
+    for a, w in zip(outs["cuda"], outs["torch"]):
+        close(a, w.double(), dtype, "public gs_apply cuda vs torch")
+
+
+def test_binding_checks_name_the_argument():
+    x = torch.randn(4, 12, device=DEV)
+    B = torch.randn(3, 4, 4, device=DEV)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        _ops.block_diag_perm(x.cpu(), B, 0, 0, False)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        _ops.block_diag_perm(torch.randn(12, 4, device=DEV).t(), B, 0, 0, False)
+    with pytest.raises(RuntimeError, match=r"x.shape\[-1\]=12 must equal r\*b=8"):
+        _ops.block_diag_perm(x, torch.randn(2, 4, 4, device=DEV), 0, 0, False)
+    with pytest.raises(RuntimeError, match="blocks block size b=129"):
+        _ops.block_diag_perm(torch.randn(1, 129, device=DEV), torch.randn(1, 129, 129, device=DEV), 0, 0, False)
+    with pytest.raises(RuntimeError, match="in_mode=3"):
+        _ops.block_diag_perm(x, B, 3, 0, False)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        _ops.block_diag_perm(x.double(), B, 0, 0, False)
+    with pytest.raises(RuntimeError, match="K must have shape"):
+        _ops.cayley_forward(torch.randn(3, 4, 5, device=DEV))
+    with pytest.raises(RuntimeError, match="kernel size .* must be odd"):
+        _ops.conv_exp_forward(torch.randn(1, 4, 5, 5, device=DEV), torch.randn(4, 4, 2, 2, device=DEV), 3, 1, False)
+
+
+def test_opcheck_on_the_registered_ops():
+    x, B = torch.randn(6, 12, device=DEV), torch.randn(3, 4, 4, device=DEV)
+    torch.library.opcheck(_ops.block_diag_perm, (x, B, 1, 2, False), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_ops.block_diag_perm_grad_blocks, (x, x, 3, 4, 1, 2), test_utils=("test_schema", "test_faketensor"))
+    A = torch.randn(5, 8, 8, device=DEV)
+    torch.library.opcheck(_ops.cayley_forward, (A - A.transpose(1, 2),), test_utils=("test_schema", "test_faketensor"))
+    xc, w = torch.randn(1, 4, 5, 5, device=DEV), torch.randn(4, 2, 3, 3, device=DEV)
+    torch.library.opcheck(_ops.conv_exp_forward, (xc, w, 3, 2, False), test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- batched Cayley
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b", BLOCKS)
+def test_cayley_forward_backward(b, dtype):
+    A = torch.randn(2, 3, b, b, dtype=torch.float64)
+    K = ((A - A.transpose(-1, -2)) / b ** 0.5).to(DEV, dtype)
+    Q = cb.cayley_exact(K)
+    Qd = dense_cayley(np64(K))
+    close(Q, Qd, dtype, f"cayley b={b}")
+    Q64 = Q.double()
+    eye = torch.eye(b, dtype=torch.float64, device=DEV)
+    assert float((Q64.transpose(-1, -2) @ Q64 - eye).abs().max()) <= ORTHO_TOL[dtype] * max(1, b / 16)
+    G = rand(2, 3, b, b, dtype=dtype)
+    M = (Qd + np.eye(b)) / 2
+    Mt = np.swapaxes(M, -1, -2)
+    close(cb.cayley_exact_backward(G, Q), 2 * Mt @ np64(G) @ Mt, dtype, f"cayley dK b={b}")
+
+
+def test_cayley_public_op_gradient_matches_reference():
+    A = torch.randn(16, 32, 32, device=DEV) * 0.2
+    K = (A - A.transpose(1, 2)).requires_grad_()
+    outs = {}
+    for backend in ("cuda", "torch"):
+        with dispatch.use_backend(backend):
+            Q = gsops.ops.cayley(K)
+            (gK,) = torch.autograd.grad((Q * torch.arange(32.0, device=DEV)).sum(), K)
+        outs[backend] = (Q, gK)
+    for a, w in zip(outs["cuda"], outs["torch"]):
+        close(a, w.double(), torch.float32, "cayley cuda vs torch")
+
+
+# ----------------------------------------------------------------------------- grouped convolution exponential
+
+CONV_SHAPES = [  # (N, C, H, W, groups, k): fused path (fits shared memory) ...
+    (2, 8, 7, 5, 2, 3), (1, 4, 6, 6, 1, 3), (3, 16, 5, 5, 4, 1), (1, 6, 4, 9, 3, 3),
+    (1, 64, 40, 40, 1, 3),  # ... and the stepped path (3*64*40*40 floats exceed shared memory)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_exp_forward_backward(shape, dtype):
+    N, C, H, W, groups, k = shape
+    terms = 6
+    x64 = torch.randn(N, C, H, W, dtype=torch.float64)
+    M64 = 0.3 * torch.randn(C, C // groups, k, k, dtype=torch.float64) / (C // groups * k * k) ** 0.5
+    L64 = cref.skew_kernel(M64, groups)
+    x = x64.to(DEV, dtype).requires_grad_()
+    L = L64.to(DEV, dtype).requires_grad_()
+    y = cb.conv_exp(x, L, terms, groups)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xd = x.detach().cpu().double().requires_grad_()
+    Ld = L.detach().cpu().double().requires_grad_()
+    yd = cref.conv_exp(xd, Ld, terms, groups)
+    yd.backward(gy.cpu().double())
+    close(y, yd, dtype, "conv_exp")
+    close(x.grad, xd.grad, dtype, "conv_exp dx")
+    close(L.grad, Ld.grad, dtype, "conv_exp dL")
