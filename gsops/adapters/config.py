@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
+import sys
 from typing import Any
 
 from torch import nn
@@ -105,8 +105,11 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown AdapterConfig field(s) {unknown}; known: {sorted(fields)}")
         d = dict(d)
-        if d.get("target_modules") is not None:
-            d["target_modules"] = [_type_from_string(t) if t.startswith("type:") else t for t in d["target_modules"]]
+        targets = d.get("target_modules")
+        if targets is not None:
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise TypeError(f"target_modules must be a list of strings in a config dict, got {targets!r:.200}")
+            d["target_modules"] = [_type_from_string(t) if t.startswith("type:") else t for t in targets]
         return cls(**d)
 
 
@@ -140,12 +143,15 @@ def _normalise_targets(targets):
 
 
 def _type_from_string(s: str):
+    """Resolve ``"type:<module>.<qualname>"`` among already imported modules only: a config never imports code."""
     path = s[len("type:"):]
     module, _, name = path.rpartition(".")
-    try:
-        obj = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise ValueError(f"target_modules: cannot resolve module type {path!r}") from None
+    obj = sys.modules.get(module)
+    if obj is None:
+        raise ValueError(f"target_modules: cannot resolve module type {path!r} (module {module!r} is not imported; "
+                         "a config never imports modules, import it first)")
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"target_modules: cannot resolve module type {path!r}")
     return obj
