@@ -16,8 +16,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Tokens per CUDA block: about 1024 outputs per block (4 per thread), at least 1.
-inline int tokens_per_tile(int b) { return std::max(1, 1024 / b); }
+// Tokens per CUDA block: at least 1024 outputs (4 per thread) and at least 64 tokens, so that
+// the b*b block loaded into shared memory is reused by 64+ tokens (b = 128: 96 KiB of shared memory).
+inline int tokens_per_tile(int b) { return std::max(64, 1024 / b); }
 
 // One CUDA block = one diagonal block k x one tile of `tile` tokens.
 // Shared memory: Bt (b*b, block k transposed, fp32) then xs (tile*b, gathered inputs, fp32).
