@@ -41,7 +41,7 @@ from .timing import Step, median, peak_memory_bytes, saved_activation_bytes, tra
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-GSOPS_ORTHO = ("gsoft", "double_gsoft", "oft", "boft")
+GSOPS_ORTHO = ("gsoft", "gsoft_noscale", "double_gsoft", "oft", "boft")
 # key -> (label, family)
 METHODS = {
     "base": ("frozen base (floor)", "torch"),
@@ -51,6 +51,7 @@ METHODS = {
     "peft_boft": ("PEFT BOFT dense m", "peft"),
     "peft_boft_m2": ("PEFT BOFT m=2", "peft"),
     "gsoft": ("gsops GSOFT", "gsops"),
+    "gsoft_noscale": ("gsops GSOFT without scale s", "gsops"),
     "double_gsoft": ("gsops Double GSOFT", "gsops"),
     "oft": ("gsops OFT", "gsops"),
     "boft": ("gsops BOFT dense m", "gsops"),
@@ -60,7 +61,7 @@ METHODS = {
 ALIASES = {
     "all": list(METHODS),
     "peft": ["lora", "peft_oft", "peft_boft", "peft_boft_m2"],
-    "gsops": ["gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu"],
+    "gsops": ["gsoft", "gsoft_noscale", "double_gsoft", "oft", "boft", "sorsa", "loldu"],
 }
 CSV_FIELDS = [
     "case", "kind", "d", "tokens", "method", "label", "backend", "impl", "note", "status", "block_size", "n_factors",
@@ -118,16 +119,23 @@ def versions() -> dict:
     return out
 
 
-def gsops_backends(device: torch.device) -> list[tuple[str, str]]:
-    """(backend, reason) for every gsops backend that runs gs_apply on ``device``."""
+def gsops_backends(device: torch.device, unavailable: list | None = None) -> list[tuple[str, str]]:
+    """(backend, reason) for every gsops backend that runs gs_apply on ``device``; the others go to ``unavailable``.
+
+    Triton's CPU interpreter is never timed (it measures the interpreter, not a kernel).
+    """
     from gsops import backends
     from gsops.ops import dispatch
 
     found = []
     for name in backends.NAMES:
         ok, reason = dispatch._has(name, "gs_apply", device)
+        if ok and name == "triton" and device.type != "cuda":
+            ok, reason = False, "only the Triton CPU interpreter runs here; its timings mean nothing"
         if ok:
             found.append((name, reason))
+        elif unavailable is not None:
+            unavailable.append((name, reason))
     return found
 
 
@@ -326,7 +334,7 @@ def targets(records: list[dict], d: int = 1024) -> list[dict]:
         return None
 
     out = []
-    gs_rows = [r for r in case if r["method"].startswith("gsoft[")]
+    gs_rows = [r for r in case if r["method"].startswith(("gsoft[", "gsoft_noscale["))]
     boft, oft = get("peft_boft"), get("peft_oft")
     for g in gs_rows:
         out.append(dict(target=f"{g['method']} fwd+bwd <= 1.3x frozen", value=g["ratio_to_base"], limit=1.3,
@@ -504,7 +512,8 @@ def main(argv=None) -> dict:
                                                          opts.conv)
     if opts.tiny and not opts.conv:
         cases = [c for c in cases if c.kind != "conv"]
-    backends = gsops_backends(device)
+    not_run: list = []
+    backends = gsops_backends(device, not_run)
     commit, dirty = git_commit()
     try:
         from tqdm.auto import tqdm
@@ -535,7 +544,8 @@ def main(argv=None) -> dict:
             command=" ".join(["python -m perf.harness"] + list(argv if argv is not None else sys.argv[1:])),
             device=str(device), device_name=device_name(device), dtype=dname, git_commit=commit,
             git_dirty=dirty, versions=versions(), threads=torch.get_num_threads(),
-            gsops_backends=[dict(name=n, reason=r) for n, r in backends], quick=opts.quick,
+            gsops_backends=[dict(name=n, reason=r) for n, r in backends],
+            gsops_backends_not_run=[dict(name=n, reason=r) for n, r in not_run], quick=opts.quick,
             cases=[dict(name=c.name, kind=c.kind, d=c.d, tokens=c.tokens, block_size=c.block_size,
                         input_shape=list(c.input_shape), conv=c.conv) for c in cases],
             timing=dict(rounds=opts.rounds, warmup=opts.warmup, row_seconds=opts.row_seconds,
@@ -555,6 +565,8 @@ def main(argv=None) -> dict:
         print(f"\nperf harness: {device_name(device)} ({device}), {dname}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, commit {commit}{' (dirty)' if dirty else ''}")
         print(format_table(records, device.type == "cuda"))
+        for n, r in not_run:
+            print(f"gsops backend {n}: not run here ({r})")
         print(format_micro(micro))
         tg = targets(records)
         if tg:

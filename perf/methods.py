@@ -186,6 +186,9 @@ def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
     model = _Holder(copy.deepcopy(base))
     kw = {}
     n_factors = None
+    if method == "gsoft_noscale":  # GSOFT without the magnitude scale s (which needs W Q x saved for its gradient)
+        method = "gsoft"
+        kw["scale"] = False
     if method in ("gsoft", "double_gsoft"):
         kw.update(block_size=case.block_size, n_factors=2)
         n_factors = 2
@@ -202,9 +205,24 @@ def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
         res = gsops.apply_(model, cfg)
     model = res if isinstance(res, nn.Module) else model
     orth = method in ("gsoft", "double_gsoft", "oft", "boft")
+    if orth:
+        _check_gsops_factors(model, method, {"gsoft": 2, "double_gsoft": 2, "oft": 1}.get(method, n_factors),
+                             case.block_size)
     return Built(model, impl=f"gsops {gsops.__version__} [{backend}]",
                  block_size=kw.get("block_size"), n_factors=n_factors, orthogonal=orth,
-                 note=f"rank {rank}" if not orth else "")
+                 note=f"rank {rank}" if not orth else ("" if kw.get("scale", True) else "scale=False"))
+
+
+def _check_gsops_factors(model, method, n_stack, block_size) -> None:
+    """Raise unless every stack of Cayley blocks has the requested factor count and block size (read from shapes)."""
+    stacks = [m for m in model.modules() if type(m).__name__ == "CayleyBlocks"]
+    if not stacks:
+        raise RuntimeError(f"gsops {method}: found no CayleyBlocks in the adapted model; cannot check its factors")
+    for st in stacks:
+        shape = tuple(st.params.shape)
+        if shape[0] != n_stack or st.b != block_size:
+            raise RuntimeError(f"gsops {method}: Cayley parameters of shape {shape} (b={st.b}) do not have "
+                               f"the requested {n_stack} factor(s) of block size {block_size}")
 
 
 # ----------------------------------------------------------------------------- density of Q
