@@ -118,3 +118,22 @@ def test_cayley_identity_at_zero():
     with gsops.use_backend("triton"):
         Q = gsops.cayley(K)
     torch.testing.assert_close(Q, torch.eye(4).expand(5, 4, 4), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:cayley\\(method='neumann'")
+def test_largest_block_and_non_contiguous_input():
+    """b = 128 (the largest block the kernels target); K given as a transposed (non-contiguous) view."""
+    b = 128
+    K = _skew((1,), b, scale=0.05)
+    Kt = K.transpose(-1, -2)  # = -K, skew, non-contiguous
+    assert not Kt.is_contiguous()
+    G = torch.randn(1, b, b, dtype=torch.float64)
+    Kl = Kt.detach().requires_grad_()  # still the non-contiguous view
+    with gsops.use_backend("triton"):
+        Q = gsops.cayley(Kl)
+        Q.backward(G)
+        Qn = gsops.cayley(0.5 * Kt.to(torch.bfloat16), method="neumann", terms=6)
+    torch.testing.assert_close(Q.detach(), torch.from_numpy(dense_cayley(np64(Kt))), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(Kl.grad, _numpy_grad(Kt, G), rtol=1e-10, atol=1e-10)
+    assert Qn.dtype == torch.bfloat16
+    torch.testing.assert_close(Qn.double(), _neumann_numpy(0.5 * Kt.to(torch.bfloat16), 6), **tol(torch.bfloat16))

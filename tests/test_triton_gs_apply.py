@@ -212,8 +212,21 @@ def test_one_launch_fused_gpu_heuristics(monkeypatch):
     import triton_kernels.gs_apply as kernels
 
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    r, b, n = 32, 16, 300  # 5 token tiles x 2 super groups = 10 items on 4 programs, 4 iterations each
+    r, b, n = 32, 16, 150  # 3 token tiles x 2 super groups = 6 items on 4 programs, 2 iterations (2 dead)
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(kernels.gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b,r", [(64, 2), (128, 1)])
+def test_large_blocks(b, r):
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(3, r * b, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(x, L, R)
+    y.backward(g)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(x.grad, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
