@@ -1,10 +1,18 @@
 // Fused block-diagonal x permutation: y = P^out diag(B_1..B_r) P^in x, row by row.
 //
+// Two paths for the forward/input-backward product: fp32 FMAs from shared memory
+// (every dtype, every b), and tensor cores (WMMA 16x16x16, fp32 accumulation)
+// for fp16/bf16 with b % 16 == 0 on sm_80+, the blocks rounded to the input
+// dtype. GSOPS_CUDA_NO_MMA=1 forces the FMA path.
+//
 // Forward, input backward (same kernel: transposed blocks, inverse permutations,
 // STYLE habit 6) and block gradient (per-block reduction over tokens). The
 // permutation is index arithmetic on the loads/stores (index.cuh), never a copy.
 // Torch-free: compiles with `nvcc -arch=sm_90 -c csrc/gs_apply.cu` (no include flags needed).
+#include <mma.h>
+
 #include <algorithm>
+#include <cstdlib>
 
 #include "include/gsops/block_math.cuh"
 #include "include/gsops/dtype.cuh"
@@ -64,6 +72,74 @@ __global__ void block_grad_kernel(const T* __restrict__ dy, const T* __restrict_
   for (int e = threadIdx.x; e < bb; e += blockDim.x) atomicAdd(&dB[(int64_t)k * bb + e], acc[e]);
 }
 
+// ---- tensor-core path (fp16 / bf16, b % 16 == 0) -------------------------------
+constexpr int kMmaTile = 64;    // tokens per CUDA block
+constexpr int kMmaWarps = 4;
+
+// One CUDA block = diagonal block k x kMmaTile tokens. Y (tile x b) = X (tile x b) B_eff^T.
+// Shared memory: Bs (b*b, T, row-major B_eff), xs (tile*b, T, gathered inputs), ys (tile*b, fp32 results).
+template <typename T>
+__global__ void block_diag_perm_mma_kernel(const T* __restrict__ x, const float* __restrict__ blocks,
+                                           T* __restrict__ y, int64_t n_tokens, int r, int b, int in_mode,
+                                           int out_mode, bool transpose_blocks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  extern __shared__ __align__(128) unsigned char smem_mma[];  // WMMA pointers need 32-byte alignment
+  float* ys = reinterpret_cast<float*>(smem_mma);
+  T* Bs = reinterpret_cast<T*>(ys + kMmaTile * b);
+  T* xs = Bs + b * b;
+  const int k = blockIdx.x % r;
+  const int64_t t0 = (int64_t)(blockIdx.x / r) * kMmaTile;
+  const int64_t d = (int64_t)r * b;
+  for (int e = threadIdx.x; e < b * b; e += blockDim.x) {
+    Bs[e] = from_float<T>(blocks[block_entry(k, e / b, e % b, b, transpose_blocks)]);
+  }
+  for (int e = threadIdx.x; e < kMmaTile * b; e += blockDim.x) {
+    const int64_t t = t0 + e / b;
+    xs[e] = t < n_tokens ? x[t * d + gather_index(in_mode, (int64_t)k * b + e % b, r, b)] : from_float<T>(0.f);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  const int tiles_n = b / 16;
+  for (int tile = warp; tile < (kMmaTile / 16) * tiles_n; tile += kMmaWarps) {
+    const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int k0 = 0; k0 < b; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;  // X[m0.., k0..], ld b
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B_eff^T[k0.., n0..] = Bs[n*b + k]
+      wmma::load_matrix_sync(fa, xs + m0 * b + k0, b);
+      wmma::load_matrix_sync(fb, Bs + n0 * b + k0, b);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(ys + m0 * b + n0, acc, b, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kMmaTile * b; e += blockDim.x) {
+    const int64_t t = t0 + e / b;
+    if (t < n_tokens) y[t * d + scatter_index(out_mode, (int64_t)k * b + e % b, r, b)] = from_float<T>(ys[e]);
+  }
+#else
+  __trap();  // the launcher only picks this kernel on sm_80+
+#endif
+}
+
+template <typename T> constexpr bool has_mma() { return false; }
+template <> constexpr bool has_mma<__half>() { return true; }
+template <> constexpr bool has_mma<__nv_bfloat16>() { return true; }
+
+bool mma_enabled(int b) {
+  static const bool disabled = [] {
+    const char* v = std::getenv("GSOPS_CUDA_NO_MMA");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  if (disabled || b % 16 != 0) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
 bool valid_modes(int in_mode, int out_mode) {
   return in_mode >= PERM_NONE && in_mode <= PERM_PT && out_mode >= PERM_NONE && out_mode <= PERM_PT;
 }
@@ -80,6 +156,18 @@ cudaError_t block_diag_perm(DType dt, const void* x, const float* blocks, void* 
   const size_t smem = sizeof(float) * ((size_t)b * b + (size_t)tile * b);
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (has_mma<T>()) {
+      if (mma_enabled(b)) {
+        auto kernel = block_diag_perm_mma_kernel<T>;
+        const size_t smem_mma = sizeof(float) * kMmaTile * b + sizeof(T) * ((size_t)b * b + (size_t)kMmaTile * b);
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_mma);
+        if (err != cudaSuccess) return err;
+        const int64_t grid_mma = ceil_div(n_tokens, kMmaTile) * r;
+        kernel<<<(unsigned)grid_mma, kMmaWarps * 32, smem_mma, stream>>>(
+            static_cast<const T*>(x), blocks, static_cast<T*>(y), n_tokens, r, b, in_mode, out_mode, transpose_blocks);
+        return cudaGetLastError();
+      }
+    }
     auto kernel = block_diag_perm_kernel<T>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;

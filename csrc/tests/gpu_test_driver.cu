@@ -246,8 +246,13 @@ int main() {
   std::printf("gsops GPU test driver on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   const int shapes[][3] = {{3, 1, 37}, {4, 2, 19}, {5, 3, 33}, {2, 8, 65}, {4, 16, 70}, {3, 32, 40}, {2, 64, 17}, {2, 128, 9}};
   for (auto& sh : shapes) test_gs<float>(DType::F32, sh[0], sh[1], sh[2], 1e-5);
+  // fp16/bf16 with b % 16 == 0 take the tensor-core path (unless GSOPS_CUDA_NO_MMA=1), the others the FMA path
   test_gs<__half>(DType::F16, 4, 16, 70, 5e-3);
+  test_gs<__half>(DType::F16, 3, 64, 130, 5e-3);
+  test_gs<__half>(DType::F16, 5, 3, 33, 5e-3);
   test_gs<__nv_bfloat16>(DType::BF16, 3, 32, 40, 3e-2);
+  test_gs<__nv_bfloat16>(DType::BF16, 2, 128, 100, 3e-2);
+  test_gs<__nv_bfloat16>(DType::BF16, 4, 8, 65, 3e-2);
   test_gs<float>(DType::F32, 2, 8, 1200, 1e-5);  // several grad chunks per block
   for (int b : {1, 2, 3, 8, 16, 32, 64, 128}) test_cayley(b, 5);
   test_conv({2, 8, 6, 7, 2, 3, 3}, 5);
