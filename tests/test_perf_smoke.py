@@ -7,10 +7,12 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
-from perf import harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # perf/ lives at the repo root, beside tests/
+from perf import harness  # noqa: E402
 
 peft = pytest.importorskip("peft", reason="the harness's PEFT baselines need peft (a dev requirement)")
 
