@@ -225,8 +225,7 @@ def _num_warps(tile: int) -> int:
     return 8 if tile >= 128 else 4
 
 
-def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpose: bool = False,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpose: bool = False) -> torch.Tensor:
     """``P_store^T · diag(B or B^T) · P_load x`` on the last dim (see the module docstring).
 
     ``x`` may be non-contiguous (strides are passed to the kernel); the result
@@ -237,7 +236,7 @@ def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpos
     lead = x.shape[:-1]
     x2 = _as_2d(x)
     n_tok = x2.shape[0]
-    y2 = torch.empty((n_tok, d), dtype=x.dtype, device=x.device) if out is None else out
+    y2 = torch.empty((n_tok, d), dtype=x.dtype, device=x.device)
     if n_tok == 0:
         return y2.reshape(*lead, d)
     Bc = B.contiguous()
@@ -310,19 +309,21 @@ def _layouts(n_steps: int, apply: bool):
     return lay
 
 
-def _forward(x, blocks, apply):
+def _forward(x, blocks, apply, keep=False):
+    """The chain's output, or with ``keep`` the input of every step followed by the output."""
     lay = _layouts(len(blocks), apply)
     acts = [x]
     for B, (ld, st) in zip(blocks, lay):
-        acts.append(block_step(acts[-1], B, ld, st))
-    return acts
+        y = block_step(acts[-1], B, ld, st)
+        acts = acts + [y] if keep else [y]
+    return acts if keep else acts[-1]
 
 
 def _backward(grad, x, blocks, apply):
     """Gradients of the chain: input gradient by transposed steps, block gradients by token reductions."""
     r, b, _ = blocks[0].shape
     lay = _layouts(len(blocks), apply)
-    acts = _forward(x, blocks[:-1], False) if len(blocks) > 1 else [x]  # recompute step inputs
+    acts = _forward(x, blocks[:-1], False, keep=True)  # recompute the step inputs
     grads = [None] * len(blocks)
     g = grad
     for j in range(len(blocks) - 1, -1, -1):
@@ -343,7 +344,7 @@ def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor)
 
 def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
     """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads."""
-    return _forward(x, list(blocks), False)[-1]
+    return _forward(x, list(blocks), False)
 
 
 def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
@@ -352,7 +353,7 @@ def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
 
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``P^T L P R x``: two fused steps, P in the second step's loads and P^T in its stores."""
-    return _forward(x, [R, L], True)[-1]
+    return _forward(x, [R, L], True)
 
 
 def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
