@@ -142,6 +142,18 @@ def test_socconv_jacobian_orthogonal(channels, groups, k, stride, hw):
         assert (A + A.T).abs().max().item() < 1e-12
 
 
+def test_socconv_exact_1x1_is_matrix_exp_of_skew_kernel():
+    layer = gsops.SOCConv2d(8, 1, 4, exact=True, bias=False).double()
+    x = torch.randn(2, 8, 3, 2, dtype=D)
+    E = torch.linalg.matrix_exp(dense_conv(layer.skew_kernel().detach(), 3, 2, 4))
+    for mode in (layer.train, layer.eval):  # exact in training too: no series, no truncation
+        mode()
+        torch.testing.assert_close(layer(x).detach().reshape(2, -1).T, E @ x.reshape(2, -1).T, **tol(D))
+    assert ortho_err(E) < ORTHO_TOL[D]
+    with pytest.raises(ValueError, match="exact=True needs kernel_size=1"):
+        gsops.SOCConv2d(8, 3, exact=True)
+
+
 def test_socconv_norm_preservation_and_training_series():
     layer = gsops.SOCConv2d(8, 3, 2, train_terms=6, eval_terms=30, bias=False).double()
     x = torch.randn(5, 8, 6, 7, dtype=D)

@@ -101,7 +101,9 @@ class SOCConv2d(nn.Module):
     ``max(in, out)``, and ``L = c * (M - ConvTranspose(M)) / sigma`` with SOC's
     power-iteration bound ``sigma`` and correction ``c`` (0.7 for k > 1). The
     exponential is the Taylor series with ``train_terms`` / ``eval_terms``
-    convolutions; a 1x1 kernel uses the exact matrix exponential instead. With
+    convolutions. ``exact=True`` (1x1 kernels only) uses the exact matrix
+    exponential of the block-diagonal channel matrix instead (no normalisation,
+    no series): GSSOC's second exponential. With
     ``out_channels == channels * stride**2`` (the default) the Jacobian is
     orthogonal; otherwise the layer is 1-Lipschitz.
     Parameters: ``M`` of shape (work, work/groups, k, k) and a bias of ``out_channels``.
@@ -110,7 +112,7 @@ class SOCConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, groups: int = 1, train_terms: int = 5,
                  eval_terms: int = 12, *, out_channels: int | None = None, stride: int = 1, bias: bool = True,
                  correction: float | None = None, init_iters: int = 50, update_iters: int = 1,
-                 update_freq: int = 200):
+                 update_freq: int = 200, exact: bool = False):
         super().__init__()
         self.channels = check_int("channels", channels)
         self.kernel_size = check_int("kernel_size", kernel_size)
@@ -136,8 +138,9 @@ class SOCConv2d(nn.Module):
         c = self.work // self.groups
         self.weight = nn.Parameter(torch.empty(self.work, c, self.kernel_size, self.kernel_size))
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
-        self.exact = self.kernel_size == 1
-        self._n_vec = 0 if self.exact else 4
+        self.exact = bool(exact)
+        if self.exact and self.kernel_size != 1:
+            raise ValueError(f"exact=True needs kernel_size=1 (a matrix exponential), got kernel_size={kernel_size}")
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
@@ -254,7 +257,7 @@ class GSSOC(nn.Module):
             self.conv2 = None
         else:
             self.shuffle2 = ChShuffle(self.out_channels, g2, paired) if g2 > 1 else nn.Identity()
-            self.conv2 = SOCConv2d(self.out_channels, 1, g2, train_terms, eval_terms, bias=bias)
+            self.conv2 = SOCConv2d(self.out_channels, 1, g2, train_terms, eval_terms, bias=bias, exact=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c1 = self.conv1
