@@ -230,3 +230,19 @@ def test_large_blocks(b, r):
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(x.grad, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
+
+
+def test_one_launch_switch_routes_gs_apply(monkeypatch):
+    import triton_kernels.gs_apply as kernels
+
+    calls = []
+    real = kernels.gs_apply_fused
+    monkeypatch.setattr(kernels, "gs_apply_fused", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("GSOPS_TRITON_ONE_LAUNCH", "1")
+    r, b = 2, 16
+    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    x = torch.randn(4, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(x, L, R)
+    assert calls == [1]
+    torch.testing.assert_close(y, _dense_apply(gsoft_matrix(np64(L), np64(R)), x), rtol=1e-12, atol=1e-12)

@@ -23,8 +23,8 @@ intermediate ``R x`` instead of saving it (activation memory).
 
 ``gs_apply`` launches two steps (the intermediate ``R x`` makes one round trip
 through memory).  :func:`gs_apply_fused` does GSOFT in one launch, keeping the
-intermediate in a per-program slab sized for L2; it is opt-in until timed on a
-GPU (``perf/bench_triton_kernels.py``).
+intermediate in a per-program slab sized for L2; it is opt-in
+(``GSOPS_TRITON_ONE_LAUNCH=1``) until timed on a GPU (``perf/bench_triton_kernels.py``).
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -351,8 +351,15 @@ def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
     return _backward(grad, x, list(blocks), False)
 
 
+def _use_one_launch(b: int) -> bool:
+    """``GSOPS_TRITON_ONE_LAUNCH=1`` routes GSOFT forwards with ``b >= 16`` to :func:`gs_apply_fused`."""
+    return b >= 16 and os.environ.get("GSOPS_TRITON_ONE_LAUNCH", "0") not in ("", "0")
+
+
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``P^T L P R x``: two fused steps, P in the second step's loads and P^T in its stores."""
+    if _use_one_launch(R.shape[1]):
+        return gs_apply_fused(x, L, R)
     return _forward(x, [R, L], True)
 
 
