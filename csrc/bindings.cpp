@@ -162,6 +162,7 @@ gsops::ConvShape check_conv(const Tensor& x, const Tensor& weight, int64_t group
   check_same_device("x", x, "weight", weight);
   TORCH_CHECK(x.dim() == 4, "x must have shape (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4, "weight must have shape (C, C/groups, kh, kw), got ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "weight must be a floating tensor, got ", weight.scalar_type());
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, "groups=", groups, " must be >= 1 and divide x.shape[1]=",
               x.size(1));
   TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == x.size(1) / groups, "weight must have shape (C, C/groups, kh, kw) = (",
