@@ -143,3 +143,27 @@ def test_torch_compile_matches_eager(backend):
     torch.testing.assert_close(compiled, eager, **tol(torch.float32))
     for a, c in zip(cleaves, leaves):
         torch.testing.assert_close(a.grad, c.grad, **tol(torch.float32))
+
+
+def test_compiled_function_follows_a_backend_switch(monkeypatch):
+    """torch.compile bakes the chosen backend into its graph; its guards must notice a switch
+    (use_backend or GSOPS_BACKEND) so a compiled function never silently keeps the old backend."""
+    _available("triton")
+    calls = []
+    real = dispatch.impl("gs_apply", "triton")
+    monkeypatch.setitem(dispatch._IMPLS["gs_apply"], "triton", lambda *a: calls.append(1) or real(*a))
+    x, L, R = torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, L, R: gsops.gs_apply(x, L, R) * 2, backend="aot_eager")
+    with gsops.use_backend("torch"):
+        a = compiled(x, L, R)
+    assert calls == []
+    with gsops.use_backend("triton"):
+        b = compiled(x, L, R)
+    assert calls == [1]
+    monkeypatch.setenv("GSOPS_BACKEND", "torch")
+    compiled(x, L, R)
+    monkeypatch.setenv("GSOPS_BACKEND", "triton")
+    compiled(x, L, R)
+    assert calls == [1, 1]
+    torch.testing.assert_close(a, b, **tol(torch.float32))
