@@ -289,7 +289,8 @@ def write(args, rows, base_rows, params):
     axes[0].axvline(br[0], color="k", ls="--", lw=1, label="before fine-tuning")
     axes[0].set_xlabel("rotated-digits test accuracy")
     axes[0].invert_yaxis()
-    axes[0].legend(loc="lower right")
+    axes[0].set_xlim(0, 1.3)
+    axes[0].legend(loc="upper right")
     for name, r in rows.items():
         if r["loss"]:
             curve = np.mean(np.array(r["loss"]), axis=0)
