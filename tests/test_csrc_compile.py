@@ -5,7 +5,7 @@
 * the host test (``csrc/tests/host_logic_test.cpp``) runs the ``__host__ __device__``
   index arithmetic, tiled block-diagonal x permutation, Gauss-Jordan Cayley steps and
   grouped-convolution pieces the kernels run, against dense double oracles;
-* the GPU test driver runs: on a machine without a GPU it says so and exits 0;
+* the GPU test driver and the GPU bench run: on a machine without a GPU they say so and exit 0;
 * ``csrc/bindings.cpp`` parses against the installed torch headers (``g++ -fsyntax-only``).
 
 All compilations start at once (one fixture) so the module takes about one
@@ -145,7 +145,7 @@ def test_broken_source_fails_to_compile(builds):
 def test_cmake_builds_kernels_driver_and_host_test(builds):
     job = builds["cmake"].wait()
     assert job.returncode == 0, f"CMake build failed:\n{job.output}"
-    for target in ("gsops_host_test", "gsops_gpu_test", "libgsops_kernels.a"):
+    for target in ("gsops_host_test", "gsops_gpu_test", "gsops_gpu_bench", "libgsops_kernels.a"):
         assert (job.build / target).exists(), f"CMake did not produce {target}:\n{job.output}"
 
 
@@ -166,6 +166,14 @@ def test_gpu_driver_runs_or_says_no_gpu(builds):
     res = subprocess.run([str(job.build / "gsops_gpu_test")], capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no CUDA device" in res.stdout or " 0 failures" in res.stdout, res.stdout
+
+
+@needs_cmake
+def test_gpu_bench_runs_or_says_no_gpu(builds):
+    job = builds["cmake"].wait()
+    assert job.returncode == 0, f"CMake build failed:\n{job.output}"
+    res = subprocess.run([str(job.build / "gsops_gpu_bench")], capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_bindings_parse_against_torch_headers(builds):
