@@ -27,3 +27,14 @@ def tol(dtype: torch.dtype) -> dict:
     """``dict(rtol=..., atol=...)`` for ``torch.testing.assert_close``."""
     rtol, atol = TOL[dtype]
     return {"rtol": rtol, "atol": atol}
+
+# Bound on the drift of a base weight after 100 merge/unmerge cycles, as
+# max|W_100 - W_0| / max|W_0| (a few units of the dtype's rounding: merging
+# and unmerging are computed in float64 and rounded once each; the drift
+# saturates instead of growing with the number of cycles).
+MERGE_DRIFT_TOL = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-6,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}

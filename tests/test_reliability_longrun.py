@@ -1,0 +1,210 @@
+"""Long-run stability of the orthogonal adapters (issue 10).
+
+* 1000 Adam steps (lr 0.05, enough for the skew parameters to grow to norm ~5) on GSOFT, OFT and
+  BOFT layers, in float32 and under CPU bfloat16 autocast: ||Q^T Q - I||_max stays below
+  ORTHO_TOL[float32] for the Q built from the float32 parameters, and below ORTHO_TOL[bfloat16] for
+  the Q as applied under autocast, at every check (every 100 steps).
+* The exact Cayley path stays finite and orthogonal when the skew blocks have norms up to 1e3.
+* Cayley–Neumann breaks down where SPEC says (||K||_2 >= 1): shown against a numpy float64 series,
+  gsops.cayley refuses there, and an adapter with cayley="neumann" whose parameters grow raises
+  (naming the layer) before its Q loses orthogonality.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gsops import cayley as gs_cayley
+from gsops import ops
+from gsops.nn.adapters import OrthogonalAdapter
+from gsops.reference import cayley_neumann as ref_neumann
+from gsops.tolerances import ORTHO_TOL
+
+from dense import cayley as np_cayley
+
+D, BLOCK, STEPS, LR = 16, 4, 1000, 0.05
+
+
+def ortho_err(Q):
+    Q = Q.detach().to(torch.float64)
+    return float((Q.T @ Q - torch.eye(Q.shape[0], dtype=torch.float64)).abs().max())
+
+
+def _autocast_works():
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = nn.Linear(4, 4)(torch.randn(2, 4))
+        return y.dtype == torch.bfloat16
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _trainable(layer):
+    return [p for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+
+
+@pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
+@pytest.mark.parametrize("method", ["gsoft", "oft", "boft"])
+def test_thousand_adam_steps_stay_orthogonal(method, mode):
+    autocast = mode == "bf16_autocast"
+    if autocast and not _autocast_works():
+        pytest.skip("bfloat16 autocast does not run on this CPU build")
+    torch.manual_seed(0)
+    base = nn.Linear(D, D).requires_grad_(False)
+    layer = OrthogonalAdapter(base, method=method, block_size=BLOCK, n_factors=2, name=f"{method}.fc")
+    opt = torch.optim.Adam(_trainable(layer), lr=LR)
+    X, T = torch.randn(64, D), 3 * torch.randn(64, D)  # an unreachable target: the parameters keep moving
+    worst_master, worst_applied, first = 0.0, 0.0, None
+    for step in range(STEPS):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(X)
+        loss = (y.float() - T).square().mean()
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 99:
+            with torch.no_grad():
+                worst_master = max(worst_master, ortho_err(layer.rotation.dense(torch.float32)))
+                if autocast:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        worst_applied = max(worst_applied, ortho_err(layer.rotation.dense(torch.float32)))
+    params = layer.rotation.factors.params.detach()
+    assert torch.isfinite(params).all() and torch.isfinite(loss)
+    assert float(params.norm()) > 2.0, "the learning rate did not move the parameters"
+    assert float(loss) < first
+    assert worst_master < ORTHO_TOL[torch.float32], (method, mode, worst_master)
+    if autocast:
+        assert worst_applied < ORTHO_TOL[torch.bfloat16], (method, worst_applied)
+    print(f"{method} {mode}: max ||Q^T Q - I||_max master={worst_master:.2e} applied={worst_applied:.2e} "
+          f"|params|={float(params.norm()):.2f}")
+
+
+def _set_block_norms(layer, norm, seed=0):
+    """Every skew block K = A - A^T (packed) gets Frobenius norm ``norm``."""
+    g = torch.Generator().manual_seed(seed)
+    for rot in (layer.rotation, layer.rotation_out):
+        if rot is None:
+            continue
+        p = rot.factors.params
+        v = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        v = v / v.norm(dim=-1, keepdim=True) * norm / 2 ** 0.5  # ||K||_F^2 = 2 ||packed||^2
+        with torch.no_grad():
+            p.copy_(v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gsoft", "oft", "boft"])
+def test_exact_cayley_finite_for_large_skew_norms(method, dtype):
+    for norm in (1.0, 10.0, 100.0, 1000.0):
+        layer = OrthogonalAdapter(nn.Linear(D, D).to(dtype).requires_grad_(False), method=method, block_size=BLOCK)
+        _set_block_norms(layer, norm)
+        Q = layer.rotation.dense(dtype)
+        assert torch.isfinite(Q).all()
+        assert ortho_err(Q) < ORTHO_TOL[dtype], (norm, ortho_err(Q))
+        # the blocks are the float64 Cayley transform of the same K (numpy oracle), to the dtype's accuracy
+        K = layer.rotation.factors.skew_matrices(torch.float64).detach().numpy()
+        C = layer.rotation.factors(torch.float32).detach().to(torch.float64).numpy()
+        want = np.stack([[np_cayley(K[i, j]) for j in range(K.shape[1])] for i in range(K.shape[0])])
+        assert np.abs(C - want).max() < 1e-4, (norm, np.abs(C - want).max())
+        opt = torch.optim.Adam(_trainable(layer), lr=1.0)
+        x = torch.randn(8, D, dtype=dtype)
+        for _ in range(3):
+            loss = layer(x).float().square().mean()
+            opt.zero_grad()
+            loss.backward()
+            for p in _trainable(layer):
+                assert torch.isfinite(p.grad).all(), (norm, method)
+            opt.step()
+        assert torch.isfinite(layer(x)).all()
+        assert ortho_err(layer.rotation.dense(dtype)) < ORTHO_TOL[dtype]
+
+
+def _skew_with_norm(norm, b=4, r=3, seed=0):
+    """Random skew blocks scaled so that the largest has ||K||_2 = norm exactly (numpy float64)."""
+    A = np.random.default_rng(seed).standard_normal((r, b, b))
+    K = A - np.swapaxes(A, -1, -2)
+    top = max(np.linalg.norm(k, 2) for k in K)
+    return K * (norm / top)
+
+
+def _np_neumann(K, terms):
+    eye = np.eye(K.shape[-1])
+    M, P = eye.copy(), eye.copy()
+    for _ in range(terms):
+        P = P @ K
+        M = M + P
+    return 2 * M - eye
+
+
+@pytest.mark.parametrize("terms", [3, 5, 8])
+def test_neumann_breaks_down_where_spec_says(terms):
+    dists = []
+    for norm in (0.1, 0.5, 0.9, 0.99, 1.0, 1.5):
+        K = _skew_with_norm(norm)
+        Kt = torch.from_numpy(K)
+        exact = np.stack([np_cayley(k) for k in K])
+        series = np.stack([_np_neumann(k, terms) for k in K])
+        got = ref_neumann(Kt, terms).numpy()  # the unchecked reference series equals the numpy series
+        np.testing.assert_allclose(got, series, rtol=1e-12, atol=1e-12)
+        dist = max(np.linalg.norm(series[i] - exact[i], 2) for i in range(len(K)))
+        orth = max(np.abs(s.T @ s - np.eye(4)).max() for s in series)
+        dists.append(dist)
+        torch.testing.assert_close(gs_cayley(Kt, method="exact"), torch.from_numpy(exact), rtol=1e-10, atol=1e-10)
+        if norm < 1:
+            bound = 2 * norm ** (terms + 1) / (1 - norm)  # SPEC / OFTv2: valid only while ||K|| < 1
+            assert dist <= bound * (1 + 1e-9), (norm, dist, bound)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the op's one-time "error up to ..." warning
+                torch.testing.assert_close(gs_cayley(Kt, method="neumann", terms=terms), torch.from_numpy(series))
+        else:
+            # at ||K||_2 >= 1 the series is no longer the Cayley transform (the top eigen-pair's partial
+            # sums circle or grow: distance >= sqrt(2) at norm 1) and, past 1, not orthogonal either ...
+            assert dist > 1.0, (norm, dist)
+            if norm > 1:
+                assert orth > 0.5, (norm, orth)
+            # ... and gsops refuses instead of returning it
+            with pytest.raises(ValueError, match=r"neumann.*\|\|K\|\|_2 < 1"):
+                gs_cayley(Kt, method="neumann", terms=terms)
+    assert dists == sorted(dists), "the series' distance to the Cayley transform must grow with ||K||"
+
+
+def test_neumann_adapter_refuses_instead_of_losing_orthogonality():
+    torch.manual_seed(0)
+    base = nn.Linear(D, D, dtype=torch.float64).requires_grad_(False)
+    layer = OrthogonalAdapter(base, method="gsoft", block_size=BLOCK, cayley="neumann", neumann_terms=5,
+                              name="encoder.q")
+    opt = torch.optim.Adam(_trainable(layer), lr=0.005)  # slow enough to train a while before refusing
+    X, T = torch.randn(64, D, dtype=torch.float64), 3 * torch.randn(64, D, dtype=torch.float64)
+    # ||Q_t - Q||_2 <= eps = NEUMANN_WARN_ERROR while the adapter runs, so ||Q_t^T Q_t - I|| <= 2 eps + eps^2
+    allowed = 2 * ops.NEUMANN_WARN_ERROR + ops.NEUMANN_WARN_ERROR ** 2
+    worst, refused_at = 0.0, None
+    for step in range(STEPS):
+        try:
+            y = layer(X)
+        except ValueError as e:
+            msg = str(e)
+            assert "encoder.q.rotation" in msg and "neumann" in msg and "cayley='exact'" in msg, msg
+            refused_at = step
+            break
+        with torch.no_grad():
+            worst = max(worst, ortho_err(layer.rotation.dense(torch.float64)))
+        loss = (y - T).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert refused_at is not None, "the Neumann adapter kept training while its parameters grew"
+    assert refused_at >= 10, "refused before training moved (check the threshold)"
+    assert worst <= allowed, (worst, allowed)
+    norm, bound = layer.rotation.factors.neumann_bound()
+    assert bound > ops.NEUMANN_WARN_ERROR and norm < 1  # refused early: well before the series diverges
+    # the true (exact-Cayley) Q of these parameters is fine: switching to exact continues the run
+    with pytest.raises(ValueError, match="encoder.q.rotation"):
+        layer.merge()
+    assert not layer.merged
+    layer.rotation.factors.cayley = "exact"
+    assert ortho_err(layer.rotation.dense(torch.float64)) < ORTHO_TOL[torch.float64]
+    print(f"neumann adapter refused at step {refused_at} (||K||_2 = {norm:.3f}, bound {bound:.2e}); "
+          f"max ||Q^T Q - I|| before = {worst:.2e}")
