@@ -20,7 +20,6 @@ from torch import nn
 from ..checks import check_divides, check_int, check_tensor
 from ..ops import conv_exp as cops
 from ..perm import invert, paired_perm, perm
-from ..reference import conv_exp as cref
 
 __all__ = ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "MaxMin"]
 
@@ -152,9 +151,9 @@ class SOCConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         if not self.exact:
             with torch.no_grad():
-                L = cref.skew_kernel(self.weight, self.groups)
-                us, vs = cref.power_iteration_vectors(L, self.groups)
-                cref.power_iterate(L, self.groups, us, vs, self.init_iters)
+                L = cops.skew_kernel(self.weight, self.groups)
+                us, vs = cops.power_iteration_vectors(L, self.groups)
+                cops.power_iterate(L, self.groups, us, vs, self.init_iters)
             for i in range(4):
                 self.register_buffer(f"pi_u{i}", us[i])
                 self.register_buffer(f"pi_v{i}", vs[i])
@@ -175,9 +174,9 @@ class SOCConv2d(nn.Module):
         us, vs = self._vectors()
         if self.training:
             iters = self.init_iters if int(self.steps) % self.update_freq == 0 else self.update_iters
-            cref.power_iterate(L, self.groups, us, vs, iters)
+            cops.power_iterate(L, self.groups, us, vs, iters)
             self.steps += 1
-        sigma = cref.spectral_bound(L, self.groups, us, vs)
+        sigma = cops.spectral_bound(L, self.groups, us, vs)
         return (self.correction / sigma) * L
 
     def terms(self) -> int:
@@ -191,7 +190,7 @@ class SOCConv2d(nn.Module):
         if self.stride > 1:
             for name, size in (("x.shape[2]", x.shape[2]), ("x.shape[3]", x.shape[3])):
                 check_divides("stride", self.stride, name, size)
-            x = cref.space_to_depth(x, self.stride)
+            x = cops.space_to_depth(x, self.stride)
         if self.work > self.in_work:
             x = torch.cat((x, x.new_zeros(x.shape[0], self.work - self.in_work, *x.shape[2:])), dim=1)
         return x

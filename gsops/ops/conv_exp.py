@@ -16,6 +16,14 @@ from . import dispatch
 
 __all__ = ["skew_kernel", "conv_transpose_kernel", "conv_exp", "conv_exp_1x1"]
 
+# Unchecked helpers the layers use on their own (already valid) parameters: SOC's
+# power-iteration spectral bound and space-to-depth. Re-exported so that nn/ only
+# talks to ops/.
+power_iteration_vectors = ref.power_iteration_vectors
+power_iterate = ref.power_iterate
+spectral_bound = ref.spectral_bound
+space_to_depth = ref.space_to_depth
+
 
 def _check_kernel(name: str, K, groups: int) -> torch.Tensor:
     check_tensor(name, K, dim=4)
