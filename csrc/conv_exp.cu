@@ -47,13 +47,7 @@ __global__ void conv_exp_fused_kernel(const T* __restrict__ x, const float* __re
   for (int e = threadIdx.x; e < m; e += blockDim.x) acc[e] = cur[e] = to_float(x[off + e]);
   __syncthreads();
   for (int t = 1; t <= terms; ++t) {
-    const float inv = 1.f / (float)t;
-    for (int e = threadIdx.x; e < m; e += blockDim.x) {
-      const int o = e / (H * W), h = (e / W) % H, xx = e % W;
-      const float v = conv_entry(cur, w, cg, H, W, kh, kw, g, o, h, xx, adjoint) * inv;
-      nxt[e] = v;
-      acc[e] += v;
-    }
+    conv_exp_term(cur, nxt, acc, w, cg, H, W, kh, kw, g, t, adjoint, threadIdx.x, blockDim.x);
     __syncthreads();
     float* tmp = cur;
     cur = nxt;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../include/gsops/block_math.cuh"
@@ -332,6 +333,31 @@ static std::vector<float> kernel_conv(const Conv& s, const std::vector<float>& x
   return y;
 }
 
+// The fused kernel on every (sample, group) slice: conv_exp_term phases with `nth` emulated threads
+// (forward or reverse order), cur/nxt swapped after each barrier as in conv_exp_fused_kernel.
+static std::vector<float> emulate_fused_conv_exp(const Conv& s, const std::vector<float>& x,
+                                                 const std::vector<float>& w, int terms, bool adjoint, int nth,
+                                                 bool reverse) {
+  const int cg = s.C / s.groups, m = cg * s.H * s.W;
+  std::vector<float> y(x.size());
+  std::vector<float> buf(3 * (size_t)m);
+  for (int n = 0; n < s.N; ++n)
+    for (int g = 0; g < s.groups; ++g) {
+      const size_t off = ((size_t)n * s.C + (size_t)g * cg) * s.H * s.W;
+      float* cur = buf.data();
+      float* nxt = cur + m;
+      float* acc = cur + 2 * m;
+      for (int e = 0; e < m; ++e) acc[e] = cur[e] = x[off + e];
+      for (int t = 1; t <= terms; ++t) {
+        for (int q = 0; q < nth; ++q)
+          conv_exp_term(cur, nxt, acc, w.data(), cg, s.H, s.W, s.kh, s.kw, g, t, adjoint, reverse ? nth - 1 - q : q, nth);
+        std::swap(cur, nxt);
+      }
+      for (int e = 0; e < m; ++e) y[off + e] = acc[e];
+    }
+  return y;
+}
+
 // exp(L) x by the Taylor recurrence the kernels use.
 static std::vector<float> conv_exp_host(const Conv& s, const std::vector<float>& x, const std::vector<float>& w,
                                         int terms, bool adjoint) {
@@ -395,6 +421,27 @@ static void test_conv() {
     const double e1 = frob_dot(conv_exp_host(s, x, w, terms, false), y);
     const double e2 = frob_dot(x, conv_exp_host(s, y, w, terms, true));
     check(std::fabs(e1 - e2) < 1e-4 * (1 + std::fabs(e1)), "conv_exp input backward = exp(L^T), " + tag);
+    // the fused kernel's phases: exp(L) x against the naive double series, and race-free
+    for (int adj = 0; adj < 2; ++adj) {
+      std::vector<double> want(x.begin(), x.end()), cur(want);
+      std::vector<float> wt(w);
+      if (adj) {  // L^T as an explicit weight: transpose within the group, flip in space
+        for (int co = 0; co < s.C; ++co)
+          for (int i = 0; i < cg; ++i)
+            for (int a = 0; a < s.kh; ++a)
+              for (int c = 0; c < s.kw; ++c)
+                wt[(((size_t)co * cg + i) * s.kh + a) * s.kw + c] =
+                    w[(((size_t)((co / cg) * cg + i) * cg + co % cg) * s.kh + (s.kh - 1 - a)) * s.kw + (s.kw - 1 - c)];
+      }
+      for (int t = 1; t <= terms; ++t) {
+        cur = naive_conv(s, cur, wt);
+        for (size_t e = 0; e < cur.size(); ++e) want[e] += (cur[e] /= t);
+      }
+      const std::vector<float> f1 = emulate_fused_conv_exp(s, x, w, terms, adj, 7, false);
+      const std::vector<float> f2 = emulate_fused_conv_exp(s, x, w, terms, adj, 7, true);
+      check(max_abs_diff(to_d(f1), want) < 1e-4, "fused conv_exp = naive series (adjoint=" + std::to_string(adj) + "), " + tag);
+      check(f1 == f2, "fused conv_exp phases are race-free (thread order), " + tag);
+    }
     // weight gradient recurrence vs central differences of f(w) = <y, exp(L_w) x>
     const std::vector<float> dw = conv_exp_weight_grad_host(s, x, y, w, terms);
     const std::vector<float> V = randn(w.size());

@@ -120,4 +120,18 @@ GSOPS_HD float conv_weight_grad_entry(const float* gout, const float* in, int H,
   return acc;
 }
 
+// One Taylor step of the fused conv exponential on one (sample, group) slice of m = cg*H*W
+// entries held on chip: nxt = L(cur) / t, acc += nxt (cooperative; a barrier follows, then
+// the caller swaps cur and nxt).
+GSOPS_HD void conv_exp_term(const float* cur, float* nxt, float* acc, const float* w, int cg, int H, int W, int kh,
+                            int kw, int g, int t, bool adjoint, int tid, int nthreads) {
+  const float inv = 1.f / (float)t;
+  for (int e = tid; e < cg * H * W; e += nthreads) {
+    const int o = e / (H * W), h = (e / W) % H, x = e % W;
+    const float v = conv_entry(cur, w, cg, H, W, kh, kw, g, o, h, x, adjoint) * inv;
+    nxt[e] = v;
+    acc[e] += v;
+  }
+}
+
 }  // namespace gsops
