@@ -93,6 +93,17 @@ def test_conv_exp_matches_dense_series_and_matrix_exp(C, groups, k, H, W):
     torch.testing.assert_close(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1), **tol(D))
 
 
+@pytest.mark.parametrize("groups,k,terms", [(1, 3, 4), (2, 3, 3), (2, 1, 2), (1, 5, 1)])
+def test_conv_exp_backward_matches_reference_autograd_and_gradcheck(groups, k, terms):
+    L = (0.3 * cref.skew_kernel(torch.randn(4, 4 // groups, k, k, dtype=D), groups)).requires_grad_()
+    x = torch.randn(2, 4, 3, 5, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, L: gsops.conv_exp(x, L, terms, groups), (x, L))
+    y, y_ref = gsops.conv_exp(x, L, terms, groups), cref.conv_exp(x, L, terms, groups)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, L), g), torch.autograd.grad(y_ref, (x, L), g)):
+        torch.testing.assert_close(a, b, **tol(D))
+
+
 def test_conv_exp_zero_terms_is_identity_and_float32_close():
     L = cref.skew_kernel(torch.randn(4, 4, 3, 3), 1) * 0.05
     x = torch.randn(1, 4, 5, 5)

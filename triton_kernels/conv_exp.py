@@ -8,7 +8,8 @@ Backward (reverse mode of the recursion): with ``a_T = g`` and
 ``a_{i-1} = g + (L^T * a_i) / i``, ``dL = sum_i conv_weight_grad(z_{i-1}, a_i / i)``
 and ``dx = a_0``; ``L^T`` is ``ConvTranspose(L)`` per group, so the adjoint
 steps reuse the same kernel. The weight gradient (a correlation of two
-activations) uses ``torch.nn.grad.conv2d_weight``.
+activations) is one ``torch.nn.grad.conv2d_weight`` over the terms stacked
+along the batch.
 """
 from __future__ import annotations
 
@@ -90,14 +91,15 @@ class _ConvExpTriton(torch.autograd.Function):
         g = g.contiguous()
         LT = _transpose_kernel(Lc, groups).contiguous()
         pad = Lc.shape[-1] // 2
-        a = g
-        dL = torch.zeros_like(Lc) if ctx.needs_input_grad[1] else None
+        a, scaled = g, [None] * terms
         for i in range(terms, 0, -1):
-            if dL is not None:
-                dL += torch.nn.grad.conv2d_weight(zs[i - 1], Lc.shape, a / i, padding=pad, groups=groups)
+            scaled[i - 1] = a / i  # gradient at the output of step i
             prev = g.clone()
-            _step(a, LT, prev, 1.0 / i)
+            _step(a, LT, prev, 1.0 / i)  # prev = g + (L^T * a_i) / i
             a = prev
+        dL = None
+        if ctx.needs_input_grad[1]:  # one weight-gradient convolution over the stacked terms
+            dL = torch.nn.grad.conv2d_weight(torch.cat(zs), Lc.shape, torch.cat(scaled), padding=pad, groups=groups)
         return (a if ctx.needs_input_grad[0] else None), dL, None, None
 
 

@@ -1,7 +1,8 @@
 """Checked public ops for GS-SOC: skew kernels and the grouped convolution exponential.
 
-``conv_exp`` dispatches (``GSOPS_BACKEND``): the torch reference
-(:func:`gsops.reference.conv_exp.conv_exp`) is registered here at import; the
+``conv_exp`` dispatches (``GSOPS_BACKEND``): the torch path (the reference
+series :func:`gsops.reference.conv_exp.conv_exp` with a fused hand-written
+backward) is registered here at import; the
 Triton kernel (``triton_kernels/conv_exp.py``) is registered lazily, imported
 on its first call, and runs wherever the dispatch lets the Triton backend run
 (CUDA tensors, or the interpreter with ``TRITON_INTERPRET=1``).
@@ -9,6 +10,7 @@ on its first call, and runs wherever the dispatch lets the Triton backend run
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..checks import check_int, check_same_device, check_tensor
 from ..reference import conv_exp as ref
@@ -87,6 +89,49 @@ def conv_exp_1x1(x: torch.Tensor, L: torch.Tensor, groups: int = 1) -> torch.Ten
     return ref.conv_exp_1x1(x, L, groups)
 
 
+class _ConvExpTorch(torch.autograd.Function):
+    """The reference series with a hand-written backward (torch ops only).
+
+    Reverse mode of ``z_i = (L * z_{i-1}) / i``, ``y = sum_i z_i``: with
+    ``a_T = g`` and ``a_{i-1} = g + (L^T * a_i) / i`` (``L^T *`` is the adjoint,
+    ``conv_transpose2d``), ``dx = a_0`` and ``dL = sum_i corr(z_{i-1}, a_i / i)``,
+    the sum computed as ONE weight-gradient convolution over the terms stacked
+    along the batch (about 2x faster than autograd's per-term weight gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, x, L, terms, groups):
+        pad = (L.shape[-2] // 2, L.shape[-1] // 2)
+        y, z, zs = x, x, [x]
+        for i in range(1, terms + 1):
+            z = F.conv2d(z, L, padding=pad, groups=groups) / i
+            y = y + z
+            if i < terms:
+                zs.append(z)
+        ctx.save_for_backward(L, *zs)
+        ctx.terms, ctx.groups, ctx.pad = terms, groups, pad
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        L, *zs = ctx.saved_tensors
+        terms, groups, pad = ctx.terms, ctx.groups, ctx.pad
+        a, scaled = g, [None] * terms
+        for i in range(terms, 0, -1):
+            scaled[i - 1] = a / i  # gradient at the output of conv step i
+            a = g + F.conv_transpose2d(scaled[i - 1], L, padding=pad, groups=groups)
+        dL = None
+        if ctx.needs_input_grad[1]:
+            dL = torch.nn.grad.conv2d_weight(torch.cat(zs), L.shape, torch.cat(scaled), padding=pad, groups=groups)
+        return (a if ctx.needs_input_grad[0] else None), dL, None, None
+
+
+def _conv_exp_torch(x, L, terms, groups):
+    if terms == 0:
+        return x
+    return _ConvExpTorch.apply(x, L, terms, groups)
+
+
 _triton_impl = []
 
 
@@ -99,5 +144,5 @@ def _conv_exp_triton(x, L, terms, groups):
     return _triton_impl[0](x, L, terms, groups)
 
 
-dispatch.register("torch", "conv_exp", ref.conv_exp)
+dispatch.register("torch", "conv_exp", _conv_exp_torch)
 dispatch.register("triton", "conv_exp", _conv_exp_triton)
