@@ -301,6 +301,10 @@ def check_orthogonal_layer(name: str, base: nn.Module, method: str, block_size: 
     what = "in_features" if isinstance(base, nn.Linear) else "in_channels*kh*kw"
     if d_in % block_size:
         raise ValueError(f"{name}: block_size={block_size} must divide {what}={d_in}")
+    if method in ("gsoft", "double_gsoft") and n_factors != 2:
+        raise ValueError(
+            f"{name}: n_factors={n_factors}: method={method!r} has exactly 2 factors (L and R); use method='boft' for more"
+        )
     if method == "double_gsoft" and d_out % block_size:
         what_out = "out_features" if isinstance(base, nn.Linear) else "out_channels"
         raise ValueError(f"{name}: block_size={block_size} must divide {what_out}={d_out} (double_gsoft rotates outputs)")
