@@ -292,6 +292,11 @@ def check_base_layer(base: nn.Module, name: str = "layer") -> None:
         raise TypeError(f"{name}: adapters wrap nn.Linear or nn.Conv2d, got {type(base).__name__}")
     if isinstance(base, nn.Conv2d) and base.groups != 1:
         raise ValueError(f"{name}: Conv2d groups={base.groups} is not supported (adapters need groups=1)")
+    if base.weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: the layer's weight must have a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {base.weight.dtype}"
+        )
 
 
 def check_orthogonal_layer(name: str, base: nn.Module, method: str, block_size: int, n_factors: int) -> None:
