@@ -286,7 +286,7 @@ def run_case(case, method_keys, backends, device, dtype, opts, bar) -> list[Row]
             row.params = trainable_parameters(row.built.module)
             if row.built.orthogonal and opts.density:
                 try:
-                    row.density = M.density_of_q(row.builder, case, rank=opts.rank)
+                    row.density = M.density_of_q(row.builder, case, device=device, rank=opts.rank)
                 except Exception as e:  # noqa: BLE001
                     row.built.note = (row.built.note + f"; density failed: {type(e).__name__}: {e}").strip("; ")
         row.step = None  # free activations before the next case
@@ -414,10 +414,14 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
             series.setdefault(r["method"], []).append((r["d"], r["ratio_to_base"]))
     if not series:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, pts in series.items():
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^vP*Xh<>p"
+    for i, (name, pts) in enumerate(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        style = "--" if METHODS.get(name.split("[")[0], ("", ""))[1] == "peft" else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=markers[i % len(markers)],
+                color=cmap(i % 20), label=name)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(1.3, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
@@ -483,11 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=str(ROOT / "perf" / "results"))
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test shapes
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG of a saved results JSON")
     return p
 
 
 def main(argv=None) -> dict:
     opts = build_parser().parse_args(argv)
+    if opts.replot:
+        src = Path(opts.replot)
+        doc = json.loads(src.read_text())
+        png = src.with_suffix(".png")
+        plot(doc["rows"], png, f"{src.stem}  ({doc.get('device_name', '?')}, {doc.get('threads', '?')} threads)")
+        print(f"wrote {png}")
+        return {}
     method_keys = parse_methods(opts.methods)
     if any(METHODS[k][1] == "peft" for k in method_keys):
         M._require_peft()  # fail before timing anything

@@ -227,7 +227,7 @@ def _check_gsops_factors(model, method, n_stack, block_size) -> None:
 
 # ----------------------------------------------------------------------------- density of Q
 @torch.no_grad()
-def density_of_q(builder, case, **kw) -> float:
+def density_of_q(builder, case, device="cpu", **kw) -> float:
     """Fraction of nonzeros of the dense ``Q`` of an orthogonal method, measured on a Linear ``d -> d``.
 
     The adapted layer computes ``y = s * (W (Q x)) + c``; with ``W = I``, ``c = 0`` and
@@ -239,7 +239,7 @@ def density_of_q(builder, case, **kw) -> float:
     d = case.d
     lin_case = dataclasses.replace(case, kind="linear", input_shape=(d, d), conv=None, tokens=d)
     dt = torch.float32
-    base = nn.Linear(d, d, bias=True).to(dt)
+    base = nn.Linear(d, d, bias=True).to(device=device, dtype=dt)
     base.weight.copy_(torch.eye(d, dtype=dt))
     base.bias.zero_()
     built = builder(base, lin_case, **kw)
@@ -247,6 +247,6 @@ def density_of_q(builder, case, **kw) -> float:
     gen = torch.Generator().manual_seed(0)
     for p in mod.parameters():
         if p.requires_grad:
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    Y = mod(torch.eye(d, dtype=dt))
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+    Y = mod(torch.eye(d, dtype=dt, device=device))
     return float((Y != 0).double().mean())
