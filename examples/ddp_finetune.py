@@ -125,8 +125,15 @@ def main(argv=None):
     X, y = load_digits_tensors(dtype)
     global_batch = args.batch * world
     engines = ["ddp", "fsdp2"] if args.engine == "both" else [args.engine]
-    results = {}
+    results, unavailable = {}, {}
     for engine in engines:
+        if engine == "fsdp2":
+            try:
+                from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+            except ImportError as e:
+                unavailable[engine] = f"torch {torch.__version__}: torch.distributed.fsdp.fully_shard missing ({e})"
+                print(f"rank {rank}: skipping fsdp2: {unavailable[engine]}", file=sys.stderr)
+                continue
         model = make_model(args.seed, args.method, args.block_size, dtype).to(device)
         if engine == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -156,7 +163,7 @@ def main(argv=None):
             "steps": args.steps, "batch_per_process": args.batch, "global_batch": global_batch,
             "dtype": args.dtype, "device": str(device), "tol": tol, "torch": torch.__version__,
             "single_process": {"loss_first_last": [ref_losses[0], ref_losses[-1]], "seconds": ref_seconds},
-            "engines": {},
+            "engines": {}, "unavailable": unavailable,
         }
         for engine, (state, losses, seconds) in results.items():
             assert set(ref_state) == set(state), (sorted(ref_state), sorted(state))

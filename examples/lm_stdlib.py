@@ -176,9 +176,9 @@ METHODS = {"gsops gsoft": 1e-2, "gsops boft": 1e-2, "peft lora": 1e-2, "peft bof
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pretrain-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
@@ -223,6 +223,11 @@ def main(argv=None):
               f"|diff| {r['step0_abs_diff']:.1e})  val {val[0][1]:.3f} -> {val[-1][1]:.3f}  "
               f"{r['step_ms_median']:.1f} ms/step", flush=True)
 
+    if "gsops boft" in results and "peft boft" in results:
+        # same algorithm (BOFT, b=8, m=2), same zero init, same batches: the curves must coincide
+        a, b = (np.array(results[m]["train_losses"]) for m in ("gsops boft", "peft boft"))
+        results["gsops boft"]["max_abs_train_loss_diff_vs_peft_boft"] = float(np.abs(a - b).max())
+        print(f"gsops boft vs peft boft: max |train loss difference| over {len(a)} steps = {np.abs(a - b).max():.1e}")
     n_base = sum(p.numel() for p in base.parameters())
     print(f"\ntiny Llama ({n_base:,} parameters, byte-level), adapted {args.steps} steps, batch {args.batch}x{args.seq}")
     fmt = "{:<12} {:>9} {:>12} {:>10} {:>10} {:>10} {:>9}"
@@ -267,10 +272,11 @@ def main(argv=None):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, r in results.items():
         tr = np.array(r["train_losses"])
-        k = max(1, min(10, len(tr) // 5))
-        axes[0].plot(np.arange(k, len(tr) + 1), np.convolve(tr, np.ones(k) / k, mode="valid"), label=m)
+        k = max(1, min(25, len(tr) // 5))
+        style = dict(ls="--" if m.startswith("peft") else "-", lw=2.5 if m == "gsops boft" else 1.5)
+        axes[0].plot(np.arange(k, len(tr) + 1), np.convolve(tr, np.ones(k) / k, mode="valid"), label=m, **style)
         s, v = zip(*r["val_losses"])
-        axes[1].plot(s, v, marker="o", ms=3, label=m)
+        axes[1].plot(s, v, marker="o", ms=3, label=m, **style)
     axes[1].axhline(base_val, color="k", ls="--", lw=1, label="unadapted model")
     axes[0].set_title(f"training loss (running mean of {k})")
     axes[1].set_title("validation loss (held-out stdlib test files)")
@@ -278,7 +284,8 @@ def main(argv=None):
         ax.set_xlabel("adaptation step")
         ax.set_ylabel("cross-entropy (nats / byte)")
         ax.legend()
-    fig.suptitle("tiny byte-level Llama, pre-trained on stdlib modules, adapted to stdlib tests", fontsize=10)
+    fig.suptitle("tiny byte-level Llama, pre-trained on stdlib modules, adapted to stdlib tests "
+                 "(gsops BOFT and PEFT BOFT coincide: same algorithm, init and batches)", fontsize=10)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
     print(f"wrote {stem}.csv/.json/.png")

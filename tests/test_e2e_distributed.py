@@ -33,6 +33,8 @@ def report(tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_two_process_finetune_equals_single_process_double_batch(report, engine):
+    if engine in report.get("unavailable", {}):
+        pytest.skip(report["unavailable"][engine])
     assert report["world_size"] == 2 and report["global_batch"] == 2 * report["batch_per_process"]
     r = report["engines"][engine]
     assert r["max_abs_param_diff_vs_single_process"] <= report["tol"]
