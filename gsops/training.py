@@ -14,6 +14,11 @@ A checkpoint is a folder holding
 
 The folder is written under a temporary name and renamed into place, so an
 interruption while saving leaves the previous checkpoint intact.
+
+Distributed runs: under DDP, save ``model.module`` (the unwrapped model, so that
+names carry no ``module.`` prefix) from rank 0 only, and load on every rank before
+wrapping. FSDP2-sharded parameters (DTensors) are not supported here; use
+``torch.distributed.checkpoint`` for those.
 """
 from __future__ import annotations
 
