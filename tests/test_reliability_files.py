@@ -125,6 +125,17 @@ def test_good_file_loads(saved, tmp_path):
     gsops.load_adapter(copy.deepcopy(base), linked)
 
 
+def test_save_refuses_nonfinite_and_writes_nothing(saved, tmp_path):
+    method, base, good = saved
+    model = gsops.load_adapter(copy.deepcopy(base), good)
+    p = gsops.trainable_parameters(model)[0]
+    with torch.no_grad():
+        p[(0,) * p.dim()] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN or inf; refusing to save"):
+        gsops.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 # ------------------------------------------------------------------ tensor file
 @pytest.mark.parametrize("where", ["4 bytes", "mid header", "mid data", "last byte"])
 def test_truncated_tensor_file(saved, tmp_path, where):

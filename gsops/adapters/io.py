@@ -63,6 +63,8 @@ def save_adapter(model: torch.nn.Module, path) -> str:
 
     The saved numbers are those of the adapter parameters; a merged model is
     saved the same way (the adapter parameters do not change when merging).
+    Refuses (ValueError, nothing written) when a parameter is NaN/inf; each file
+    is written to a temporary name and renamed into place.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -75,10 +77,23 @@ def save_adapter(model: torch.nn.Module, path) -> str:
         "config": config.to_dict(), "layers": _layer_info(model),
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in tensors.items()},
     }
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"adapter parameter(s) {bad[:5]} contain NaN or inf; refusing to save an adapter load_adapter would refuse")
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, TENSOR_FILE), metadata={"format": FORMAT})
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
+    # each file is written beside its final name and renamed into place, so a crash never leaves a half-written file
+    ten_path, cfg_path = os.path.join(path, TENSOR_FILE), os.path.join(path, CONFIG_FILE)
+    tmp = f".tmp-{os.getpid()}"
+    try:
+        save_file(tensors, ten_path + tmp, metadata={"format": FORMAT})
+        with open(cfg_path + tmp, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        os.replace(ten_path + tmp, ten_path)
+        os.replace(cfg_path + tmp, cfg_path)
+    finally:
+        for p in (ten_path + tmp, cfg_path + tmp):
+            if os.path.exists(p):
+                os.remove(p)
     return os.fspath(path)
 
 
