@@ -533,6 +533,7 @@ def main(argv=None) -> dict:
         tqdm = None
 
     results = {}
+    load_start = _loadavg()
     for dname in dtype_names:
         dtype = DTYPES[dname]
         n_rows = sum(len(plan_rows(c, method_keys, backends)) for c in cases)
@@ -554,6 +555,7 @@ def main(argv=None) -> dict:
         meta = dict(
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             command=" ".join(["python -m perf.harness"] + list(argv if argv is not None else sys.argv[1:])),
+            load_average_start=load_start, load_average_end=_loadavg(),
             device=str(device), device_name=device_name(device), dtype=dname, git_commit=commit,
             git_dirty=dirty, versions=versions(), threads=torch.get_num_threads(),
             gsops_backends=[dict(name=n, reason=r) for n, r in backends],
@@ -575,7 +577,8 @@ def main(argv=None) -> dict:
             if plot(records, png, f"{stem}  ({device_name(device)}, {torch.get_num_threads()} threads)"):
                 paths["png"] = png
         print(f"\nperf harness: {device_name(device)} ({device}), {dname}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, commit {commit}{' (dirty)' if dirty else ''}")
+              f"{torch.get_num_threads()} threads, commit {commit}{' (dirty)' if dirty else ''}, "
+              f"load average {meta['load_average_start']} -> {meta['load_average_end']}")
         print(format_table(records, device.type == "cuda"))
         for n, r in not_run:
             print(f"gsops backend {n}: not run here ({r})")
@@ -588,6 +591,14 @@ def main(argv=None) -> dict:
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         results[dname] = dict(records=records, micro=micro, paths=paths)
     return results
+
+
+def _loadavg():
+    """1-minute load average (other processes compete for the CPU: a figure to read timings by), or None."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def run_micro_safe(device, dtype, opts) -> list[dict]:
