@@ -15,7 +15,8 @@ from .checks import check_divides, check_int, check_tensor
 
 @functools.lru_cache(maxsize=256)
 def _perm_cached(k: int, n: int) -> torch.Tensor:
-    i = torch.arange(n)
+    # always built on the CPU: a default-device context (e.g. "meta") must not leak into the cache
+    i = torch.arange(n, device="cpu")
     return (i % k) * (n // k) + i // k
 
 
@@ -52,7 +53,7 @@ def _permute_unchecked(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _paired_perm_cached(k: int, n: int) -> torch.Tensor:
-    i = torch.arange(n)
+    i = torch.arange(n, device="cpu")
     return ((i // 2) % k) * (n // k) + 2 * (i // (2 * k)) + (i % 2)
 
 

@@ -47,3 +47,12 @@ def test_perm_result_is_a_copy():
     s = gsops.perm(3, 12)
     s[0] = 99
     assert gsops.perm(3, 12)[0] == 0
+
+
+def test_default_device_context_does_not_poison_the_cache():
+    with torch.device("meta"):
+        gsops.perm(5, 35)
+        gsops.paired_perm(2, 44)
+    assert gsops.perm(5, 35).device.type == "cpu"
+    assert gsops.perm(5, 35).tolist() == sigma(5, 35)
+    assert gsops.paired_perm(2, 44).tolist() == paired_sigma(2, 44)

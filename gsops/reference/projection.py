@@ -18,10 +18,10 @@ def _slots(r: int, b: int):
     """For every index i of the middle vector: (k1, k2, j) = its L block, R block and rank slot."""
     d = r * b
     sigma = gather_index(r, d, inverse=True)  # sigma = perm(r, d)
-    i = torch.arange(d)
+    i = torch.arange(d, device="cpu")
     k2 = i // b
     k1 = sigma // b
-    slot = torch.zeros(d, dtype=torch.long)
+    slot = torch.zeros(d, dtype=torch.long, device="cpu")
     seen = {}
     for idx in range(d):
         key = (int(k1[idx]), int(k2[idx]))
@@ -33,7 +33,7 @@ def _slots(r: int, b: int):
 def block_ranks(r: int, b: int) -> torch.Tensor:
     """(r, r) ranks of the blocks of ``L P R`` that ``P = perm(r, r*b)`` allows."""
     _, k1, k2, _ = _slots(r, b)
-    ranks = torch.zeros(r, r, dtype=torch.long)
+    ranks = torch.zeros(r, r, dtype=torch.long, device="cpu")
     ranks.index_put_((k1, k2), torch.ones_like(k1), accumulate=True)
     return ranks
 
