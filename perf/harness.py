@@ -346,7 +346,9 @@ def targets(records: list[dict], d: int = 1024) -> list[dict]:
         if oft and oft["saved_act_bytes"] is not None:
             out.append(dict(target=f"{g['method']} saved activations <= PEFT OFT's",
                             value=g["saved_act_bytes"] / max(oft["saved_act_bytes"], 1), limit=1.0,
-                            met=g["saved_act_bytes"] <= oft["saved_act_bytes"]))
+                            met=g["saved_act_bytes"] <= oft["saved_act_bytes"],
+                            detail=f"{g['saved_act_bytes']:,} B vs {oft['saved_act_bytes']:,} B "
+                                   f"({g['saved_act_bytes'] - oft['saved_act_bytes']:+,} B)"))
     return out
 
 
@@ -587,7 +589,8 @@ def main(argv=None) -> dict:
         if tg:
             print("\n== targets (d=1024)")
             for t in tg:
-                print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t['value']:.2f} (limit {t['limit']:g})")
+                detail = f"; {t['detail']}" if t.get("detail") else ""
+                print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t['value']:.4g} (limit {t['limit']:g}{detail})")
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         results[dname] = dict(records=records, micro=micro, paths=paths)
     return results
