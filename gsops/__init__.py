@@ -5,12 +5,12 @@ from .perm import perm, permute, paired_perm
 from .ops import block_diag_mm, gs_chain, gs_apply, gs_dense, skew, unskew, cayley, gs_project
 from .ops.dispatch import use_backend
 from .backends import BackendUnavailable
-from .checks import set_check_finite
+from .checks import set_check_finite, set_check_inputs
 
 __all__ = [
     "perm", "permute", "paired_perm",
     "block_diag_mm", "gs_chain", "gs_apply", "gs_dense", "skew", "unskew", "cayley", "gs_project",
-    "use_backend", "BackendUnavailable", "set_check_finite",
+    "use_backend", "BackendUnavailable", "set_check_finite", "set_check_inputs",
 ]
 
 # --- adapters (issue 4) ---

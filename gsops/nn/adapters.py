@@ -41,7 +41,7 @@ Reliability policies (issue 10):
   training on garbage. The scan is one device sync per layer and forward; the
   global opt-out is ``GSOPS_CHECK_FINITE=0`` (or ``gsops.set_check_finite(False)``).
   Inputs are not scanned (that costs a pass over every activation); the opt-in
-  is ``GSOPS_CHECK_INPUTS=1`` (or ``gsops.checks.set_check_inputs(True)``).
+  is ``GSOPS_CHECK_INPUTS=1`` (or ``gsops.set_check_inputs(True)``).
   ``merge()`` always scans, whatever the switches say, and also refuses to write
   a merged weight that is not finite in the base weight's dtype (e.g. fp16
   overflow): a merge never corrupts the base layer.
