@@ -73,7 +73,8 @@ def test_adapted_model_compiles_without_graph_breaks(compiled_run, name):
     *_, breaks, graphs = compiled_run[name]
     if breaks:
         pytest.xfail(
-            f"{sum(breaks.values())} graph break(s), {graphs} graph(s) for one forward; dynamo's reasons: "
+            f"{sum(breaks.values())} graph break(s), {graphs} graph(s) for one forward (source lines: "
+            "python examples/compile_check.py); dynamo's reasons: "
             + " | ".join(f"{v}x {k}" for k, v in breaks.items())
         )
     assert graphs == 1
