@@ -78,8 +78,8 @@ def test_thousand_adam_steps_stay_orthogonal(method, mode):
     assert worst_master < ORTHO_TOL[torch.float32], (method, mode, worst_master)
     if autocast:
         assert worst_applied < ORTHO_TOL[torch.bfloat16], (method, worst_applied)
-    print(f"{method} {mode}: max ||Q^T Q - I||_max master={worst_master:.2e} applied={worst_applied:.2e} "
-          f"|params|={float(params.norm()):.2f}")
+    applied = f" applied under autocast={worst_applied:.2e}" if autocast else ""
+    print(f"{method} {mode}: max ||Q^T Q - I||_max float32 Q={worst_master:.2e}{applied} |params|={float(params.norm()):.2f}")
 
 
 def _set_block_norms(layer, norm, seed=0):
