@@ -209,12 +209,12 @@ class BlockDiagRotation(Rotation):
 @functools.lru_cache(maxsize=64)
 def _butterfly_index_cached(d: int, b: int, level: int) -> torch.Tensor:
     if level == 0:
-        return torch.arange(d)
+        return torch.arange(d, device="cpu")
     half = b // 2
     chunk = b * 2 ** level
     n_half = chunk // half  # = 2^(level+1) half-blocks per chunk
     order = list(range(0, n_half, 2)) + list(range(1, n_half, 2))
-    within = torch.cat([torch.arange(h * half, (h + 1) * half) for h in order])
+    within = torch.cat([torch.arange(h * half, (h + 1) * half, device="cpu") for h in order])
     return torch.cat([within + start for start in range(0, d, chunk)])
 
 
