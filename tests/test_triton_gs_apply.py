@@ -246,3 +246,21 @@ def test_one_launch_switch_routes_gs_apply(monkeypatch):
         y = gsops.gs_apply(x, L, R)
     assert calls == [1]
     torch.testing.assert_close(y, _dense_apply(gsoft_matrix(np64(L), np64(R)), x), rtol=1e-12, atol=1e-12)
+
+
+def test_float64_large_blocks_on_gpu_guard(monkeypatch):
+    """float64 with b > 64 does not fit a GPU's shared memory: forced triton raises, auto warns and
+    uses the reference (checked on stand-in tensors that claim to be on CUDA)."""
+    from types import SimpleNamespace
+
+    from gsops.backends import triton_backend as tb
+
+    big = SimpleNamespace(dtype=torch.float64, is_cuda=True)
+    small = SimpleNamespace(dtype=torch.float32, is_cuda=True)
+    assert tb._kernels_run("gs_apply", (small,), 128)
+    assert tb._kernels_run("gs_apply", (big,), 64)
+    with gsops.use_backend("triton"), pytest.raises(TypeError, match="b=128 > 64 exceed the GPU's shared memory"):
+        tb._kernels_run("gs_apply", (big,), 128)
+    monkeypatch.setattr(tb, "_warned", set())
+    with pytest.warns(UserWarning, match="uses the torch reference path"):
+        assert not tb._kernels_run("gs_apply", (big,), 128)

@@ -20,34 +20,100 @@ except ImportError as e:
 from triton_kernels import cayley as _cayley
 from triton_kernels import gs_apply as _gs
 
-from ..ops import dispatch
+import warnings
+
+from .. import reference as ref
+from ..ops import custom, dispatch
 
 DESCRIPTION = f"Triton {triton.__version__} kernels (triton_kernels/)"
+
+# float64 tiles of 128 x 128 need more shared memory than a GPU has (checked by compiling for
+# sm_90: up to 384 KiB); smaller float64 blocks and every float32/16 size fit.
+MAX_FLOAT64_BLOCK_ON_GPU = 64
+_warned: set = set()
+
+
+def _kernels_run(op: str, tensors, b: int) -> bool:
+    """False (after a one-time warning) when auto must use the reference path; raises when forced."""
+    if b <= MAX_FLOAT64_BLOCK_ON_GPU or not any(t.dtype == torch.float64 and t.is_cuda for t in tensors):
+        return True
+    reason = f"float64 blocks of size b={b} > {MAX_FLOAT64_BLOCK_ON_GPU} exceed the GPU's shared memory"
+    if dispatch.requested() == "triton":
+        raise TypeError(f"GSOPS_BACKEND=triton cannot run {op}: {reason}; use GSOPS_BACKEND=torch or auto")
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"gsops: {op} on the triton backend uses the torch reference path ({reason})")
+    return False
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def block_diag_mm(x, B):
+    if _kernels_run("block_diag_mm", (x, B), B.shape[1]):
+        return _gs.block_diag_mm(x, B)
+    return ref.block_diag_mm(x, B)
+
+
+def block_diag_mm_backward(grad, x, B):
+    if _kernels_run("block_diag_mm_backward", (x, B), B.shape[1]):
+        return _gs.block_diag_mm_backward(grad, x, B)
+    return custom.block_diag_mm_backward_torch(grad, x, B)
+
+
+def gs_chain(x, blocks):
+    if _kernels_run("gs_chain", (x, *blocks), blocks[0].shape[1]):
+        return _gs.gs_chain(x, blocks)
+    return ref.gs_chain(x, blocks)
+
+
+def gs_chain_backward(grad, x, blocks):
+    if _kernels_run("gs_chain_backward", (x, *blocks), blocks[0].shape[1]):
+        return _gs.gs_chain_backward(grad, x, blocks)
+    return custom.gs_chain_backward_torch(grad, x, blocks)
+
+
+def gs_apply(x, L, R):
+    if _kernels_run("gs_apply", (x, L, R), R.shape[1]):
+        return _gs.gs_apply(x, L, R)
+    return ref.gs_apply(x, L, R)
+
+
+def gs_apply_backward(grad, x, L, R):
+    if _kernels_run("gs_apply_backward", (x, L, R), R.shape[1]):
+        return _gs.gs_apply_backward(grad, x, L, R)
+    return custom.gs_apply_backward_torch(grad, x, L, R)
+
+
 def cayley_exact(K: torch.Tensor) -> torch.Tensor:
     """Q in K's dtype, computed in float32 (float64 for float64 K)."""
+    if not _kernels_run("cayley_exact", (K,), K.shape[-1]):
+        return ref.cayley_exact(K)
     return _cayley.cayley_exact(K.to(_acc(K.dtype))).to(K.dtype)
 
 
 def cayley_exact_backward(grad: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    if not _kernels_run("cayley_exact_backward", (Q,), Q.shape[-1]):
+        return custom.cayley_exact_backward_torch(grad, Q)
     return _cayley.cayley_exact_backward(grad.to(_acc(Q.dtype)), Q.to(_acc(Q.dtype))).to(Q.dtype)
 
 
-dispatch.register("triton", "block_diag_mm", _gs.block_diag_mm)
-dispatch.register("triton", "block_diag_mm_backward", _gs.block_diag_mm_backward)
-dispatch.register("triton", "gs_chain", _gs.gs_chain)
-dispatch.register("triton", "gs_chain_backward", _gs.gs_chain_backward)
-dispatch.register("triton", "gs_apply", _gs.gs_apply)
-dispatch.register("triton", "gs_apply_backward", _gs.gs_apply_backward)
-dispatch.register("triton", "cayley_exact", cayley_exact)
-dispatch.register("triton", "cayley_exact_backward", cayley_exact_backward)
-dispatch.register("triton", "cayley_neumann", _cayley.cayley_neumann)
-dispatch.register("triton", "cayley_neumann_backward", _cayley.cayley_neumann_backward)
+def cayley_neumann(K, terms):
+    if _kernels_run("cayley_neumann", (K,), K.shape[-1]):
+        return _cayley.cayley_neumann(K, terms)
+    return ref.cayley_neumann(K, terms)
+
+
+def cayley_neumann_backward(grad, K, terms):
+    if _kernels_run("cayley_neumann_backward", (K,), K.shape[-1]):
+        return _cayley.cayley_neumann_backward(grad, K, terms)
+    return custom.cayley_neumann_backward_torch(grad, K, terms)
+
+
+for _name in ("block_diag_mm", "gs_chain", "gs_apply", "cayley_exact", "cayley_neumann"):
+    dispatch.register("triton", _name, globals()[_name])
+    dispatch.register("triton", _name + "_backward", globals()[_name + "_backward"])
 
 # --- conv_exp (GS-SOC issue): registration of triton_kernels.conv_exp goes here ---
 # (the GS-SOC engineer registers it lazily from gsops/ops/conv_exp.py)

@@ -1,0 +1,100 @@
+"""Ahead-of-time compile of the Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter checks the arithmetic but not that a kernel compiles for a GPU (layouts, dot
+shapes, dtypes, constexpr control flow) or fits its shared memory; ``triton.compile`` with a
+``GPUTarget`` runs the whole compiler, ptxas included, without a device.  It runs in a child
+process with ``TRITON_INTERPRET=0`` (this session's kernels are interpreter objects), over a
+representative set of the launchers' constexpr configurations.  Timing is not measured here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+H100_SHARED_BYTES = 227 * 1024
+
+
+def _configs():
+    import triton.language as tl
+
+    import triton_kernels.cayley as C
+    import triton_kernels.gs_apply as G
+
+    ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+    out = []
+    for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0)]:
+        bb, g = G._tiling(b)
+        c = dict(TILES_PER_PROG=4, LOAD=load, STORE=load, TRANS=bool(load), BB=bb, G=g,
+                 BLOCK_N=64 if bb * g <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC_DTYPE=tl.float32)
+        out.append((f"block_step b={b} {dt}", G._block_step_kernel,
+                    {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, 8 if bb * g >= 128 else 4))
+    for b, dt in [(2, tl.float16), (32, tl.bfloat16), (128, tl.float32)]:
+        bb, g = G._tiling(b)
+        c = dict(TILES_PER_SPLIT=8, G_LAYOUT=1, X_LAYOUT=1, BB=bb, G=g, BLOCK_N=64 if bb * g <= 64 else 32,
+                 DOT_DTYPE=dt, IEEE=dt == tl.float32, WITH_DX=True)
+        out.append((f"block_grad+dx b={b} {dt}", G._block_grad_kernel,
+                    {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "out_ptr": "*fp32", "w_ptr": "*fp32", "dx_ptr": ptr[dt]},
+                    c, 8 if bb * g >= 128 else 4))
+    for b, sup in [(16, False), (64, True)]:
+        nb = b if sup else 3
+        c = dict(ITERS=4, SUPER=sup, NB=nb, SG_FEATS=nb * b, BB=b, BLOCK_N=64 if b <= 32 else 32,
+                 DOT_DTYPE=tl.bfloat16, IEEE=False)
+        out.append((f"gsoft_fused b={b} super={sup}", G._gsoft_fused_kernel,
+                    {"x_ptr": "*bf16", "l_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*bf16", "scratch_ptr": "*bf16"},
+                    c, 4))
+    for b in (3, 32):
+        bb, bbd = C._pad(b, dot=False), C._pad(b, dot=True)
+        out.append((f"cayley_exact b={b}", C._cayley_exact_kernel, {"k_ptr": "*fp32", "q_ptr": "*fp32"},
+                    dict(b=b, BB=bb), C._warps(bb)))
+        out.append((f"cayley_exact_backward b={b}", C._cayley_exact_backward_kernel,
+                    {"g_ptr": "*fp32", "q_ptr": "*fp32", "dk_ptr": "*fp32"}, dict(b=b, BB=bbd), C._warps(bbd)))
+        out.append((f"cayley_neumann b={b}", C._cayley_neumann_kernel, {"k_ptr": "*bf16", "q_ptr": "*bf16"},
+                    dict(b=b, BB=bbd, TERMS=3, ACC=tl.float32), C._warps(bbd)))
+        out.append((f"cayley_neumann_backward b={b}", C._cayley_neumann_backward_kernel,
+                    {"g_ptr": "*bf16", "k_ptr": "*bf16", "dk_ptr": "*bf16"},
+                    dict(b=b, BB=bbd, TERMS=2, ACC=tl.float32), C._warps(bbd)))
+    return out
+
+
+def _compile_all():
+    """Child process: compile every configuration, print one JSON line per kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name, fn, ptrs, constexprs, num_warps in _configs():
+        sig = {a: ptrs.get(a) or ("constexpr" if a in constexprs else ("i64" if a.startswith("stride") else "i32"))
+               for a in fn.arg_names}
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            rec = {"name": name, "ok": bool(k.asm.get("ptx")), "shared": k.metadata.shared}
+        except Exception as e:  # noqa: BLE001 - reported to the parent test
+            rec = {"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        print(json.dumps(rec), flush=True)
+
+
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not records and ("ptxas" in proc.stderr or "libcuda" in proc.stderr):
+        pytest.skip(f"the CUDA tool chain bundled with triton is unusable here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and records, proc.stderr[-2000:]
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, failed
+    too_big = [r for r in records if r["shared"] > H100_SHARED_BYTES]
+    assert not too_big, too_big
+
+
+if __name__ == "__main__":
+    _compile_all()
