@@ -285,21 +285,22 @@ def write(args, rows, base_rows, params):
     colors = ["tab:blue" if n.startswith("gsops") else "tab:orange" if n.startswith("peft") else "tab:gray"
               for n in names]
     axes[0].barh(names, [t["test_acc_mean"] for t in table], xerr=[t["test_acc_std"] for t in table], color=colors)
-    axes[0].axvline(br[0], color="k", ls="--", lw=1, label="before fine-tuning")
+    axes[0].axvline(br[0], color="k", ls="--", lw=1)
+    axes[0].text(br[0] + 0.01, len(names) - 0.5, "before\nfine-tuning", fontsize=8, va="bottom")
     axes[0].set_xlabel("rotated-digits test accuracy")
     axes[0].invert_yaxis()
-    axes[0].set_xlim(0, 1.3)
-    axes[0].legend(loc="upper right")
+    axes[0].set_xlim(0, 1.05)
     for name, r in rows.items():
         if r["loss"]:
             curve = np.mean(np.array(r["loss"]), axis=0)
             k = max(1, len(curve) // 30)
             smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
-            axes[1].plot(smooth, label=name, ls="-" if name.startswith("gsops") else "--")
+            axes[1].plot(smooth, label=name, ls="-" if name.startswith("gsops") else "--",
+                         lw=2.5 if name == "gsops boft" else 1.5)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("training loss (smoothed)")
     axes[1].set_yscale("log")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, title="gsops boft and peft boft overlap", title_fontsize=7)
     fig.suptitle(header, fontsize=9)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
