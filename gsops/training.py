@@ -17,7 +17,7 @@ interruption while saving leaves the previous checkpoint intact.
 
 Distributed runs: under DDP, save ``model.module`` (the unwrapped model, so that
 names carry no ``module.`` prefix) from rank 0 only, and load on every rank before
-wrapping. FSDP2-sharded parameters (DTensors) are not supported here; use
+wrapping. FSDP2-sharded parameters (DTensors) are not handled here (untested); use
 ``torch.distributed.checkpoint`` for those.
 """
 from __future__ import annotations
