@@ -65,13 +65,13 @@ def check_tensor(name: str, x, *, min_dim: int = 1, dim: int | None = None) -> t
     return x
 
 
-def _has_data(t: torch.Tensor) -> bool:
+def has_values(t: torch.Tensor) -> bool:
     """False for meta tensors and while torch.compile traces (no values to scan)."""
     return t.device.type != "meta" and not torch.compiler.is_compiling()
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if _CHECK_FINITE and t.numel() and _has_data(t) and not torch.isfinite(t).all():
+    if _CHECK_FINITE and t.numel() and has_values(t) and not torch.isfinite(t).all():
         raise ValueError(
             f"{name} contains NaN or inf values; refusing to continue (they would poison training). "
             "Set GSOPS_CHECK_FINITE=0 to skip this check."

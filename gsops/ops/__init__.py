@@ -16,6 +16,7 @@ import torch
 from .. import reference as ref
 from ..checks import (
     check_blocks, check_divides, check_features, check_finite, check_int, check_same_device, check_tensor,
+    has_values,
 )
 from ..reference.cayley import neumann_error_bound, spectral_norm
 from . import custom, dispatch
@@ -115,11 +116,13 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
     check_finite("K", K)
     if method not in ("exact", "neumann"):
         raise ValueError(f"method={method!r} must be 'exact' or 'neumann'")
-    Kd = K.detach()
-    asym = (Kd + Kd.transpose(-1, -2)).abs().amax() if K.numel() else 0.0
-    scale = Kd.abs().amax() if K.numel() else 0.0
-    if K.numel() and asym > _SKEW_TOL[K.dtype] * max(1.0, float(scale)):
-        raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {float(asym):.3g}")
+    # A value check: skipped for meta tensors and while torch.compile traces (there are no values,
+    # and reading one would break the graph); eager calls always check.
+    if K.numel() and has_values(K):
+        Kd = K.detach()
+        asym = float((Kd + Kd.transpose(-1, -2)).abs().amax())
+        if asym > _SKEW_TOL[K.dtype] * max(1.0, float(Kd.abs().amax())):
+            raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {asym:.3g}")
     if method == "exact":
         # the op works in float32 (float64 for float64 K) and saves Q = 2M - I for its backward
         acc = torch.float32 if K.dtype in _HALF else K.dtype
