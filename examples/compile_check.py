@@ -107,8 +107,18 @@ def main(argv=None):
                     for b in r[k]["breaks"]})
     print("\ngraph-break sites:\n  " + "\n  ".join(where))
     os.makedirs(args.out, exist_ok=True)
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        except OSError:
+            return None
+
     with open(os.path.join(args.out, "compile_check.json"), "w") as f:
         json.dump({"torch": torch.__version__, "gsops": gsops.__version__, "input": list(x.shape),
+                   "git_commit": git("rev-parse", "--short", "HEAD"),
+                   "uncommitted_gsops_changes": (git("status", "--porcelain", "--", "gsops") or "").splitlines(),
                    "model": "MLP 64-128-128-16, every Linear adapted", "break_sites": where, "methods": rows}, f,
                   indent=1)
 
