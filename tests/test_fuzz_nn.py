@@ -13,7 +13,6 @@ import re
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
@@ -27,8 +26,7 @@ from gsops.baselines.sorsa import SORSAAdapter
 from gsops.nn.adapters import OrthogonalAdapter
 from gsops.tolerances import tol
 
-from dense import block_diag, cayley as np_cayley, np64, perm_matrix, skew_from_packed
-from test_nn_adapters import butterfly_matrix
+from dense import lowrank_weight_np, np64, orthogonal_weight_np
 
 EXAMPLES = 200
 SETTINGS = settings(
@@ -49,48 +47,6 @@ def _expect(fn, exc, *names):
     assert any(n in msg for n in names), f"message {msg!r} names none of {names}"
     event(f"refused: {type(info.value).__name__}")
     return msg
-
-
-def _np_neumann(K, terms):
-    eye = np.eye(K.shape[-1])
-    M, P = eye.copy(), eye.copy()
-    for _ in range(terms):
-        P = P @ K
-        M = M + P
-    return 2 * M - eye
-
-
-def _blocks_np(factors):
-    P = np64(factors.params)
-    b = factors.b
-    K = skew_from_packed(P, b) if factors.packed else P - np.swapaxes(P, -1, -2)
-    fn = np_cayley if factors.cayley == "exact" else (lambda k: _np_neumann(k, factors.neumann_terms))
-    return np.stack([np.stack([fn(K[i, j]) for j in range(K.shape[1])]) for i in range(K.shape[0])])
-
-
-def _q_np(rotation, method):
-    """The dense Q of a rotation from the SPEC formulas (GSOFT P^T L P R, OFT diag, BOFT butterflies)."""
-    C = _blocks_np(rotation.factors)
-    d, b = rotation.d, rotation.b
-    if method in ("gsoft", "double_gsoft"):
-        P = perm_matrix(d // b, d)
-        return P.T @ block_diag(C[1]) @ P @ block_diag(C[0])
-    if method == "oft":
-        return block_diag(C[0])
-    Q = np.eye(d)
-    for level in range(C.shape[0]):
-        Bl = butterfly_matrix(d, b, level)
-        Q = Q @ (Bl @ block_diag(C[level]) @ Bl.T)
-    return Q
-
-
-def _adapted_weight_np(layer, method, W0):
-    M = np64(W0).reshape(W0.shape[0], -1) @ _q_np(layer.rotation, method)
-    if method == "double_gsoft":
-        M = _q_np(layer.rotation_out, "gsoft") @ M
-    if layer.scale is not None:
-        M = np64(layer.scale)[:, None] * M
-    return M
 
 
 def _perturb(layer, std, seed):
@@ -332,7 +288,7 @@ def test_fuzz_orthogonal_linear(method, b, r, extra, d_out, m, scale, packed, ca
             _expect(lambda: layer(x), ValueError, f"{NAME}.rotation")
             return
     y = layer(x)
-    Wq = _adapted_weight_np(layer, method, W0)
+    Wq = orthogonal_weight_np(layer, method, W0)
     x64 = np64(x)
     bad = ~np.isfinite(x64).all(-1, keepdims=True)  # a row with a NaN/inf reaches every output (W dense)
     want = np.where(bad, 0.0, x64) @ Wq.T + (0 if base.bias is None else np64(base.bias))
@@ -385,7 +341,7 @@ def test_fuzz_orthogonal_conv2d(method, c_in, kh, kw, c_out, b, m, stride, paddi
     shape = (c_in, H, Wd) if shape_kind == "3d" else (batch, c_in, H, Wd)
     x = _input(shape, wdtype, "contiguous", values, seed)
     y = layer(x)
-    Wq = torch.from_numpy(_adapted_weight_np(layer, method, W0)).reshape(base.weight.shape)
+    Wq = torch.from_numpy(orthogonal_weight_np(layer, method, W0)).reshape(base.weight.shape)
     x64 = x.detach().double()
     bad = ~torch.isfinite(x64)
     conv = lambda inp, w, bias: F.conv2d(inp, w, bias, stride, padding, dilation)  # noqa: E731
@@ -397,20 +353,6 @@ def test_fuzz_orthogonal_conv2d(method, c_in, kh, kw, c_out, b, m, stride, paddi
 
 
 # ------------------------------------------------------------------ SORSA / LoLDU
-def _lowrank_oracle(method, W0, layer, rank):
-    """The adapted weight from numpy SVD / scipy LU of the original weight (float64)."""
-    if method == "sorsa":
-        U, S, Vh = np.linalg.svd(W0, full_matrices=False)
-        resid = W0 - (U[:, :rank] * S[:rank]) @ Vh[:rank]
-        return resid + (np64(layer.U) * np64(layer.S)) @ np64(layer.Vh)
-    P, L, U = scipy.linalg.lu(W0)
-    D = np.diag(U).copy()
-    Un = U / np.where(D == 0, 1.0, D)[:, None]
-    dsm0 = P @ L[:, :rank] @ np.diag(D[:rank]) @ Un[:rank]
-    dsm = float(np64(layer.sigma)) * P @ L[:, :rank] @ np.diag(np64(layer.z)) @ Un[:rank]
-    return W0 - dsm0 + dsm
-
-
 @SETTINGS
 @given(st.sampled_from(["sorsa", "loldu"]), st.sampled_from(["linear", "conv"]), st.integers(1, 8), st.integers(1, 8),
        st.integers(-1, 10), st.sampled_from([torch.float32, torch.float64]), st.lists(st.integers(0, 3), max_size=2),
@@ -432,7 +374,7 @@ def test_fuzz_low_rank(method, kind, a, c, rank, wdtype, lead, layout, values, x
         return
     layer = cls(base, rank, name=NAME)
     _perturb(layer, 0.1, seed)
-    want_W = _lowrank_oracle(method, W0, layer, rank)
+    want_W = lowrank_weight_np(method, W0, layer, rank)
     xdtype = _xdtype(xchoice, wdtype, seed)
     shape = (*lead, a) if kind == "linear" else (*lead[:1], a, 2, 3)
     x = _input(shape, xdtype, layout if kind == "linear" else "contiguous", values, seed)

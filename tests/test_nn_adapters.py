@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -19,7 +18,7 @@ from gsops.baselines.sorsa import SORSAAdapter
 from gsops.baselines.loldu import LoLDUAdapter
 from gsops.tolerances import ORTHO_TOL, tol
 
-from dense import block_diag, cayley, np64, perm_matrix, skew_from_packed
+from dense import dense_q_np, lowrank_weight_np, np64, orthogonal_weight_np
 
 B = 4  # block size used throughout
 METHODS = ["gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu"]
@@ -61,70 +60,12 @@ def perturb_(layer, std=0.3):
                 p.add_(std * torch.randn_like(p))
 
 
-# ------------------------------------------------------------------ independent oracle
-def butterfly_matrix(d, b, level):
-    """BOFT's level-l permutation B (gather form, B[j, g[j]] = 1) by its definition, with loops."""
-    Bm = np.zeros((d, d))
-    if level == 0:
-        return np.eye(d)
-    half, chunk = b // 2, b * 2 ** level
-    n_half = chunk // half
-    order = [h for h in range(n_half) if h % 2 == 0] + [h for h in range(n_half) if h % 2 == 1]
-    for start in range(0, d, chunk):
-        for pos, h in enumerate(order):
-            for t in range(half):
-                Bm[start + pos * half + t, start + h * half + t] = 1.0
-    return Bm
-
-
-def skew_np(params, packed, b):
-    P = np64(params)
-    if packed:
-        return skew_from_packed(P, b)
-    return P - np.swapaxes(P, -1, -2)
-
-
-def cayley_blocks_np(factors):
-    K = skew_np(factors.params, factors.packed, factors.b)
-    return np.stack([np.stack([cayley(K[i, j]) for j in range(K.shape[1])]) for i in range(K.shape[0])])
-
-
-def dense_q_np(rotation, method):
-    C = cayley_blocks_np(rotation.factors)
-    d = rotation.d
-    if method in ("gsoft", "double_gsoft"):
-        r = d // rotation.b
-        P = perm_matrix(r, d)
-        return P.T @ block_diag(C[1]) @ P @ block_diag(C[0])
-    if method == "oft":
-        return block_diag(C[0])
-    Q = np.eye(d)
-    for level in range(C.shape[0]):  # Q = F_0^T F_1^T ... F_{m-1}^T
-        Bl = butterfly_matrix(d, rotation.b, level)
-        Q = Q @ (Bl @ block_diag(C[level]) @ Bl.T)
-    return Q
-
-
+# ------------------------------------------------------------------ independent oracle (tests/dense.py)
 def oracle_weight(layer, method, W0):
     """The adapted (out, d_in) weight by the SPEC / paper formulas, float64 numpy."""
-    W0 = np64(W0).reshape(W0.shape[0], -1)
-    if method == "sorsa":
-        U, S, Vh = np.linalg.svd(W0, full_matrices=False)
-        resid = W0 - (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
-        return resid + (np64(layer.U) * np64(layer.S)) @ np64(layer.Vh)
-    if method == "loldu":
-        P, L, U = scipy.linalg.lu(W0)
-        D = np.diag(U).copy()
-        Un = U / D[:, None]
-        dsm0 = P @ L[:, :RANK] @ np.diag(D[:RANK]) @ Un[:RANK]
-        dsm = float(np64(layer.sigma)) * P @ L[:, :RANK] @ np.diag(np64(layer.z)) @ Un[:RANK]
-        return W0 - dsm0 + dsm
-    M = W0 @ dense_q_np(layer.rotation, method)
-    if method == "double_gsoft":
-        M = dense_q_np(layer.rotation_out, "gsoft") @ M
-    if layer.scale is not None:
-        M = np64(layer.scale)[:, None] * M
-    return M
+    if method in ("sorsa", "loldu"):
+        return lowrank_weight_np(method, np64(W0).reshape(W0.shape[0], -1), layer, RANK)
+    return orthogonal_weight_np(layer, method, W0)
 
 
 def run_base(base, W_flat, x):
