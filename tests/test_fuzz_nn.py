@@ -237,6 +237,17 @@ def _xdtype(choice, wdtype, seed):
     return BAD_DTYPES[seed % len(BAD_DTYPES)]
 
 
+def _refused_input_dtype(layer, x, xchoice):
+    """For a non-float or a mismatched input dtype: check the layer refuses it, naming the rule, and say True."""
+    if xchoice == "bad":
+        _expect(lambda: layer(x), TypeError, f"{NAME}: input x must have a floating dtype")
+        return True
+    if xchoice == "other":
+        _expect(lambda: layer(x), TypeError, f"{NAME}: input x has dtype")
+        return True
+    return False
+
+
 @SETTINGS
 @given(st.sampled_from(ORTHO), st.integers(1, 6), st.integers(1, 4), st.sampled_from([0] * 6 + [1, 3]),
        st.integers(1, 12), FACTORS, st.booleans(), st.booleans(), CAYLEY, st.sampled_from(FLOATS),
@@ -273,11 +284,7 @@ def test_fuzz_orthogonal_linear(method, b, r, extra, d_out, m, scale, packed, ca
     W0 = base.weight.detach().clone()
     xdtype = _xdtype(xchoice, wdtype, seed)
     x = _input((*lead, d_in), xdtype, layout, values, seed)
-    if xchoice == "bad":
-        _expect(lambda: layer(x), TypeError, f"{NAME}: input x must have a floating dtype")
-        return
-    if xchoice == "other":
-        _expect(lambda: layer(x), TypeError, f"{NAME}: input x has dtype")
+    if _refused_input_dtype(layer, x, xchoice):
         return
     if cayley == "neumann":
         _, bound = layer.rotation.factors.neumann_bound(layer.rotation.factors.skew_matrices(torch.float64))
@@ -378,11 +385,7 @@ def test_fuzz_low_rank(method, kind, a, c, rank, wdtype, lead, layout, values, x
     xdtype = _xdtype(xchoice, wdtype, seed)
     shape = (*lead, a) if kind == "linear" else (*lead[:1], a, 2, 3)
     x = _input(shape, xdtype, layout if kind == "linear" else "contiguous", values, seed)
-    if xchoice == "bad":
-        _expect(lambda: layer(x), TypeError, f"{NAME}: input x must have a floating dtype")
-        return
-    if xchoice == "other":
-        _expect(lambda: layer(x), TypeError, f"{NAME}: input x has dtype")
+    if _refused_input_dtype(layer, x, xchoice):
         return
     y = layer(x)
     x64 = x.detach().double()
