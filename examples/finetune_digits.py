@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -253,11 +251,9 @@ def write(args, rows, base_rows, params):
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-    except OSError:
-        commit = None
+    from _common import git_commit, pyplot_or_none, write_json  # examples/_common.py, beside this script
+
+    commit = git_commit()
     meta = {
         "description": "MLP 64-128-128-10 pre-trained on upright digits, fine-tuned on 90-degree rotated digits",
         "base_upright_test_acc": bu, "base_rotated_acc_before_finetune": br, "seeds": args.seeds, "steps": args.steps,
@@ -270,15 +266,9 @@ def write(args, rows, base_rows, params):
         meta["peft"] = peft.__version__
     except ImportError:
         pass
-    with open(stem + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG written")
+    write_json(stem + ".json", meta)
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [t["method"] for t in table]

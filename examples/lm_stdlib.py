@@ -24,10 +24,8 @@ import argparse
 import copy
 import csv
 import glob
-import json
 import os
 import platform
-import subprocess
 import sysconfig
 import time
 
@@ -245,11 +243,9 @@ def main(argv=None):
         w.writerow(["method"] + cols)
         for m, r in results.items():
             w.writerow([m] + [r[c] for c in cols])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-    except OSError:
-        commit = None
+    from _common import git_commit, pyplot_or_none, write_json  # examples/_common.py, beside this script
+
+    commit = git_commit()
     import transformers
 
     meta = {"model": "LlamaForCausalLM hidden 64, 2 layers, 4 heads, MLP 128, vocab 256 (bytes)",
@@ -259,15 +255,9 @@ def main(argv=None):
             "transformers": transformers.__version__, "gsops": gsops.__version__, "git_commit": commit,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "methods": results}
-    with open(stem + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG written")
+    write_json(stem + ".json", meta)
+    plt = pyplot_or_none()
+    if plt is None:
         return results
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, r in results.items():
