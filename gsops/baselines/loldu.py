@@ -20,23 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_int
-from ..nn.adapters import MergeableAdapter, check_base_layer, layer_dims
+from ._lowrank import LowRankAdapter
 
 
-class LoLDUAdapter(MergeableAdapter):
+class LoLDUAdapter(LowRankAdapter):
     def __init__(self, base: nn.Module, rank: int, name: str = "layer"):
         super().__init__()
-        check_base_layer(base, name)
-        rank = check_int("rank", rank)
-        n, m = layer_dims(base)
-        if rank > min(m, n):
-            raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
-        self.base_layer = base
-        self.rank = rank
-        self.d_in, self.d_out = n, m
+        W64 = self._init_low_rank(base, rank, name)
+        rank = self.rank
         W = base.weight
-        W64 = W.detach().reshape(m, n).to(torch.float64)
         P, L, U = torch.linalg.lu(W64)
         D = torch.diagonal(U).clone()
         safe = torch.where(D == 0, torch.ones_like(D), D)
@@ -61,34 +53,15 @@ class LoLDUAdapter(MergeableAdapter):
             left, right, z, sigma = left.to(dtype), right.to(dtype), z.to(dtype), sigma.to(dtype)
         return sigma * (left * z) @ right
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if self.merged:
-            return self.base_layer(x)
-        self.check_parameters_finite()
-        if isinstance(self.base_layer, nn.Linear):
-            F = torch.nn.functional
-            return self.base_layer(x) + self.sigma * F.linear(F.linear(x, self.right) * self.z, self.left)
-        return self._base_forward(x, self._flat_weight() + self._dsm())
+    def _delta(self, dtype=None, initial: bool = False) -> torch.Tensor:
+        if initial:  # DSM at initialisation: z0 and sigma = 1
+            one = torch.ones((), dtype=torch.float64, device=self.base_layer.weight.device)
+            return self._dsm(dtype, z=self.z0, sigma=one)
+        return self._dsm(dtype)
 
-    def _merged_weight(self):
-        return self._flat_weight(torch.float64) + self._dsm(torch.float64)
-
-    def _unmerged_weight(self):
-        return self._flat_weight(torch.float64) - self._dsm(torch.float64)
-
-    def revert(self) -> nn.Module:
-        if self.merged:
-            self.unmerge()
-        with torch.no_grad():
-            W = self.base_layer.weight
-            one = torch.ones((), dtype=torch.float64, device=W.device)
-            W0 = self._flat_weight(torch.float64) + self._dsm(torch.float64, z=self.z0, sigma=one)
-            W.copy_(W0.reshape(W.shape).to(W.dtype))
-        return self.base_layer
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
+    def _linear_delta(self, x: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        return self.sigma * F.linear(F.linear(x, self.right) * self.z, self.left)
 
 
 __all__ = ["LoLDUAdapter"]

@@ -19,23 +19,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_int
-from ..nn.adapters import MergeableAdapter, check_base_layer, layer_dims
+from ._lowrank import LowRankAdapter
 
 
-class SORSAAdapter(MergeableAdapter):
+class SORSAAdapter(LowRankAdapter):
     def __init__(self, base: nn.Module, rank: int, name: str = "layer"):
         super().__init__()
-        check_base_layer(base, name)
-        rank = check_int("rank", rank)
-        m, n = layer_dims(base)[1], layer_dims(base)[0]
-        if rank > min(m, n):
-            raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
-        self.base_layer = base
-        self.rank = rank
-        self.d_in, self.d_out = n, m
+        W64 = self._init_low_rank(base, rank, name)
+        rank = self.rank
         W = base.weight
-        W64 = W.detach().reshape(m, n).to(torch.float64)
         U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
         Up, Sp, Vhp = U[:, :rank], S[:rank], Vh[:rank]
         self.U = nn.Parameter(Up.to(W.dtype).clone())
@@ -55,30 +47,11 @@ class SORSAAdapter(MergeableAdapter):
             U, S, Vh = U.to(dtype), S.to(dtype), Vh.to(dtype)
         return (U * S) @ Vh
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if self.merged:
-            return self.base_layer(x)
-        self.check_parameters_finite()
-        if isinstance(self.base_layer, nn.Linear):
-            y = self.base_layer(x)
-            return y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.Vh) * self.S, self.U)
-        return self._base_forward(x, self._flat_weight() + self._principal())
+    def _delta(self, dtype=None, initial: bool = False) -> torch.Tensor:
+        return self._principal(dtype, (self.U0, self.S0, self.Vh0) if initial else None)
 
-    def _merged_weight(self):
-        return self._flat_weight(torch.float64) + self._principal(torch.float64)
-
-    def _unmerged_weight(self):
-        return self._flat_weight(torch.float64) - self._principal(torch.float64)
-
-    def revert(self) -> nn.Module:
-        if self.merged:
-            self.unmerge()
-        with torch.no_grad():
-            W = self.base_layer.weight
-            W0 = self._flat_weight(torch.float64) + self._principal(torch.float64, (self.U0, self.S0, self.Vh0))
-            W.copy_(W0.reshape(W.shape).to(W.dtype))
-        return self.base_layer
+    def _linear_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.Vh) * self.S, self.U)
 
     def regularizer(self) -> torch.Tensor:
         """``||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F`` (SORSA eq. 8; ``V_p^T`` is stored as ``Vh``)."""
@@ -86,9 +59,6 @@ class SORSAAdapter(MergeableAdapter):
         gu = self.U.transpose(0, 1) @ self.U - eye
         gv = self.Vh @ self.Vh.transpose(0, 1) - eye
         return torch.linalg.matrix_norm(gu) + torch.linalg.matrix_norm(gv)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
 
 
 def sorsa_regularizer(model: nn.Module) -> torch.Tensor:
