@@ -161,81 +161,58 @@ def _first_key(t):
     return sorted(t)[0]
 
 
-def test_integer_dtype_refused(saved, tmp_path):
+# Each edit changes the good file's tensors (and maybe its config) given the first tensor's name ``k``;
+# the match may name that tensor as {key}.
+def _to_int32(t, meta, k):
+    t[k] = t[k].round().to(torch.int32)
+    meta["tensors"][k]["dtype"] = "int32"
+
+
+def _to_float64(t, meta, k):
+    t[k] = t[k].double()  # the config still says float32
+
+
+def _add_listed_tensor(t, meta, k):
+    t["fc1.evil"] = torch.zeros(3)
+    meta["tensors"]["fc1.evil"] = {"shape": [3], "dtype": "float32"}
+
+
+def _add_unlisted_tensor(t, meta, k):
+    t["fc1.evil"] = torch.zeros(3)
+
+
+def _drop_tensor(t, meta, k):
+    del t[k]
+    del meta["tensors"][k]
+
+
+def _grow_tensor(t, meta, k):
+    t[k] = torch.zeros(t[k].numel() + 1)
+    meta["tensors"][k]["shape"] = [t[k].numel()]
+
+
+def _nan_in_tensor(t, meta, k):
+    t[k].view(-1)[0] = float("nan")
+
+
+TENSOR_EDITS = [
+    pytest.param(_to_int32, "dtype 'I32'", id="integer_dtype_refused"),
+    pytest.param(_to_float64, "F64 .* in the tensor file but float32", id="dtype_differs_from_config"),
+    pytest.param(_add_listed_tensor, "unexpected in the file: \\['fc1.evil'\\]", id="extra_tensor_in_file_and_config"),
+    pytest.param(_add_unlisted_tensor, "unlisted: \\['fc1.evil'\\]", id="unlisted_tensor_in_file"),
+    pytest.param(_drop_tensor, "missing from the file", id="missing_tensor"),
+    pytest.param(_grow_tensor, "tensor {key} has shape", id="shape_mismatch"),
+    pytest.param(_nan_in_tensor, "NaN or inf", id="nan_tensor"),
+]
+
+
+@pytest.mark.parametrize("edit, match", TENSOR_EDITS)
+def test_tampered_tensors_refused(saved, tmp_path, edit, match):
     method, base, good = saved
     bad = _copy(good, tmp_path)
-
-    def edit(t, meta):
-        k = _first_key(t)
-        t[k] = t[k].round().to(torch.int32)
-        meta["tensors"][k]["dtype"] = "int32"
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, "dtype 'I32'")
-
-
-def test_dtype_differs_from_config(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-
-    def edit(t, meta):
-        k = _first_key(t)
-        t[k] = t[k].double()  # the config still says float32
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, "F64 .* in the tensor file but float32")
-
-
-def test_extra_tensor_in_file_and_config(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-
-    def edit(t, meta):
-        t["fc1.evil"] = torch.zeros(3)
-        meta["tensors"]["fc1.evil"] = {"shape": [3], "dtype": "float32"}
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, "unexpected in the file: \\['fc1.evil'\\]")
-
-
-def test_unlisted_tensor_in_file(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-    _rewrite_tensors(good, bad, lambda t, meta: t.update({"fc1.evil": torch.zeros(3)}))
-    _refused(method, base, bad, "unlisted: \\['fc1.evil'\\]")
-
-
-def test_missing_tensor(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-
-    def edit(t, meta):
-        k = _first_key(t)
-        del t[k]
-        del meta["tensors"][k]
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, "missing from the file")
-
-
-def test_shape_mismatch(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-    key = []
-
-    def edit(t, meta):
-        k = _first_key(t)
-        key.append(k)
-        t[k] = torch.zeros(t[k].numel() + 1)
-        meta["tensors"][k]["shape"] = [t[k].numel()]
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, f"tensor {key[0]} has shape")
-
-
-def test_nan_tensor(saved, tmp_path):
-    method, base, good = saved
-    bad = _copy(good, tmp_path)
-
-    def edit(t, meta):
-        t[_first_key(t)].view(-1)[0] = float("nan")
-    _rewrite_tensors(good, bad, edit)
-    _refused(method, base, bad, "NaN or inf")
+    key = _first_key(load_file(str(_tensor_path(good))))
+    _rewrite_tensors(good, bad, lambda t, meta: edit(t, meta, key))
+    _refused(method, base, bad, match.format(key=key))
 
 
 def test_offsets_out_of_bounds(saved, tmp_path):
