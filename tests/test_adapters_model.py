@@ -54,6 +54,14 @@ def state_hash(model):
     return h.hexdigest()
 
 
+def assert_refused_unchanged(model, call, match):
+    """``call()`` raises ValueError matching ``match`` and leaves ``model`` (state, module types, flags) unchanged."""
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert state_hash(model) == before
+
+
 def perturb_(model, std=0.2):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -91,17 +99,11 @@ def test_config_validation_messages():
 
 def test_apply_error_names_layer_and_leaves_model_unchanged():
     model = Net()
-    before = state_hash(model)
     # conv1 has in_channels*kh*kw = 8*3*3 = 72, which block_size=32 does not divide
-    with pytest.raises(ValueError, match=r"conv1: block_size=32 must divide in_channels\*kh\*kw=72"):
-        gsops.apply_(model, gsops.AdapterConfig(block_size=32, target_modules=ALL), verbose=False)
-    assert state_hash(model) == before
-    with pytest.raises(ValueError, match=r"fc2: rank=9 must be <= min\(out, in\)=8"):
-        gsops.apply_(model, gsops.AdapterConfig(method="loldu", rank=9), verbose=False)
-    assert state_hash(model) == before
-    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv2d layer"):
-        gsops.apply_(model, gsops.AdapterConfig(target_modules=["nothing_here"]), verbose=False)
-    assert state_hash(model) == before
+    for kw, match in ((dict(block_size=32, target_modules=ALL), r"conv1: block_size=32 must divide in_channels\*kh\*kw=72"),
+                      (dict(method="loldu", rank=9), r"fc2: rank=9 must be <= min\(out, in\)=8"),
+                      (dict(target_modules=["nothing_here"]), "no nn.Linear / nn.Conv2d layer")):
+        assert_refused_unchanged(model, lambda: gsops.apply_(model, gsops.AdapterConfig(**kw), verbose=False), match)
 
 
 # ------------------------------------------------------------------ apply_ / revert_
@@ -190,27 +192,18 @@ def test_load_mismatch_raises_and_leaves_model_unchanged(tmp_path):
     gsops.save_adapter(model, tmp_path / "good")
 
     other = gsops.apply_(copy.deepcopy(base), gsops.AdapterConfig(block_size=8, target_modules=ALL), verbose=False)
-    before = state_hash(other)
-    with pytest.raises(ValueError, match="config differs"):
-        gsops.load_adapter(other, tmp_path / "good")
-    assert state_hash(other) == before
+    assert_refused_unchanged(other, lambda: gsops.load_adapter(other, tmp_path / "good"), "config differs")
 
     # same config, a layer of another shape
     wide = copy.deepcopy(base)
     wide.fc2 = nn.Linear(32, 16)
     wide = gsops.apply_(wide, gsops.AdapterConfig(block_size=4, target_modules=ALL), verbose=False)
-    before = state_hash(wide)
-    with pytest.raises(ValueError, match="fc2"):
-        gsops.load_adapter(wide, tmp_path / "good")
-    assert state_hash(wide) == before
+    assert_refused_unchanged(wide, lambda: gsops.load_adapter(wide, tmp_path / "good"), "fc2")
 
     # bare model of another shape: refused before anything is applied
     bare = copy.deepcopy(base)
     bare.fc2 = nn.Linear(32, 16)
-    before = state_hash(bare)
-    with pytest.raises(ValueError, match="fc2"):
-        gsops.load_adapter(bare, tmp_path / "good")
-    assert state_hash(bare) == before
+    assert_refused_unchanged(bare, lambda: gsops.load_adapter(bare, tmp_path / "good"), "fc2")
 
     # a tampered tensor file (a tensor of the wrong shape)
     from safetensors.torch import load_file, save_file
@@ -223,17 +216,11 @@ def test_load_mismatch_raises_and_leaves_model_unchanged(tmp_path):
     save_file(t, str(bad / "adapter_model.safetensors"))
     (bad / "adapter_config.json").write_text((tmp_path / "good" / "adapter_config.json").read_text())
     target = gsops.apply_(copy.deepcopy(base), gsops.AdapterConfig(block_size=4, target_modules=ALL), verbose=False)
-    before = state_hash(target)
-    with pytest.raises(ValueError, match=f"{key}"):
-        gsops.load_adapter(target, bad)
-    assert state_hash(target) == before
+    assert_refused_unchanged(target, lambda: gsops.load_adapter(target, bad), f"{key}")
 
     # a merged model is refused
     gsops.merge_(target)
-    before = state_hash(target)
-    with pytest.raises(ValueError, match="unmerge_"):
-        gsops.load_adapter(target, tmp_path / "good")
-    assert state_hash(target) == before
+    assert_refused_unchanged(target, lambda: gsops.load_adapter(target, tmp_path / "good"), "unmerge_")
 
     with pytest.raises(FileNotFoundError):
         gsops.load_adapter(target, tmp_path / "missing")
@@ -388,10 +375,9 @@ def test_shared_module_and_tied_weights():
     head = nn.Linear(8, 10, bias=False)
     head.weight = emb.weight  # tied, as in language models
     tied = nn.ModuleDict({"emb": emb, "head": head})
-    before = state_hash(tied)
-    with pytest.raises(ValueError, match="head: its weight is shared"):
-        gsops.apply_(tied, gsops.AdapterConfig(method="loldu", rank=2), verbose=False)
-    assert state_hash(tied) == before
+    assert_refused_unchanged(
+        tied, lambda: gsops.apply_(tied, gsops.AdapterConfig(method="loldu", rank=2), verbose=False),
+        "head: its weight is shared")
     gsops.apply_(tied, gsops.AdapterConfig(block_size=4), verbose=False)
     with pytest.raises(ValueError, match="tied weights"):
         gsops.merge_(tied)
