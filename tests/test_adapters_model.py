@@ -100,7 +100,8 @@ def test_config_validation_messages():
 def test_apply_error_names_layer_and_leaves_model_unchanged():
     model = Net()
     # conv1 has in_channels*kh*kw = 8*3*3 = 72, which block_size=32 does not divide
-    for kw, match in ((dict(block_size=32, target_modules=ALL), r"conv1: block_size=32 must divide in_channels\*kh\*kw=72"),
+    for kw, match in ((dict(block_size=32, target_modules=ALL),
+                       r"conv1: block_size=32 must divide in_channels\*kh\*kw=72"),
                       (dict(method="loldu", rank=9), r"fc2: rank=9 must be <= min\(out, in\)=8"),
                       (dict(target_modules=["nothing_here"]), "no nn.Linear / nn.Conv2d layer")):
         assert_refused_unchanged(model, lambda: gsops.apply_(model, gsops.AdapterConfig(**kw), verbose=False), match)

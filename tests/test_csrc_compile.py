@@ -149,11 +149,16 @@ def test_cmake_builds_kernels_driver_and_host_test(builds):
         assert (job.build / target).exists(), f"CMake did not produce {target}:\n{job.output}"
 
 
-@needs_cmake
-def test_host_logic_test_passes(builds):
+def _run_cmake_target(builds, exe):
+    """Wait for the CMake build (which must have succeeded) and run one of its executables."""
     job = builds["cmake"].wait()
     assert job.returncode == 0, f"CMake build failed:\n{job.output}"
-    res = subprocess.run([str(job.build / "gsops_host_test")], capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run([str(job.build / exe)], capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@needs_cmake
+def test_host_logic_test_passes(builds):
+    res = _run_cmake_target(builds, "gsops_host_test")
     assert res.returncode == 0 and " 0 failures" in res.stdout, res.stdout + res.stderr
     n_checks = int(res.stdout.split("gsops host logic test: ")[1].split(" checks")[0])
     assert n_checks > 500, res.stdout
@@ -161,18 +166,14 @@ def test_host_logic_test_passes(builds):
 
 @needs_cmake
 def test_gpu_driver_runs_or_says_no_gpu(builds):
-    job = builds["cmake"].wait()
-    assert job.returncode == 0, f"CMake build failed:\n{job.output}"
-    res = subprocess.run([str(job.build / "gsops_gpu_test")], capture_output=True, text=True, timeout=TIMEOUT)
+    res = _run_cmake_target(builds, "gsops_gpu_test")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no CUDA device" in res.stdout or " 0 failures" in res.stdout, res.stdout
 
 
 @needs_cmake
 def test_gpu_bench_runs_or_says_no_gpu(builds):
-    job = builds["cmake"].wait()
-    assert job.returncode == 0, f"CMake build failed:\n{job.output}"
-    res = subprocess.run([str(job.build / "gsops_gpu_bench")], capture_output=True, text=True, timeout=TIMEOUT)
+    res = _run_cmake_target(builds, "gsops_gpu_bench")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
