@@ -65,6 +65,40 @@ def _feature_index(p, q, r, b, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _group_features(pid_g, r, b, BB: tl.constexpr, G: tl.constexpr):
+    """Tile position ``c`` of block group ``pid_g``, its block ``p``, in-block index ``q`` and the valid mask."""
+    c = tl.arange(0, G * BB)
+    p = pid_g * G + c // BB
+    q = c % BB
+    valid = (q < b) & (p < r)
+    return c, p, q, valid
+
+
+@triton.jit
+def _block_diag_index(pid_g, c, valid, BB: tl.constexpr, G: tl.constexpr):
+    """Row/column tile positions of the group's ``TILE x TILE`` block-diagonal, its mask and each row's block."""
+    ci = c[:, None]
+    co = c[None, :]
+    same = (ci // BB == co // BB) & valid[:, None] & valid[None, :]
+    pb = (pid_g * G + ci // BB).to(tl.int64)
+    return ci, co, same, pb
+
+
+@triton.jit
+def _load_block_diag(w_ptr, pid_g, c, valid, b, BB: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr):
+    """The group's blocks as one block-diagonal ``W`` (off-diagonal blocks 0) with ``y = x @ W``.
+
+    ``W[c_in, c_out] = B[p, c_in, c_out]`` (``B^T x`` per block) when ``TRANS``, else ``B[p, c_out, c_in]`` (``B x``).
+    """
+    ci, co, same, pb = _block_diag_index(pid_g, c, valid, BB, G)
+    if TRANS:
+        w_off = pb * b * b + (ci % BB) * b + (co % BB)
+    else:
+        w_off = pb * b * b + (co % BB) * b + (ci % BB)
+    return tl.load(w_ptr + w_off, mask=same, other=0.0)
+
+
+@triton.jit
 def _block_step_kernel(
     x_ptr, w_ptr, y_ptr,
     N, r, b,
@@ -74,28 +108,16 @@ def _block_step_kernel(
     BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    TILE: tl.constexpr = G * BB
     pid = tl.program_id(0)
     pid_g = pid % n_groups  # block groups vary fastest: neighbouring programs share cache lines
     pid_n = pid // n_groups
 
-    c = tl.arange(0, TILE)
-    p = pid_g * G + c // BB
-    q = c % BB
-    valid = (q < b) & (p < r)
+    c, p, q, valid = _group_features(pid_g, r, b, BB, G)
     feat = _feature_index(p, q, r, b, LOAD).to(tl.int64)
     feat_out = _feature_index(p, q, r, b, STORE).to(tl.int64)
 
     # Block-diagonal weight of this group: W[c_in, c_out] so that y = x @ W.
-    ci = c[:, None]
-    co = c[None, :]
-    same = (ci // BB == co // BB) & valid[:, None] & valid[None, :]
-    pb = (pid_g * G + ci // BB).to(tl.int64)
-    if TRANS:  # y_e = sum_c B[p, c, e] x_c  (B^T x)
-        w_off = pb * b * b + (ci % BB) * b + (co % BB)
-    else:  # y_e = sum_c B[p, e, c] x_c  (B x)
-        w_off = pb * b * b + (co % BB) * b + (ci % BB)
-    w = tl.load(w_ptr + w_off, mask=same, other=0.0).to(DOT_DTYPE)
+    w = _load_block_diag(w_ptr, pid_g, c, valid, b, BB, G, TRANS).to(DOT_DTYPE)
 
     rows = tl.arange(0, BLOCK_N)
     for t in range(0, TILES_PER_PROG):
@@ -132,20 +154,13 @@ def _block_grad_kernel(
     pid_g = pid % n_groups
     split = pid // n_groups
 
-    c = tl.arange(0, TILE)
-    p = pid_g * G + c // BB
-    q = c % BB
-    valid = (q < b) & (p < r)
+    c, p, q, valid = _group_features(pid_g, r, b, BB, G)
     feat_g = _feature_index(p, q, r, b, G_LAYOUT).to(tl.int64)
     feat_x = _feature_index(p, q, r, b, X_LAYOUT).to(tl.int64)
 
     acc = tl.zeros((TILE, TILE), dtype=out_ptr.dtype.element_ty)  # float32 (float64 for float64 data)
     if WITH_DX:  # W[e, c] = B[p, e, c]: dx' = g' @ W is B^T g' per block
-        wi = c[:, None]
-        wo = c[None, :]
-        wsame = (wi // BB == wo // BB) & valid[:, None] & valid[None, :]
-        wp = (pid_g * G + wi // BB).to(tl.int64)
-        w = tl.load(w_ptr + wp * b * b + (wi % BB) * b + (wo % BB), mask=wsame, other=0.0).to(DOT_DTYPE)
+        w = _load_block_diag(w_ptr, pid_g, c, valid, b, BB, G, True).to(DOT_DTYPE)
     rows = tl.arange(0, BLOCK_N)
     for t in range(0, TILES_PER_SPLIT):
         n = (split * TILES_PER_SPLIT + t) * BLOCK_N + rows
@@ -166,10 +181,7 @@ def _block_grad_kernel(
             tl.store(dx_ptr + n64[:, None] * stride_dxn + feat_x[None, :] * stride_dxd,
                      dxt.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    ci = c[:, None]  # i (output index of the block)
-    cq = c[None, :]  # q (input index)
-    same = (ci // BB == cq // BB) & valid[:, None] & valid[None, :]
-    pb = (pid_g * G + ci // BB).to(tl.int64)
+    ci, cq, same, pb = _block_diag_index(pid_g, c, valid, BB, G)  # ci: i (output index of the block), cq: q (input)
     off = split.to(tl.int64) * r * b * b + pb * b * b + (ci % BB) * b + (cq % BB)
     tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=same)
 
