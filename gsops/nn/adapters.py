@@ -154,6 +154,13 @@ class Rotation(nn.Module):
 
     d: int
 
+    def __init__(self, d: int, block_size: int, n_factors: int, **cayley_kw):
+        """``n_factors`` factors of ``r = d / block_size`` Cayley blocks of size ``block_size`` each."""
+        super().__init__()
+        self.d, self.b = d, block_size
+        self.r = d // block_size
+        self.factors = CayleyBlocks(n_factors, self.r, block_size, **cayley_kw)
+
     def apply(self, x: torch.Tensor, blocks: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
@@ -175,10 +182,7 @@ class GSRotation(Rotation):
     """GSOFT's ``Q = P^T L P R``, ``P = perm(r, d)``; ``factors.params[0]`` is R, ``[1]`` is L."""
 
     def __init__(self, d: int, block_size: int, **cayley_kw):
-        super().__init__()
-        self.d, self.b = d, block_size
-        self.r = d // block_size
-        self.factors = CayleyBlocks(2, self.r, block_size, **cayley_kw)
+        super().__init__(d, block_size, 2, **cayley_kw)
 
     def apply(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
@@ -196,10 +200,7 @@ class BlockDiagRotation(Rotation):
     """OFT's ``Q = diag(C_1..C_r)``."""
 
     def __init__(self, d: int, block_size: int, **cayley_kw):
-        super().__init__()
-        self.d, self.b = d, block_size
-        self.r = d // block_size
-        self.factors = CayleyBlocks(1, self.r, block_size, **cayley_kw)
+        super().__init__(d, block_size, 1, **cayley_kw)
 
     def apply(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
@@ -240,10 +241,8 @@ class ButterflyRotation(Rotation):
     """BOFT's ``Q = F_0^T F_1^T ... F_{m-1}^T``, ``F_l^T = B_l C_l B_l^T``; ``factors.params[l]`` is level l."""
 
     def __init__(self, d: int, block_size: int, n_factors: int, **cayley_kw):
-        super().__init__()
-        self.d, self.b, self.m = d, block_size, n_factors
-        self.r = d // block_size
-        self.factors = CayleyBlocks(n_factors, self.r, block_size, **cayley_kw)
+        super().__init__(d, block_size, n_factors, **cayley_kw)
+        self.m = n_factors
         for level in range(n_factors):
             g = butterfly_index(d, block_size, level)
             self.register_buffer(f"gather_{level}", g, persistent=False)
