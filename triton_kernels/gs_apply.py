@@ -99,6 +99,24 @@ def _load_block_diag(w_ptr, pid_g, c, valid, b, BB: tl.constexpr, G: tl.constexp
 
 
 @triton.jit
+def _token_tile(tile, rows, N, valid):
+    """Token rows ``n`` (int64) of token tile ``tile`` (``rows = arange(BLOCK_N)``) and the in-range mask."""
+    n = tile * rows.shape[0] + rows
+    mask = (n < N)[:, None] & valid[None, :]
+    return n.to(tl.int64), mask
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """``a @ b``: full-precision ('ieee') with ``OUT_DTYPE`` accumulation when ``IEEE``, else Triton's default."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee", out_dtype=OUT_DTYPE)
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _block_step_kernel(
     x_ptr, w_ptr, y_ptr,
     N, r, b,
@@ -121,14 +139,9 @@ def _block_step_kernel(
 
     rows = tl.arange(0, BLOCK_N)
     for t in range(0, TILES_PER_PROG):
-        n = (pid_n * TILES_PER_PROG + t) * BLOCK_N + rows
-        n64 = n.to(tl.int64)
-        mask = (n < N)[:, None] & valid[None, :]
+        n64, mask = _token_tile(pid_n * TILES_PER_PROG + t, rows, N, valid)
         xt = tl.load(x_ptr + n64[:, None] * stride_xn + feat[None, :] * stride_xd, mask=mask, other=0.0)
-        if IEEE:
-            acc = tl.dot(xt.to(DOT_DTYPE), w, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(xt.to(DOT_DTYPE), w)
+        acc = _dot(xt.to(DOT_DTYPE), w, IEEE, ACC_DTYPE)
         tl.store(y_ptr + n64[:, None] * stride_yn + feat_out[None, :] * stride_yd,
                  acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -163,21 +176,12 @@ def _block_grad_kernel(
         w = _load_block_diag(w_ptr, pid_g, c, valid, b, BB, G, True).to(DOT_DTYPE)
     rows = tl.arange(0, BLOCK_N)
     for t in range(0, TILES_PER_SPLIT):
-        n = (split * TILES_PER_SPLIT + t) * BLOCK_N + rows
-        n64 = n.to(tl.int64)
-        mask = (n < N)[:, None] & valid[None, :]
+        n64, mask = _token_tile(split * TILES_PER_SPLIT + t, rows, N, valid)
         gt = tl.load(g_ptr + n64[:, None] * stride_gn + feat_g[None, :] * stride_gd, mask=mask, other=0.0)
         xt = tl.load(x_ptr + n64[:, None] * stride_xn + feat_x[None, :] * stride_xd, mask=mask, other=0.0)
-        if IEEE:
-            acc += tl.dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE), input_precision="ieee",
-                          out_dtype=out_ptr.dtype.element_ty)
-        else:
-            acc += tl.dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE))
+        acc += _dot(tl.trans(gt.to(DOT_DTYPE)), xt.to(DOT_DTYPE), IEEE, out_ptr.dtype.element_ty)
         if WITH_DX:
-            if IEEE:
-                dxt = tl.dot(gt.to(DOT_DTYPE), w, input_precision="ieee", out_dtype=out_ptr.dtype.element_ty)
-            else:
-                dxt = tl.dot(gt.to(DOT_DTYPE), w)
+            dxt = _dot(gt.to(DOT_DTYPE), w, IEEE, out_ptr.dtype.element_ty)
             tl.store(dx_ptr + n64[:, None] * stride_dxn + feat_x[None, :] * stride_dxd,
                      dxt.to(dx_ptr.dtype.element_ty), mask=mask)
 
