@@ -237,6 +237,12 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _tokens_and_output(x: torch.Tensor, d: int):
+    """``x``'s leading shape, ``x`` as (tokens, features) and an empty (tokens, d) output of its dtype and device."""
+    x2 = _as_2d(x)
+    return x.shape[:-1], x2, torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+
+
 def _num_warps(tile: int) -> int:
     # sm_90 compile (ptxas): with 4 warps a 64-wide tile needs 230-255 registers per thread and the
     # backward spills; 8 warps halve that
@@ -251,10 +257,8 @@ def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpos
     """
     r, b, _ = B.shape
     d = r * b
-    lead = x.shape[:-1]
-    x2 = _as_2d(x)
+    lead, x2, y2 = _tokens_and_output(x, d)
     n_tok = x2.shape[0]
-    y2 = torch.empty((n_tok, d), dtype=x.dtype, device=x.device)
     if n_tok == 0:
         return y2.reshape(*lead, d)
     Bc = B.contiguous()
@@ -433,10 +437,7 @@ def _gsoft_fused_kernel(
             xt = tl.load(x_ptr + n64[:, None] * stride_xn + (j * b + c).to(tl.int64)[None, :] * stride_xd,
                          mask=mask, other=0.0)
             w = tl.load(r_ptr + j.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            if IEEE:
-                t = tl.dot(xt.to(DOT_DTYPE), w, input_precision="ieee")
-            else:
-                t = tl.dot(xt.to(DOT_DTYPE), w)
+            t = _dot(xt.to(DOT_DTYPE), w, IEEE, tl.float32)  # float32: tl.dot's default accumulator
             tl.store(slab + slab_rows + (q * b + c)[None, :], t.to(x_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         # phase 2: y[i*r + p] = (L_p (P t)_p)_i
@@ -449,10 +450,7 @@ def _gsoft_fused_kernel(
                 t_idx = c * r + u
             tt = tl.load(slab + slab_rows + t_idx[None, :], mask=mask, other=0.0)
             w = tl.load(l_ptr + p.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            if IEEE:
-                yt = tl.dot(tt.to(DOT_DTYPE), w, input_precision="ieee")
-            else:
-                yt = tl.dot(tt.to(DOT_DTYPE), w)
+            yt = _dot(tt.to(DOT_DTYPE), w, IEEE, tl.float32)
             tl.store(y_ptr + n64[:, None] * stride_yn + (c * r + p).to(tl.int64)[None, :] * stride_yd,
                      yt.to(y_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the next item overwrites the slab
@@ -472,10 +470,8 @@ def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
     if b < 16:
         raise ValueError(f"gs_apply_fused needs block size b >= 16 (tl.dot tiles), got b={b}; use gs_apply")
     d = r * b
-    lead = x.shape[:-1]
-    x2 = _as_2d(x)
+    lead, x2, y2 = _tokens_and_output(x, d)
     n_tok = x2.shape[0]
-    y2 = torch.empty((n_tok, d), dtype=x.dtype, device=x.device)
     if n_tok == 0:
         return y2.reshape(*lead, d)
     bb = triton.next_power_of_2(b)
