@@ -40,6 +40,7 @@ tokens by masking ``n >= N``.  Accumulation is float32; half inputs are fed to
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -224,6 +225,27 @@ def _loop_count(n_tiles: int, n_groups: int, want_programs: int) -> int:
     return min(triton.next_power_of_2(n_tiles), 1 << (per.bit_length() - 1), 64)
 
 
+class _GroupGrid(NamedTuple):
+    bb: int                 # padded block size BB
+    g: int                  # blocks per program G
+    tile: int               # G * BB features per program
+    n_groups: int           # block groups (programs along the features)
+    block_n: int            # tokens per token tile
+    tiles_per_program: int  # token tiles looped inside one program
+    token_programs: int     # programs along the tokens (token splits of the backward)
+
+
+def _group_grid(r: int, b: int, n_tok: int, want_programs: int) -> _GroupGrid:
+    """Launch plan of a (block groups x token tiles) kernel over ``r`` blocks of size ``b`` and ``n_tok`` tokens."""
+    bb, g = _tiling(b)
+    tile = bb * g
+    n_groups = triton.cdiv(r, g)
+    block_n = _block_n(tile, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    per = _loop_count(n_tiles, n_groups, want_programs)
+    return _GroupGrid(bb, g, tile, n_groups, block_n, per, triton.cdiv(n_tiles, per))
+
+
 def _dot_config(dtype: torch.dtype, w_dtype: torch.dtype):
     """(DOT_DTYPE, IEEE): float32 'ieee' dots for float32/64 data and under the interpreter."""
     if dtype == torch.float64 or w_dtype == torch.float64:
@@ -262,21 +284,15 @@ def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpos
     if n_tok == 0:
         return y2.reshape(*lead, d)
     Bc = B.contiguous()
-    bb, g = _tiling(b)
-    tile = bb * g
-    n_groups = triton.cdiv(r, g)
-    block_n = _block_n(tile, n_tok)
-    n_tiles = triton.cdiv(n_tok, block_n)
-    tiles_per_prog = _loop_count(n_tiles, n_groups, 8 * _n_sm(x.device))
-    n_prog_n = triton.cdiv(n_tiles, tiles_per_prog)
+    grid = _group_grid(r, b, n_tok, 8 * _n_sm(x.device))
     dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
-    _block_step_kernel[(n_groups * n_prog_n,)](
+    _block_step_kernel[(grid.n_groups * grid.token_programs,)](
         x2, Bc, y2, n_tok, r, b,
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        n_groups,
-        TILES_PER_PROG=tiles_per_prog, LOAD=load, STORE=store, TRANS=bool(transpose),
-        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
-        ACC_DTYPE=tl.float64 if dot_dtype == tl.float64 else tl.float32, num_warps=_num_warps(tile),
+        grid.n_groups,
+        TILES_PER_PROG=grid.tiles_per_program, LOAD=load, STORE=store, TRANS=bool(transpose),
+        BB=grid.bb, G=grid.g, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC_DTYPE=tl.float64 if dot_dtype == tl.float64 else tl.float32, num_warps=_num_warps(grid.tile),
     )
     return y2.reshape(*lead, d)
 
@@ -295,27 +311,22 @@ def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout:
     if n_tok == 0:
         dB = torch.zeros((r, b, b), dtype=out_dtype, device=x.device)
         return dB if B is None else (dx2.reshape(x.shape), dB)
-    bb, g = _tiling(b)
-    tile = bb * g
-    n_groups = triton.cdiv(r, g)
-    block_n = _block_n(tile, n_tok)
-    n_tiles = triton.cdiv(n_tok, block_n)
-    tiles_per_split = _loop_count(n_tiles, n_groups, 4 * _n_sm(x.device))
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    grid = _group_grid(r, b, n_tok, 4 * _n_sm(x.device))
+    splits = grid.token_programs
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     partial = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
     dot_dtype, ieee = _dot_config(x.dtype, grad.dtype)
     with_dx = B is not None
     Bc = B.contiguous() if with_dx else partial
     dx_arg = dx2 if with_dx else partial
-    _block_grad_kernel[(n_groups * splits,)](
+    _block_grad_kernel[(grid.n_groups * splits,)](
         g2, x2, partial, Bc, dx_arg, n_tok, r, b,
         g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
         dx_arg.stride(0), dx_arg.stride(1),
-        n_groups,
-        TILES_PER_SPLIT=tiles_per_split, G_LAYOUT=grad_layout, X_LAYOUT=x_layout,
-        BB=bb, G=g, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee, WITH_DX=with_dx,
-        num_warps=_num_warps(tile),
+        grid.n_groups,
+        TILES_PER_SPLIT=grid.tiles_per_program, G_LAYOUT=grad_layout, X_LAYOUT=x_layout,
+        BB=grid.bb, G=grid.g, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee, WITH_DX=with_dx,
+        num_warps=_num_warps(grid.tile),
     )
     dB = partial.sum(0).to(out_dtype)
     return (dx2.reshape(x.shape), dB) if with_dx else dB
