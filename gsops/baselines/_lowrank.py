@@ -29,6 +29,14 @@ class LowRankAdapter(MergeableAdapter):
         self.d_in, self.d_out = n, m
         return base.weight.detach().reshape(m, n).to(torch.float64)
 
+    def _store_residual(self, W64: torch.Tensor, name: str) -> None:
+        """Write the frozen residual ``W - delta`` (delta from the stored, rounded factors) into the base weight."""
+        W = self.base_layer.weight
+        with torch.no_grad():
+            W.copy_((W64 - self._delta(torch.float64)).reshape(W.shape).to(W.dtype))
+        self.merged = False
+        self.name = name
+
     def _delta(self, dtype=None, initial: bool = False) -> torch.Tensor:
         """The ``m x n`` low-rank term (from the factors kept at initialisation when ``initial``)."""
         raise NotImplementedError

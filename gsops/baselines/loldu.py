@@ -40,10 +40,7 @@ class LoLDUAdapter(LowRankAdapter):
         self.z = nn.Parameter(D[:rank].to(W.dtype).clone())
         self.sigma = nn.Parameter(torch.ones((), dtype=W.dtype, device=W.device))
         self.register_buffer("z0", self.z.detach().clone(), persistent=False)
-        with torch.no_grad():
-            base.weight.copy_((W64 - self._dsm(torch.float64)).reshape(W.shape).to(W.dtype))
-        self.merged = False
-        self.name = name
+        self._store_residual(W64, name)
 
     def _dsm(self, dtype=None, z=None, sigma=None) -> torch.Tensor:
         z = self.z if z is None else z

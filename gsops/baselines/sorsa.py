@@ -33,13 +33,9 @@ class SORSAAdapter(LowRankAdapter):
         self.U = nn.Parameter(Up.to(W.dtype).clone())
         self.S = nn.Parameter(Sp.to(W.dtype).clone())
         self.Vh = nn.Parameter(Vhp.to(W.dtype).clone())
-        principal = self._principal(torch.float64)  # from the stored (rounded) factors
         for key, t in (("U0", self.U), ("S0", self.S), ("Vh0", self.Vh)):
             self.register_buffer(key, t.detach().clone(), persistent=False)
-        with torch.no_grad():
-            base.weight.copy_((W64 - principal).reshape(W.shape).to(W.dtype))
-        self.merged = False
-        self.name = name
+        self._store_residual(W64, name)  # W_r = W - W_p from the stored (rounded) factors
 
     def _principal(self, dtype=None, factors=None) -> torch.Tensor:
         U, S, Vh = factors or (self.U, self.S, self.Vh)
