@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (requirements-dev.txt)")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch import nn
 
 import gsops

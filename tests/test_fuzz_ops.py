@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (requirements-dev.txt)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import gsops
 from gsops.tolerances import tol
