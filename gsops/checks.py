@@ -11,6 +11,12 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every op accumulates in: float32 for float16/bfloat16 inputs, else the input's own."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 # Checking parameters for NaN/inf costs a device sync; it is on by default and
 # can be switched off for production runs (GSOPS_CHECK_FINITE=0 or

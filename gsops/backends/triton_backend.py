@@ -23,6 +23,7 @@ from triton_kernels import gs_apply as _gs
 import warnings
 
 from .. import reference as ref
+from ..checks import accumulate_dtype
 from ..ops import custom, dispatch
 
 DESCRIPTION = f"Triton {triton.__version__} kernels (triton_kernels/)"
@@ -44,10 +45,6 @@ def _kernels_run(op: str, tensors, b: int) -> bool:
         _warned.add(op)
         warnings.warn(f"gsops: {op} on the triton backend uses the torch reference path ({reason})")
     return False
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def block_diag_mm(x, B):
@@ -90,13 +87,13 @@ def cayley_exact(K: torch.Tensor) -> torch.Tensor:
     """Q in K's dtype, computed in float32 (float64 for float64 K)."""
     if not _kernels_run("cayley_exact", (K,), K.shape[-1]):
         return ref.cayley_exact(K)
-    return _cayley.cayley_exact(K.to(_acc(K.dtype))).to(K.dtype)
+    return _cayley.cayley_exact(K.to(accumulate_dtype(K.dtype))).to(K.dtype)
 
 
 def cayley_exact_backward(grad: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     if not _kernels_run("cayley_exact_backward", (Q,), Q.shape[-1]):
         return custom.cayley_exact_backward_torch(grad, Q)
-    return _cayley.cayley_exact_backward(grad.to(_acc(Q.dtype)), Q.to(_acc(Q.dtype))).to(Q.dtype)
+    return _cayley.cayley_exact_backward(grad.to(accumulate_dtype(Q.dtype)), Q.to(accumulate_dtype(Q.dtype))).to(Q.dtype)
 
 
 def cayley_neumann(K, terms):

@@ -15,14 +15,11 @@ import torch
 
 from .. import reference as ref
 from ..checks import (
-    check_blocks, check_divides, check_features, check_finite, check_int, check_same_device, check_tensor,
+    accumulate_dtype, check_blocks, check_divides, check_features, check_finite, check_int, check_same_device, check_tensor,
     has_values,
 )
 from ..reference.cayley import neumann_error_bound, spectral_norm
 from . import custom, dispatch
-
-_HALF = (torch.float16, torch.bfloat16)
-
 
 def _backend(op: str, device: torch.device, *tensors: torch.Tensor) -> str:
     """The backend for ``op``; when a gradient will flow, it must also have ``op``'s backward."""
@@ -125,7 +122,7 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
             raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {asym:.3g}")
     if method == "exact":
         # the op works in float32 (float64 for float64 K) and saves Q = 2M - I for its backward
-        acc = torch.float32 if K.dtype in _HALF else K.dtype
+        acc = accumulate_dtype(K.dtype)
         return custom.cayley_exact(K.to(acc), _backend("cayley_exact", K.device, K)).to(K.dtype)
     terms = check_int("terms", terms, minimum=1)
     if K.numel():

@@ -32,15 +32,9 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..checks import accumulate_dtype
 from ..perm import _permute_unchecked
 from . import dispatch
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
-
 
 def _fresh(t: Tensor) -> Tensor:
     return t.contiguous()
@@ -51,7 +45,7 @@ def _fresh(t: Tensor) -> Tensor:
 def _block_grad_torch(grad: Tensor, x: Tensor, B: Tensor) -> Tensor:
     """``dB_p = sum_n g_{n,p} x_{n,p}^T`` for ``y = diag(B) x``."""
     r, b, _ = B.shape
-    acc = torch.promote_types(_acc(grad.dtype), _acc(x.dtype))
+    acc = torch.promote_types(accumulate_dtype(grad.dtype), accumulate_dtype(x.dtype))
     g = grad.reshape(-1, r, b).to(acc)
     xx = x.reshape(-1, r, b).to(acc)
     return torch.einsum("nri,nrq->riq", g, xx).to(B.dtype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import accumulate_dtype
+
 
 def _triu_index(b: int, device=None):
     return torch.triu_indices(b, b, offset=1, device=device)
@@ -30,7 +32,7 @@ def unskew(K: torch.Tensor) -> torch.Tensor:
 class _CayleyExact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, K):
-        acc = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
+        acc = accumulate_dtype(K.dtype)
         Kc = K.to(acc)
         eye = torch.eye(K.shape[-1], dtype=acc, device=K.device)
         # I - K has singular values >= 1 (its symmetric part is I), so the explicit inverse is as

@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import accumulate_dtype
 from ..perm import _permute_unchecked
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
-
 
 def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``diag(B_1..B_r) x``: block i of x (entries i*b..(i+1)*b-1) is multiplied by B_i."""
     r, b, _ = B.shape
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     xb = x.reshape(*x.shape[:-1], r, b).to(acc)
     y = torch.einsum("...rj,rij->...ri", xb, B.to(acc))
     return y.reshape(x.shape).to(x.dtype)

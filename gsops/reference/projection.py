@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import accumulate_dtype
 from ..perm import gather_index
 
 
@@ -43,7 +44,7 @@ def gs_project(W: torch.Tensor, block_size: int):
     d = W.shape[0]
     b = block_size
     r = d // b
-    acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    acc = accumulate_dtype(W.dtype)
     A = W.to(acc)[gather_index(r, d).to(W.device)]  # rows of P W
     blocks = A.reshape(r, b, r, b).permute(0, 2, 1, 3)  # blocks[k1, k2] = A_{k1 k2}
     U, S, Vh = torch.linalg.svd(blocks)
