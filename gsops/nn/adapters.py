@@ -78,7 +78,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..checks import FLOAT_DTYPES, check_divides, check_finite_enabled, check_inputs_enabled, check_int
+from ..checks import (
+    FLOAT_DTYPES, check_divides, check_finite_enabled, check_inputs_enabled, check_int, has_values,
+)
 from ..perm import invert, permute
 from ..reference.cayley import neumann_error_bound, spectral_norm
 
@@ -122,7 +124,7 @@ class CayleyBlocks(nn.Module):
     def neumann_bound(self, K: torch.Tensor | None = None) -> tuple[float, float]:
         """``(max ||K||_2, error bound 2||K||^(t+1)/(1-||K||))`` over the blocks (inf when ``||K|| >= 1``)."""
         K = self.skew_matrices() if K is None else K
-        if not K.numel() or K.device.type == "meta" or torch.compiler.is_compiling():
+        if not K.numel() or not has_values(K):
             return 0.0, 0.0
         norm = float(spectral_norm(K).max())
         if not math.isfinite(norm) or norm >= 1:
@@ -339,7 +341,7 @@ class MergeableAdapter(nn.Module):
     def nonfinite_parameters(self) -> list:
         """Names of adapter parameters holding NaN or inf (one device sync for all of them)."""
         named = [(n, p) for n, p in self.adapter_named_parameters() if p.numel()]
-        if not named or named[0][1].device.type == "meta" or torch.compiler.is_compiling():
+        if not named or not has_values(named[0][1]):
             return []
         with torch.no_grad():
             ok = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
@@ -385,7 +387,7 @@ class MergeableAdapter(nn.Module):
                     f"{self.name}: input x must be (N, C, H, W) or (C, H, W) with C = in_channels={base.in_channels}, "
                     f"got shape {tuple(x.shape)}"
                 )
-        if check_inputs_enabled() and x.numel() and x.device.type != "meta" and not torch.compiler.is_compiling():
+        if check_inputs_enabled() and x.numel() and has_values(x):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{self.name}: input x contains NaN or inf (GSOPS_CHECK_INPUTS=1 is on)")
 
