@@ -6,9 +6,10 @@ import warnings
 
 from torch import nn
 
+from ..baselines._lowrank import check_low_rank_layer
 from ..baselines.loldu import LoLDUAdapter
 from ..baselines.sorsa import SORSAAdapter
-from ..nn.adapters import MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer, check_base_layer, layer_dims
+from ..nn.adapters import MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer
 from .config import AdapterConfig, ORTHOGONAL
 
 ADAPTER_TYPES = (OrthogonalAdapter, SORSAAdapter, LoLDUAdapter)
@@ -83,12 +84,7 @@ def _validate(name, layer, config):
     if config.method in ORTHOGONAL:
         check_orthogonal_layer(name, layer, config.method, config.block_size, config.n_factors)
     else:
-        check_base_layer(name=name, base=layer)
-        d_in, d_out = layer_dims(layer)
-        if config.rank > min(d_in, d_out):
-            raise ValueError(
-                f"{name}: rank={config.rank} must be <= min(out, in)={min(d_in, d_out)} (weight is {d_out} x {d_in})"
-            )
+        check_low_rank_layer(name, layer, config.rank)
 
 
 def _make(name, layer, config):

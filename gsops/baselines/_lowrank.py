@@ -16,14 +16,21 @@ from ..checks import check_int
 from ..nn.adapters import MergeableAdapter, check_base_layer, layer_dims
 
 
+def check_low_rank_layer(name: str, base: nn.Module, rank: int) -> int:
+    """Raise, naming the layer and the numbers, when a rank-``rank`` low-rank adapter cannot wrap ``base``."""
+    check_base_layer(base, name)
+    rank = check_int("rank", rank)
+    n, m = layer_dims(base)
+    if rank > min(m, n):
+        raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
+    return rank
+
+
 class LowRankAdapter(MergeableAdapter):
     def _init_low_rank(self, base: nn.Module, rank: int, name: str) -> torch.Tensor:
         """Check ``base`` and ``rank`` (naming the layer), record them; the weight as ``m x n`` float64."""
-        check_base_layer(base, name)
-        rank = check_int("rank", rank)
+        rank = check_low_rank_layer(name, base, rank)
         n, m = layer_dims(base)
-        if rank > min(m, n):
-            raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
         self.base_layer = base
         self.rank = rank
         self.d_in, self.d_out = n, m
