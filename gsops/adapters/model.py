@@ -138,9 +138,8 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
             made[id(layer)] = adapter
         setattr(parent, child_name, made[id(layer)])
     for _, m in adapter_layers(model):
-        for pname, p in m.named_parameters():
-            if not pname.startswith("base_layer."):
-                p.requires_grad_(True)
+        for _, p in m.adapter_named_parameters():
+            p.requires_grad_(True)
     if skipped:
         warnings.warn("gsops.apply_ left matched layers alone: " + "; ".join(f"{n}: {w}" for n, w in skipped))
     model._gsops_skipped = skipped
@@ -151,12 +150,7 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
 
 def adapter_parameters(model: nn.Module) -> list:
     """``(qualified name, parameter)`` of every adapter parameter (not the base layers')."""
-    out = []
-    for lname, m in adapter_layers(model):
-        for pname, p in m.named_parameters():
-            if not pname.startswith("base_layer."):
-                out.append((f"{lname}.{pname}", p))
-    return out
+    return [(f"{lname}.{pname}", p) for lname, m in adapter_layers(model) for pname, p in m.adapter_named_parameters()]
 
 
 def adapter_summary(model: nn.Module) -> AdapterSummary:
