@@ -1,6 +1,7 @@
 // GPU test driver: runs every launcher of kernels.h against naive CPU loops (float32
 // and one fp16/bf16 pass for the GS kernel). With no CUDA device it says so and exits 0.
-// Build and run: cmake -B build -G Ninja && cmake --build build && ./build/gsops_gpu_test
+// Build and run: cmake -B build -G Ninja && cmake --build build && ./build/gsops_gpu_test [gs] [cayley] [conv]
+// Without a GPU the same driver runs on the CPU under the emulator: python csrc/emu/run.py
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -233,7 +234,23 @@ static void test_conv(ConvShape s, int terms) {
   expect_close(download(dgw), want, 1e-3, "conv_exp weight gradient " + tag);
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // Optional arguments: the groups to run (gs, cayley, conv); all of them by default.
+  const char* groups[] = {"gs", "cayley", "conv"};
+  for (int i = 1; i < argc; ++i) {
+    bool known = false;
+    for (const char* g : groups) known = known || std::string(argv[i]) == g;
+    if (!known) {
+      std::printf("usage: %s [gs] [cayley] [conv]  (unknown group '%s')\n", argv[0], argv[i]);
+      return 2;
+    }
+  }
+  auto want = [&](const char* g) {
+    if (argc < 2) return true;
+    for (int i = 1; i < argc; ++i)
+      if (std::string(argv[i]) == g) return true;
+    return false;
+  };
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -244,20 +261,25 @@ int main() {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("gsops GPU test driver on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
-  const int shapes[][3] = {{3, 1, 37}, {4, 2, 19}, {5, 3, 33}, {2, 8, 65}, {4, 16, 70}, {3, 32, 40}, {2, 64, 17}, {2, 128, 9}};
-  for (auto& sh : shapes) test_gs<float>(DType::F32, sh[0], sh[1], sh[2], 1e-5);
-  // fp16/bf16 with b % 16 == 0 take the tensor-core path (unless GSOPS_CUDA_NO_MMA=1), the others the FMA path
-  test_gs<__half>(DType::F16, 4, 16, 70, 5e-3);
-  test_gs<__half>(DType::F16, 3, 64, 130, 5e-3);
-  test_gs<__half>(DType::F16, 5, 3, 33, 5e-3);
-  test_gs<__nv_bfloat16>(DType::BF16, 3, 32, 40, 3e-2);
-  test_gs<__nv_bfloat16>(DType::BF16, 2, 128, 100, 3e-2);
-  test_gs<__nv_bfloat16>(DType::BF16, 4, 8, 65, 3e-2);
-  test_gs<float>(DType::F32, 2, 8, 1200, 1e-5);  // several grad chunks per block
-  for (int b : {1, 2, 3, 8, 16, 32, 64, 128}) test_cayley(b, 5);
-  test_conv({2, 8, 6, 7, 2, 3, 3}, 5);
-  test_conv({1, 4, 5, 5, 1, 1, 1}, 4);
-  test_conv({1, 64, 40, 40, 1, 3, 3}, 2);  // 3*64*40*40 floats > shared memory: stepped path
+  if (want("gs")) {
+    const int shapes[][3] = {{3, 1, 37}, {4, 2, 19}, {5, 3, 33}, {2, 8, 65}, {4, 16, 70}, {3, 32, 40}, {2, 64, 17}, {2, 128, 9}};
+    for (auto& sh : shapes) test_gs<float>(DType::F32, sh[0], sh[1], sh[2], 1e-5);
+    // fp16/bf16 with b % 16 == 0 take the tensor-core path (unless GSOPS_CUDA_NO_MMA=1), the others the FMA path
+    test_gs<__half>(DType::F16, 4, 16, 70, 5e-3);
+    test_gs<__half>(DType::F16, 3, 64, 130, 5e-3);
+    test_gs<__half>(DType::F16, 5, 3, 33, 5e-3);
+    test_gs<__nv_bfloat16>(DType::BF16, 3, 32, 40, 3e-2);
+    test_gs<__nv_bfloat16>(DType::BF16, 2, 128, 100, 3e-2);
+    test_gs<__nv_bfloat16>(DType::BF16, 4, 8, 65, 3e-2);
+    test_gs<float>(DType::F32, 2, 8, 1200, 1e-5);  // several grad chunks per block
+  }
+  if (want("cayley"))
+    for (int b : {1, 2, 3, 8, 16, 32, 64, 128}) test_cayley(b, 5);
+  if (want("conv")) {
+    test_conv({2, 8, 6, 7, 2, 3, 3}, 5);
+    test_conv({1, 4, 5, 5, 1, 1, 1}, 4);
+    test_conv({1, 64, 40, 40, 1, 3, 3}, 2);  // 3*64*40*40 floats > shared memory: stepped path
+  }
   std::printf("gsops GPU test driver: %d checks, %d failures\n", g_checks, g_fail);
   return g_fail ? 1 : 0;
 }

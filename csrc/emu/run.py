@@ -1,0 +1,171 @@
+"""Build and run the CUDA kernels of csrc/ on the CPU under the gsops CUDA emulator.
+
+    python csrc/emu/run.py                  # build (g++, AddressSanitizer + UBSan), run the GPU test driver 3 ways
+    python csrc/emu/run.py --modes mma      # one way only (mma | fma | reverse)
+    python csrc/emu/run.py --no-sanitize    # faster build, no out-of-bounds / overflow detection
+    python csrc/emu/run.py cayley           # one group of the driver (gs | cayley | conv)
+
+The kernels and ``csrc/tests/gpu_test_driver.cu`` are compiled as written, after two
+source rewrites that plain C++ cannot express (``k<<<grid, block, smem, stream>>>(args)``
+-> ``gsops_emu::launch(k, "k", __FILE__, __LINE__, grid, block, smem, stream)(args)`` and
+``extern __shared__ T name[];`` -> ``T* name = gsops_emu::dynamic_smem<T>();``), against
+the headers in ``csrc/emu/include`` (see ``gsops_emu.h`` for what is modelled and checked).
+
+Modes (the driver is the same binary; what changes is its environment):
+  mma      sm_90 model, fp16/bf16 with b % 16 == 0 on the WMMA tensor-core path
+  fma      GSOPS_CUDA_NO_MMA=1: every dtype on the fp32-FMA path
+  reverse  GSOPS_EMU_ORDER=reverse: threads of a block run last-to-first between barriers,
+           so a missing __syncthreads() shows up whichever thread writes the data
+
+This executes the kernels' logic; it says nothing about speed, and a GPU run
+(``./build/gsops_gpu_test``) is still the final word.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parent
+EMU_INCLUDE = HERE / "include"
+
+MODES = {
+    "mma": {},
+    "fma": {"GSOPS_CUDA_NO_MMA": "1"},
+    "reverse": {"GSOPS_EMU_ORDER": "reverse"},
+}
+
+# callee: an identifier, optionally with one template argument list (load_kernel<T>)
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def translate(text: str, origin: str) -> str:
+    """Rewrite the two CUDA-only constructs; every other line is kept (line numbers too)."""
+
+    def launch(m: re.Match) -> str:
+        callee, cfg = m.group(1), m.group(2)
+        return f'::gsops_emu::launch({callee}, "{callee}", __FILE__, __LINE__, {cfg})('
+
+    def smem(m: re.Match) -> str:
+        ctype, name = " ".join(m.group(1).split()), m.group(2)
+        return f"{ctype}* {name} = ::gsops_emu::dynamic_smem<{ctype}>();"
+
+    out = _DYN_SMEM.sub(smem, _LAUNCH.sub(launch, text))
+    if "<<<" in out or re.search(r"\bextern\s+__shared__", out):
+        raise ValueError(f"{origin}: a kernel launch or extern __shared__ declaration the emulator cannot rewrite")
+    return f'#line 1 "{origin}"\n' + out
+
+
+def _sources(csrc: Path) -> list[Path]:
+    return sorted(csrc.glob("*.cu")) + [csrc / "tests" / "gpu_test_driver.cu"]
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return cxx
+
+
+def _flags(csrc: Path, sanitize: bool) -> list[str]:
+    """Compiler flags; with ``sanitize`` the file is built with AddressSanitizer and UBSan."""
+    flags = [
+        "-std=c++17", "-g", "-O1", "-fno-omit-frame-pointer", "-Wall", "-Wno-unused-function",
+        "-D__CUDACC__", "-D__CUDA_ARCH__=900",
+        f"-I{EMU_INCLUDE}", f"-I{csrc}", f"-I{csrc / 'tests'}",
+        "-include", str(EMU_INCLUDE / "gsops_emu.h"),
+    ]
+    if sanitize:
+        flags += ["-fsanitize=address,signed-integer-overflow,shift,bounds", "-fno-sanitize-recover=all"]
+    return flags
+
+
+def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = True, sources=None,
+          exe_name: str | None = None) -> Path:
+    """Translate and compile the kernels and the driver (or ``sources``); returns the executable.
+
+    ``csrc`` may be a copy of csrc/ (the mutation tests edit one). Objects are cached in
+    ``build_dir`` by the hash of their translated text, headers and flags, so a rebuild after a
+    change recompiles only the files that changed.
+    """
+    csrc = Path(csrc).resolve()
+    build_dir = Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cxx = _compiler()
+    emu_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(EMU_INCLUDE.iterdir()))).hexdigest()
+    headers = b"".join(p.read_bytes() for p in sorted((csrc / "include").rglob("*")) if p.is_file())
+    procs, objects = [], []
+    for src in sources or _sources(csrc):
+        try:
+            origin = str(src.relative_to(csrc.parent))
+        except ValueError:
+            origin = str(src)
+        text = translate(src.read_text(), origin)
+        # The kernels get the sanitizers; the driver's host-side oracles (plain loops) do not need them.
+        flags = _flags(csrc, sanitize and src.name != "gpu_test_driver.cu")
+        key = hashlib.sha256(
+            "\0".join([text, cxx, *(f.replace(str(csrc), "<csrc>") for f in flags), emu_hash]).encode() + headers
+        ).hexdigest()[:16]
+        cpp = build_dir / f"{src.stem}.{key}.cpp"
+        obj = cpp.with_suffix(".o")
+        objects.append(obj)
+        if obj.exists():
+            continue
+        cpp.write_text(text)
+        cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp), "-o", str(obj)]
+        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    errors = []
+    for cmd, proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            errors.append("$ " + " ".join(cmd) + "\n" + out)
+    if errors:
+        raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    exe = build_dir / (exe_name or ("gsops_emu_test" + ("" if sanitize else "_nosan")))
+    link = [cxx, *[f for f in _flags(csrc, sanitize) if f.startswith("-fsanitize") or f == "-g"], *map(str, objects),
+            "-o", str(exe)]
+    res = subprocess.run(link, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        raise RuntimeError("emulator link failed:\n$ " + " ".join(link) + "\n" + res.stdout)
+    return exe
+
+
+def run(exe: Path, mode: str = "mma", args=(), timeout: float = 900, env_extra=None) -> subprocess.CompletedProcess:
+    """Runs the driver (with ``args``, e.g. its groups) in one mode; output (stdout + stderr) in .stdout."""
+    env = dict(os.environ)
+    for k in ("GSOPS_CUDA_NO_MMA", "GSOPS_EMU_ORDER", "GSOPS_EMU_SM", "GSOPS_EMU_STATS"):
+        env.pop(k, None)
+    env.update(MODES[mode])
+    env.update(env_extra or {})
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+    return subprocess.run([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["mma", "fma", "reverse"])
+    ap.add_argument("--no-sanitize", action="store_true", help="build without AddressSanitizer/UBSan")
+    ap.add_argument("--build-dir", type=Path, default=None)
+    ap.add_argument("groups", nargs="*", help="driver groups to run (gs, cayley, conv); all by default")
+    args = ap.parse_args(argv)
+    exe = build(build_dir=args.build_dir, sanitize=not args.no_sanitize)
+    status = 0
+    for mode in args.modes:
+        res = run(exe, mode, args.groups)
+        print(f"== mode {mode} ({' '.join(f'{k}={v}' for k, v in MODES[mode].items()) or 'defaults'}): "
+              f"exit {res.returncode}")
+        print(res.stdout.rstrip())
+        status = status or res.returncode
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
