@@ -5,10 +5,28 @@
 // contiguity, shapes) with messages naming the argument before it launches;
 // the Python side (gsops.ops) has already validated the user's call.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#ifdef GSOPS_EMULATOR
+// csrc/emu: the same binding over CPU tensors, the kernels run by the CUDA emulator on the CPU
+// (python csrc/emu/run.py --extension). Only the device rules, the guard and the stream differ.
+#define GSOPS_ON_DEVICE(t) (t).is_cpu()
+#define GSOPS_DEVICE_WORD "a CPU tensor (gsops CUDA emulator)"
+#define GSOPS_GUARD(t)
+#define GSOPS_STREAM nullptr
+#define GSOPS_DEVICE_INDEX(t) 0
+#define GSOPS_DISPATCH_KEY CPU
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define GSOPS_ON_DEVICE(t) (t).is_cuda()
+#define GSOPS_DEVICE_WORD "a CUDA tensor"
+#define GSOPS_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#define GSOPS_STREAM c10::cuda::getCurrentCUDAStream()
+#define GSOPS_DEVICE_INDEX(t) (t).get_device()
+#define GSOPS_DISPATCH_KEY CUDA
+#endif
 
 #include <string>
 #include <tuple>
@@ -21,7 +39,7 @@ using at::Tensor;
 
 void check_cuda(const char* name, const Tensor& t) {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
+  TORCH_CHECK(GSOPS_ON_DEVICE(t), name, " must be " GSOPS_DEVICE_WORD ", got a tensor on ", t.device());
 }
 
 void check_contiguous(const char* name, const Tensor& t) {
@@ -84,12 +102,12 @@ Tensor block_diag_perm(const Tensor& x, const Tensor& blocks, int64_t in_mode, i
   check_same_device("x", x, "blocks", blocks);
   check_mode("in_mode", in_mode);
   check_mode("out_mode", out_mode);
-  const c10::cuda::CUDAGuard guard(x.device());
+  GSOPS_GUARD(x);
   const Tensor Bf = blocks.to(at::kFloat).contiguous();
   Tensor y = at::empty_like(x);
   check_launch(gsops::block_diag_perm(dtype_of("x", x), x.data_ptr(), Bf.data_ptr<float>(), y.data_ptr(), n_tokens,
                                       (int)r, (int)b, (int)in_mode, (int)out_mode, transpose_blocks,
-                                      c10::cuda::getCurrentCUDAStream()),
+                                      GSOPS_STREAM),
                "block_diag_perm");
   return y;
 }
@@ -105,11 +123,11 @@ Tensor block_diag_perm_grad_blocks(const Tensor& dy, const Tensor& x, int64_t r,
   check_same_dtype("dy", dy, "x", x);
   check_mode("in_mode", in_mode);
   check_mode("out_mode", out_mode);
-  const c10::cuda::CUDAGuard guard(x.device());
+  GSOPS_GUARD(x);
   Tensor dB = at::zeros({r, b, b}, x.options().dtype(at::kFloat));
   check_launch(gsops::block_diag_perm_grad_blocks(dtype_of("x", x), dy.data_ptr(), x.data_ptr(), dB.data_ptr<float>(),
                                                   n_tokens, (int)r, (int)b, (int)in_mode, (int)out_mode,
-                                                  c10::cuda::getCurrentCUDAStream()),
+                                                  GSOPS_STREAM),
                "block_diag_perm_grad_blocks");
   return dB;
 }
@@ -128,11 +146,11 @@ std::tuple<Tensor, Tensor> cayley_forward(const Tensor& K) {
   check_square_batch("K", K);
   const int64_t b = K.size(-1);
   const int64_t n_mats = K.numel() / (b * b);
-  const c10::cuda::CUDAGuard guard(K.device());
+  GSOPS_GUARD(K);
   Tensor Q = at::empty_like(K);
   Tensor M = at::empty(K.sizes(), K.options().dtype(at::kFloat));
   check_launch(gsops::cayley_forward(dtype_of("K", K), K.data_ptr(), M.data_ptr<float>(), Q.data_ptr(), n_mats, (int)b,
-                                     c10::cuda::getCurrentCUDAStream()),
+                                     GSOPS_STREAM),
                "cayley_forward");
   return {Q, M};
 }
@@ -145,10 +163,10 @@ Tensor cayley_backward(const Tensor& M, const Tensor& G) {
   TORCH_CHECK(M.sizes() == G.sizes(), "M and G must have the same shape, got ", M.sizes(), " and ", G.sizes());
   check_same_device("M", M, "G", G);
   const int64_t b = G.size(-1);
-  const c10::cuda::CUDAGuard guard(G.device());
+  GSOPS_GUARD(G);
   Tensor dK = at::empty_like(G);
   check_launch(gsops::cayley_backward(dtype_of("G", G), M.data_ptr<float>(), G.data_ptr(), dK.data_ptr(),
-                                      G.numel() / (b * b), (int)b, c10::cuda::getCurrentCUDAStream()),
+                                      G.numel() / (b * b), (int)b, GSOPS_STREAM),
                "cayley_backward");
   return dK;
 }
@@ -177,14 +195,14 @@ gsops::ConvShape check_conv(const Tensor& x, const Tensor& weight, int64_t group
 
 Tensor conv_exp_forward(const Tensor& x, const Tensor& weight, int64_t terms, int64_t groups, bool adjoint) {
   const gsops::ConvShape s = check_conv(x, weight, groups, terms);
-  const c10::cuda::CUDAGuard guard(x.device());
+  GSOPS_GUARD(x);
   const Tensor wf = weight.to(at::kFloat).contiguous();
-  const int device = x.get_device();
+  const int device = GSOPS_DEVICE_INDEX(x);
   Tensor ws = at::empty({(int64_t)gsops::conv_exp_forward_workspace(s, device)}, x.options().dtype(at::kFloat));
   Tensor y = at::empty_like(x);
   check_launch(gsops::conv_exp_forward(dtype_of("x", x), x.data_ptr(), wf.data_ptr<float>(), y.data_ptr(),
                                        ws.numel() ? ws.data_ptr<float>() : nullptr, s, (int)terms, adjoint, device,
-                                       c10::cuda::getCurrentCUDAStream()),
+                                       GSOPS_STREAM),
                "conv_exp_forward");
   return y;
 }
@@ -194,14 +212,14 @@ Tensor conv_exp_weight_grad(const Tensor& x, const Tensor& dy, const Tensor& wei
   check_cuda("dy", dy);
   TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
   check_same_device("dy", dy, "x", x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  GSOPS_GUARD(x);
   const Tensor xf = x.to(at::kFloat).contiguous(), dyf = dy.to(at::kFloat).contiguous();
   const Tensor wf = weight.to(at::kFloat).contiguous();
   Tensor ws = at::empty({(int64_t)gsops::conv_exp_weight_grad_workspace(s, (int)terms)}, x.options().dtype(at::kFloat));
   Tensor dw = at::zeros(weight.sizes(), x.options().dtype(at::kFloat));
   check_launch(gsops::conv_exp_weight_grad(xf.data_ptr<float>(), dyf.data_ptr<float>(), wf.data_ptr<float>(),
                                            dw.data_ptr<float>(), ws.data_ptr<float>(), s, (int)terms,
-                                           c10::cuda::getCurrentCUDAStream()),
+                                           GSOPS_STREAM),
                "conv_exp_weight_grad");
   return dw;
 }
@@ -217,7 +235,7 @@ TORCH_LIBRARY(gsops_cuda, m) {
   m.def("conv_exp_weight_grad(Tensor x, Tensor dy, Tensor weight, int terms, int groups) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gsops_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(gsops_cuda, GSOPS_DISPATCH_KEY, m) {
   m.impl("block_diag_perm", &block_diag_perm);
   m.impl("block_diag_perm_grad_blocks", &block_diag_perm_grad_blocks);
   m.impl("cayley_forward", &cayley_forward);
@@ -233,4 +251,9 @@ TORCH_LIBRARY_IMPL(gsops_cuda, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gsops CUDA kernels; the ops are registered as torch.ops.gsops_cuda.*";
   m.attr("max_block") = gsops::kMaxBlock;
+#ifdef GSOPS_EMULATOR
+  m.attr("emulated") = true;
+#else
+  m.attr("emulated") = false;
+#endif
 }

@@ -166,3 +166,27 @@ def test_translation_rewrites_launches_and_dynamic_shared_memory():
     assert out.count("\n") == src.count("\n") + 1  # line numbers kept
     with pytest.raises(ValueError, match="cannot rewrite"):
         emu.translate("extern __shared__ float a[3];\n", "bad.cu")
+
+
+def test_gpu_test_module_passes_on_the_emulated_extension():
+    """csrc/bindings.cpp built for the emulator (CPU tensors) over the same kernels: the whole GPU
+    test module (tests/test_cuda_kernels.py: every op, dtype and block size against dense float64,
+    the public ops on the cuda backend, the binding's argument checks, opcheck) runs on the CPU.
+    Built and run in subprocesses so that this session's torch.ops.gsops_cuda stays unregistered."""
+    import os
+    import subprocess
+    import sys
+
+    build = subprocess.run([sys.executable, str(CSRC / "emu" / "run.py"), "--extension"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    m = re.search(r"GSOPS_CUDA_EMULATOR=(\S+)", build.stdout)
+    assert m, build.stdout
+    env = dict(os.environ, GSOPS_CUDA_EMULATOR=m.group(1), GSOPS_BACKEND="auto", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_kernels.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= 80, out[-3000:]
+    assert "skipped" not in out and "failed" not in out, out[-3000:]

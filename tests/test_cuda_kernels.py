@@ -1,10 +1,10 @@
 """The compiled CUDA kernels (gsops._C, csrc/) against dense float64 oracles and the reference path.
 
-GPU only: skips with the reason on a machine without a CUDA device or without
-the built extension (``pip install --no-build-isolation .`` on a CUDA machine).
-The same logic is covered on CPU by the reference and Triton tests, by
-tests/test_cuda_backend_wiring.py (the backend's composition) and by the host
-test of csrc/ (tests/test_csrc_compile.py).
+On a GPU: the extension built by ``pip install --no-build-isolation .``, CUDA tensors.
+Without one: with ``GSOPS_CUDA_EMULATOR=<path>`` (the same binding and kernels built
+for the CPU CUDA emulator, ``python csrc/emu/run.py --extension``) every test here runs
+on CPU tensors; tests/test_csrc_emulated.py does that in CI. Otherwise the module skips
+with the reason.
 """
 import numpy as np
 import pytest
@@ -14,9 +14,10 @@ from dense import block_diag, cayley as dense_cayley, gs_chain_matrix, gsoft_mat
 from gsops import backends
 from gsops.tolerances import ORTHO_TOL, tol
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device (the CUDA kernels do not run on CPU)", allow_module_level=True)
 _ok, _reason = backends.load("cuda")
+EMULATED = _ok and backends.cuda_emulated()
+if not EMULATED and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device, or GSOPS_CUDA_EMULATOR for the CPU emulator build", allow_module_level=True)
 if not _ok:
     pytest.skip(f"the CUDA extension is not available: {_reason}", allow_module_level=True)
 
@@ -25,7 +26,7 @@ from gsops.backends import cuda_backend as cb  # noqa: E402
 from gsops.ops import custom, dispatch  # noqa: E402
 from gsops.reference import conv_exp as cref  # noqa: E402
 
-DEV = "cuda"
+DEV = "cpu" if EMULATED else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKS = [1, 2, 3, 8, 16, 32, 64, 128]
 _ops = torch.ops.gsops_cuda
@@ -118,8 +119,9 @@ def test_public_ops_on_the_cuda_backend_match_the_reference(dtype):
 def test_binding_checks_name_the_argument():
     x = torch.randn(4, 12, device=DEV)
     B = torch.randn(3, 4, 4, device=DEV)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        _ops.block_diag_perm(x.cpu(), B, 0, 0, False)
+    if not EMULATED:  # under the emulator the kernels' device is the CPU: no tensor is on a wrong device
+        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+            _ops.block_diag_perm(x.cpu(), B, 0, 0, False)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         _ops.block_diag_perm(torch.randn(12, 4, device=DEV).t(), B, 0, 0, False)
     with pytest.raises(RuntimeError, match=r"x.shape\[-1\]=12 must equal r\*b=8"):

@@ -4,6 +4,7 @@
     python csrc/emu/run.py --modes mma      # one way only (mma | fma | reverse)
     python csrc/emu/run.py --no-sanitize    # faster build, no out-of-bounds / overflow detection
     python csrc/emu/run.py cayley           # one group of the driver (gs | cayley | conv)
+    python csrc/emu/run.py --extension      # csrc/bindings.cpp over the emulated kernels, for GSOPS_CUDA_EMULATOR
 
 The kernels and ``csrc/tests/gpu_test_driver.cu`` are compiled as written, after two
 source rewrites that plain C++ cannot express (``k<<<grid, block, smem, stream>>>(args)``
@@ -137,6 +138,50 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = Tru
     return exe
 
 
+def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", verbose: bool = False):
+    """Builds csrc/bindings.cpp with -DGSOPS_EMULATOR (CPU tensors, CPU dispatch key) over the kernels
+    compiled for the emulator, loads it and returns the module: ``torch.ops.gsops_cuda.*`` then run
+    the real binding and kernels on CPU tensors. Needs torch (any build; a CPU one is enough)."""
+    import torch.utils.cpp_extension as ce
+
+    build_dir = Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
+    obj_dir = build_dir / "ext_objects"
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    cxx = _compiler()
+    flags = [f for f in _flags(CSRC, False) if f != "-O1"] + ["-O2", "-fPIC"]
+    emu_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(EMU_INCLUDE.iterdir()))).hexdigest()
+    headers = b"".join(p.read_bytes() for p in sorted((CSRC / "include").rglob("*")) if p.is_file())
+    procs, objects = [], []
+    for src in sorted(CSRC.glob("*.cu")):
+        text = translate(src.read_text(), str(src.relative_to(CSRC.parent)))
+        key = hashlib.sha256("\0".join([text, cxx, *flags, emu_hash]).encode() + headers).hexdigest()[:16]
+        cpp = obj_dir / f"{src.stem}.{key}.cpp"
+        obj = cpp.with_suffix(".o")
+        objects.append(str(obj))
+        if not obj.exists():
+            cpp.write_text(text)
+            cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp), "-o", str(obj)]
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    errors = []
+    for cmd, proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            errors.append("$ " + " ".join(cmd) + "\n" + out)
+    if errors:
+        raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    ext_dir = build_dir / "ext"
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    return ce.load(
+        name=name,
+        sources=[str(CSRC / "bindings.cpp")],
+        extra_cflags=["-DGSOPS_EMULATOR", "-O1"],
+        extra_include_paths=[str(EMU_INCLUDE)],
+        extra_ldflags=objects,
+        build_directory=str(ext_dir),
+        verbose=verbose,
+    )
+
+
 def run(exe: Path, mode: str = "mma", args=(), timeout: float = 900, env_extra=None) -> subprocess.CompletedProcess:
     """Runs the driver (with ``args``, e.g. its groups) in one mode; output (stdout + stderr) in .stdout."""
     env = dict(os.environ)
@@ -154,8 +199,15 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["mma", "fma", "reverse"])
     ap.add_argument("--no-sanitize", action="store_true", help="build without AddressSanitizer/UBSan")
     ap.add_argument("--build-dir", type=Path, default=None)
+    ap.add_argument("--extension", action="store_true",
+                    help="build the emulator build of csrc/bindings.cpp (a torch extension) and print its path")
     ap.add_argument("groups", nargs="*", help="driver groups to run (gs, cayley, conv); all by default")
     args = ap.parse_args(argv)
+    if args.extension:
+        mod = build_extension(build_dir=args.build_dir)
+        print(f"export GSOPS_CUDA_EMULATOR={mod.__file__}")
+        print("then e.g.: GSOPS_BACKEND=cuda python -m pytest tests/test_cuda_kernels.py")
+        return 0
     exe = build(build_dir=args.build_dir, sanitize=not args.no_sanitize)
     status = 0
     for mode in args.modes:

@@ -2,8 +2,11 @@
 
 ``torch`` (the reference path) is always available. ``triton`` needs the
 ``triton`` package and either a CUDA device or ``TRITON_INTERPRET=1``.
-``cuda`` needs the compiled extension ``gsops._C``. A backend module, once
-imported, registers its implementations with :mod:`gsops.ops.dispatch`.
+``cuda`` needs the compiled extension ``gsops._C``; for testing without a GPU,
+``GSOPS_CUDA_EMULATOR=<path>`` loads instead the same binding and kernels built
+for the CPU CUDA emulator (``python csrc/emu/run.py --extension``), which then
+runs ``GSOPS_BACKEND=cuda`` on CPU tensors. A backend module, once imported,
+registers its implementations with :mod:`gsops.ops.dispatch`.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ class BackendUnavailable(RuntimeError):
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_emulated() -> bool:
+    """Whether the loaded cuda backend is the CPU emulator build (GSOPS_CUDA_EMULATOR)."""
+    mod = importlib.import_module(_MODULES["cuda"]) if load("cuda")[0] else None
+    return bool(mod is not None and getattr(mod, "EMULATED", False))
 
 
 def load(name: str) -> tuple[bool, str]:
@@ -57,6 +66,8 @@ def runs_on(name: str, device: torch.device) -> tuple[bool, str]:
         return True, reason
     if name == "triton" and triton_interpret():
         return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    if name == "cuda" and device.type == "cpu" and cuda_emulated():
+        return True, reason
     return False, f"the {name} backend runs on CUDA tensors, got tensors on {device}"
 
 

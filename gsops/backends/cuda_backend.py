@@ -23,19 +23,44 @@ reference path and warns once, naming the op and the reason.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
 import warnings
 
 import torch
 
 from . import BackendUnavailable
 
-try:
-    from .. import _C
-except ImportError as e:  # not built: CPU torch, no nvcc, or GSOPS_SKIP_CUDA=1 at install
-    raise BackendUnavailable(
-        f"the CUDA extension gsops._C is not built ({e}); install on a machine with a CUDA torch and nvcc: "
-        "pip install --no-build-isolation ."
-    ) from None
+
+def _load_emulated(path: str):
+    """The binding and kernels built for the CPU CUDA emulator (csrc/emu), from ``path``."""
+    name = os.path.basename(path).split(".")[0]
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(name, path)
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+    except (ImportError, OSError) as e:
+        raise BackendUnavailable(
+            f"GSOPS_CUDA_EMULATOR={path} cannot be loaded ({e}); build it with python csrc/emu/run.py --extension"
+        ) from None
+    if not getattr(mod, "emulated", False):
+        raise BackendUnavailable(f"GSOPS_CUDA_EMULATOR={path} is not an emulator build of csrc/bindings.cpp")
+    return mod
+
+
+_EMULATOR_PATH = os.environ.get("GSOPS_CUDA_EMULATOR", "")
+if _EMULATOR_PATH:
+    _C = _load_emulated(_EMULATOR_PATH)
+else:
+    try:
+        from .. import _C
+    except ImportError as e:  # not built: CPU torch, no nvcc, or GSOPS_SKIP_CUDA=1 at install
+        raise BackendUnavailable(
+            f"the CUDA extension gsops._C is not built ({e}); install on a machine with a CUDA torch and nvcc: "
+            "pip install --no-build-isolation ."
+        ) from None
 
 try:
     _ops = torch.ops.gsops_cuda
@@ -47,7 +72,12 @@ from .. import reference as ref
 from ..ops import custom, dispatch
 from ..reference import conv_exp as conv_ref
 
-DESCRIPTION = f"compiled CUDA kernels ({_C.__file__})"
+EMULATED = bool(getattr(_C, "emulated", False))
+DESCRIPTION = (
+    f"CUDA kernels run on the CPU by the gsops CUDA emulator, for testing ({_C.__file__}, GSOPS_CUDA_EMULATOR)"
+    if EMULATED
+    else f"compiled CUDA kernels ({_C.__file__})"
+)
 
 MAX_BLOCK = int(_C.max_block)
 NONE, P, PT = 0, 1, 2
