@@ -4,13 +4,16 @@ The Python package always installs. The CUDA extension ``gsops._C`` is built
 only when a CUDA-enabled torch and nvcc are present and ``csrc/`` has kernels:
 - ``GSOPS_SKIP_CUDA=1`` skips it;
 - ``GSOPS_FORCE_CUDA=1`` turns a skipped or failed build into an error;
-- ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0").
+- ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0");
+- ``CUDA_HOME`` names the toolkit; unset, the one whose ``nvcc`` is on PATH is used
+  (asked from nvcc itself, so a wrapper script or symlink in /usr/local/bin works).
 Install with ``pip install --no-build-isolation -e .`` so the build sees the
 torch that is already installed (torch is deliberately not a build requirement).
 """
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -20,6 +23,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name):
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _is_toolkit(root):
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and (
+        os.path.exists(os.path.join(root, "bin", "nvcc"))
+    )
+
+
+def cuda_toolkit():
+    """(root, how it was found) of a CUDA toolkit with bin/nvcc and include/cuda_runtime.h, or (None, why not).
+
+    torch guesses the root from ``which nvcc`` as its grandparent directory, which is wrong for an
+    nvcc reached through a wrapper script or a symlink (e.g. /usr/local/bin/nvcc -> headers looked
+    for in /usr/local/include): nvcc's own dry run names the directory it really lives in."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root:
+            if _is_toolkit(root):
+                return root, var
+            return None, f"{var}={root} has no bin/nvcc and include/cuda_runtime.h"
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-v", "-c", "gsops_probe.cu"], capture_output=True, text=True,
+                                 timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ _HERE_="):
+                    candidates.append(("nvcc --dryrun", os.path.dirname(line.split("=", 1)[1].strip())))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidates.append(("nvcc on PATH", os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))))
+    candidates.append(("default location", "/usr/local/cuda"))
+    for how, root in candidates:
+        if _is_toolkit(root):
+            return os.path.normpath(root), how
+    return None, "no nvcc on PATH and no toolkit in /usr/local/cuda (set CUDA_HOME)"
 
 
 def cuda_extension():
@@ -37,13 +77,16 @@ def cuda_extension():
         return skip("csrc/ has no torch binding yet")
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as e:
         return skip(f"torch is not importable at build time ({e}); use --no-build-isolation")
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU build")
-    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc")):
-        return skip("nvcc / CUDA_HOME not found")
+    root, how = cuda_toolkit()
+    if root is None:
+        return skip(f"CUDA toolkit not found: {how}")
+    os.environ["CUDA_HOME"] = root  # read by torch.utils.cpp_extension at import
+    print(f"gsops: building the CUDA extension with the toolkit in {root} ({how})", file=sys.stderr)
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="gsops._C",

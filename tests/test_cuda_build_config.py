@@ -41,3 +41,43 @@ def test_cpu_torch_skips_with_the_reason():
     res = _setup()
     assert res.returncode == 0, res.stderr
     assert f"torch {torch.__version__} is a CPU build" in res.stderr
+
+
+def _fake_toolkit(tmp_path):
+    """A toolkit in real/ whose nvcc is reached through a wrapper script in wrap/bin (as on machines
+    where /usr/local/bin/nvcc execs /usr/local/cuda-X.Y/bin/nvcc)."""
+    real = tmp_path / "real"
+    (real / "bin").mkdir(parents=True)
+    (real / "include").mkdir()
+    (real / "include" / "cuda_runtime.h").write_text("/* stand-in */\n")
+    nvcc = real / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={real / "bin"}"\n')
+    nvcc.chmod(0o755)
+    wrap = tmp_path / "wrap" / "bin"
+    wrap.mkdir(parents=True)
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    return real, wrap
+
+
+def _toolkit(env):
+    code = "import runpy, sys; sys.argv = ['setup.py', '--name']; print(repr(runpy.run_path('setup.py')['cuda_toolkit']()))"
+    full = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    full.update(env, GSOPS_SKIP_CUDA="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return eval(res.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr of a tuple of str
+
+
+def test_cuda_toolkit_found_through_an_nvcc_wrapper(tmp_path):
+    """torch would guess wrap/ (the grandparent of `which nvcc`), whose include/ has no CUDA headers."""
+    real, wrap = _fake_toolkit(tmp_path)
+    root, how = _toolkit({"PATH": f"{wrap}:{os.environ['PATH']}"})
+    assert (root, how) == (str(real), "nvcc --dryrun")
+
+
+def test_cuda_home_is_respected_or_refused_with_the_reason(tmp_path):
+    real, wrap = _fake_toolkit(tmp_path)
+    assert _toolkit({"CUDA_HOME": str(real)}) == (str(real), "CUDA_HOME")
+    root, why = _toolkit({"CUDA_HOME": str(wrap)})
+    assert root is None and why == f"CUDA_HOME={wrap} has no bin/nvcc and include/cuda_runtime.h"
