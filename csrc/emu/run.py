@@ -88,33 +88,27 @@ def _flags(csrc: Path, sanitize: bool) -> list[str]:
     return flags
 
 
-def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = True, sources=None,
-          exe_name: str | None = None) -> Path:
-    """Translate and compile the kernels and the driver (or ``sources``); returns the executable.
+def _compile(jobs, csrc: Path, obj_dir: Path) -> list[Path]:
+    """Translates and compiles ``jobs`` (source, flags) in parallel; returns the objects.
 
-    ``csrc`` may be a copy of csrc/ (the mutation tests edit one). Objects are cached in
-    ``build_dir`` by the hash of their translated text, headers and flags, so a rebuild after a
-    change recompiles only the files that changed.
-    """
-    csrc = Path(csrc).resolve()
-    build_dir = Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
-    build_dir.mkdir(parents=True, exist_ok=True)
+    Objects are cached in ``obj_dir`` by the hash of the translated text, the headers and the
+    flags, so a rebuild after a change recompiles only the files that changed (and a copy of
+    csrc/ with one edited file, as the mutation tests make, reuses the rest)."""
+    obj_dir.mkdir(parents=True, exist_ok=True)
     cxx = _compiler()
     emu_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(EMU_INCLUDE.iterdir()))).hexdigest()
     headers = b"".join(p.read_bytes() for p in sorted((csrc / "include").rglob("*")) if p.is_file())
     procs, objects = [], []
-    for src in sources or _sources(csrc):
+    for src, flags in jobs:
         try:
             origin = str(src.relative_to(csrc.parent))
         except ValueError:
             origin = str(src)
         text = translate(src.read_text(), origin)
-        # The kernels get the sanitizers; the driver's host-side oracles (plain loops) do not need them.
-        flags = _flags(csrc, sanitize and src.name != "gpu_test_driver.cu")
         key = hashlib.sha256(
             "\0".join([text, cxx, *(f.replace(str(csrc), "<csrc>") for f in flags), emu_hash]).encode() + headers
         ).hexdigest()[:16]
-        cpp = build_dir / f"{src.stem}.{key}.cpp"
+        cpp = obj_dir / f"{src.stem}.{key}.cpp"
         obj = cpp.with_suffix(".o")
         objects.append(obj)
         if obj.exists():
@@ -129,9 +123,25 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = Tru
             errors.append("$ " + " ".join(cmd) + "\n" + out)
     if errors:
         raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    return objects
+
+
+def _build_dir(build_dir) -> Path:
+    return Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
+
+
+def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = True, sources=None,
+          exe_name: str | None = None) -> Path:
+    """Translates and compiles the kernels and the driver (or ``sources``) and links them; returns
+    the executable. ``csrc`` may be a copy of csrc/ (the mutation tests edit one)."""
+    csrc = Path(csrc).resolve()
+    build_dir = _build_dir(build_dir)
+    # The kernels get the sanitizers; the driver's host-side oracles (plain loops) do not need them.
+    jobs = [(src, _flags(csrc, sanitize and src.name != "gpu_test_driver.cu")) for src in sources or _sources(csrc)]
+    objects = _compile(jobs, csrc, build_dir)
     exe = build_dir / (exe_name or ("gsops_emu_test" + ("" if sanitize else "_nosan")))
-    link = [cxx, *[f for f in _flags(csrc, sanitize) if f.startswith("-fsanitize") or f == "-g"], *map(str, objects),
-            "-o", str(exe)]
+    link = [_compiler(), *[f for f in _flags(csrc, sanitize) if f.startswith("-fsanitize") or f == "-g"],
+            *map(str, objects), "-o", str(exe)]
     res = subprocess.run(link, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if res.returncode != 0:
         raise RuntimeError("emulator link failed:\n$ " + " ".join(link) + "\n" + res.stdout)
@@ -144,31 +154,9 @@ def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", ve
     the real binding and kernels on CPU tensors. Needs torch (any build; a CPU one is enough)."""
     import torch.utils.cpp_extension as ce
 
-    build_dir = Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
-    obj_dir = build_dir / "ext_objects"
-    obj_dir.mkdir(parents=True, exist_ok=True)
-    cxx = _compiler()
+    build_dir = _build_dir(build_dir)
     flags = [f for f in _flags(CSRC, False) if f != "-O1"] + ["-O2", "-fPIC"]
-    emu_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(EMU_INCLUDE.iterdir()))).hexdigest()
-    headers = b"".join(p.read_bytes() for p in sorted((CSRC / "include").rglob("*")) if p.is_file())
-    procs, objects = [], []
-    for src in sorted(CSRC.glob("*.cu")):
-        text = translate(src.read_text(), str(src.relative_to(CSRC.parent)))
-        key = hashlib.sha256("\0".join([text, cxx, *flags, emu_hash]).encode() + headers).hexdigest()[:16]
-        cpp = obj_dir / f"{src.stem}.{key}.cpp"
-        obj = cpp.with_suffix(".o")
-        objects.append(str(obj))
-        if not obj.exists():
-            cpp.write_text(text)
-            cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp), "-o", str(obj)]
-            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-    errors = []
-    for cmd, proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            errors.append("$ " + " ".join(cmd) + "\n" + out)
-    if errors:
-        raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    objects = _compile([(src, flags) for src in sorted(CSRC.glob("*.cu"))], CSRC, build_dir / "ext_objects")
     ext_dir = build_dir / "ext"
     ext_dir.mkdir(parents=True, exist_ok=True)
     return ce.load(
@@ -176,7 +164,7 @@ def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", ve
         sources=[str(CSRC / "bindings.cpp")],
         extra_cflags=["-DGSOPS_EMULATOR", "-O1"],
         extra_include_paths=[str(EMU_INCLUDE)],
-        extra_ldflags=objects,
+        extra_ldflags=[str(o) for o in objects],
         build_directory=str(ext_dir),
         verbose=verbose,
     )

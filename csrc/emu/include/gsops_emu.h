@@ -93,14 +93,19 @@ constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kMaxSmemOptin = 227 * 1024;  // H100 (sm_90)
 constexpr size_t kFiberStack = 64 * 1024;  // ASan clears the shadow of the whole stack on each switch: keep it small
 
-[[noreturn]] inline void fail(const char* fmt, ...) {
+// One line on stderr: prefix, then the printf-style message.
+inline void report(const char* prefix, const char* fmt, va_list ap) {
   std::fflush(stdout);
-  std::fprintf(stderr, "gsops emulator error: ");
+  std::fprintf(stderr, "%s", prefix);
+  std::vfprintf(stderr, fmt, ap);
+  std::fprintf(stderr, "\n");
+}
+
+[[noreturn]] inline void fail(const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  std::vfprintf(stderr, fmt, ap);
+  report("gsops emulator error: ", fmt, ap);
   va_end(ap);
-  std::fprintf(stderr, "\n");
   std::abort();
 }
 
@@ -254,12 +259,10 @@ inline bool run_block(unsigned nthreads) {
 }
 
 inline cudaError_t launch_error(cudaError_t e, const char* fmt, ...) {
-  std::fprintf(stderr, "gsops emulator: launch refused: ");
   va_list ap;
   va_start(ap, fmt);
-  std::vfprintf(stderr, fmt, ap);
+  report("gsops emulator: launch refused: ", fmt, ap);
   va_end(ap);
-  std::fprintf(stderr, "\n");
   rt().last_error = e;
   return e;
 }
