@@ -112,6 +112,7 @@ def _compile(jobs, csrc: Path, obj_dir: Path) -> list[Path]:
         obj = cpp.with_suffix(".o")
         objects.append(obj)
         if obj.exists():
+            os.utime(obj)  # recently used: kept by _prune
             continue
         cpp.write_text(text)
         cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp), "-o", str(obj)]
@@ -123,7 +124,18 @@ def _compile(jobs, csrc: Path, obj_dir: Path) -> list[Path]:
             errors.append("$ " + " ".join(cmd) + "\n" + out)
     if errors:
         raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    _prune(obj_dir, {src.stem for src, _ in jobs})
     return objects
+
+
+def _prune(obj_dir: Path, stems, keep: int = 8) -> None:
+    """Keeps the ``keep`` most recently used cached objects of each source (the driver, its
+    sanitizer variants and the mutants need a few each); removes older ones and their .cpp."""
+    for stem in stems:
+        objs = sorted(obj_dir.glob(f"{stem}.*.o"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in objs[keep:]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".cpp").unlink(missing_ok=True)
 
 
 def _build_dir(build_dir) -> Path:
