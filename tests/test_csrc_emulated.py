@@ -190,3 +190,18 @@ def test_gpu_test_module_passes_on_the_emulated_extension():
     passed = re.search(r"(\d+) passed", out)
     assert passed and int(passed.group(1)) >= 80, out[-3000:]
     assert "skipped" not in out and "failed" not in out, out[-3000:]
+
+
+def test_a_bad_emulator_path_makes_the_cuda_backend_unavailable_with_the_reason(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "nothing_here.so"
+    env = dict(os.environ, GSOPS_CUDA_EMULATOR=str(bad))
+    res = subprocess.run([sys.executable, "-m", "gsops.info"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("cuda"))
+    assert "unavailable" in line and f"GSOPS_CUDA_EMULATOR={bad} cannot be loaded" in line, res.stdout
+    assert "python csrc/emu/run.py --extension" in line
