@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -105,23 +106,33 @@ def _compile(jobs, csrc: Path, obj_dir: Path) -> list[Path]:
         except ValueError:
             origin = str(src)
         text = translate(src.read_text(), origin)
-        key = hashlib.sha256(
-            "\0".join([text, cxx, *(f.replace(str(csrc), "<csrc>") for f in flags), emu_hash]).encode() + headers
-        ).hexdigest()[:16]
+        # the key ignores where the tree is (a copy of csrc/ reuses the objects of files it did not change)
+        portable = [f.replace(str(EMU_INCLUDE), "<emu>").replace(str(csrc), "<csrc>") for f in flags]
+        key = hashlib.sha256("\0".join([text, cxx, *portable, emu_hash]).encode() + headers).hexdigest()[:16]
         cpp = obj_dir / f"{src.stem}.{key}.cpp"
         obj = cpp.with_suffix(".o")
         objects.append(obj)
         if obj.exists():
             os.utime(obj)  # recently used: kept by _prune
             continue
-        cpp.write_text(text)
-        cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp), "-o", str(obj)]
-        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        # private names, renamed into place when complete: builds running at once (the test's mutants)
+        # may compile the same object, and none may link a half-written one
+        tmp = f".{os.getpid()}.{threading.get_ident()}"
+        cpp_tmp, obj_tmp = Path(str(cpp) + tmp), Path(str(obj) + tmp)
+        cpp_tmp.write_text(text)
+        cmd = [cxx, *flags, "-x", "c++", "-c", str(cpp_tmp), "-o", str(obj_tmp)]
+        procs.append((cmd, cpp_tmp, obj_tmp, cpp, obj,
+                      subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     errors = []
-    for cmd, proc in procs:
+    for cmd, cpp_tmp, obj_tmp, cpp, obj, proc in procs:
         out, _ = proc.communicate()
         if proc.returncode != 0:
             errors.append("$ " + " ".join(cmd) + "\n" + out)
+            cpp_tmp.unlink(missing_ok=True)
+            obj_tmp.unlink(missing_ok=True)
+            continue
+        os.replace(cpp_tmp, cpp)
+        os.replace(obj_tmp, obj)
     if errors:
         raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
     _prune(obj_dir, {src.stem for src, _ in jobs})
