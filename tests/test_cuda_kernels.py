@@ -223,8 +223,8 @@ def _grads_on(backend, model, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("method,b", [("gsoft", 16), ("double_gsoft", 8), ("oft", 32), ("boft", 16)])
 def test_adapted_model_on_the_cuda_backend_matches_the_torch_backend(method, b, dtype):
-    """What a user runs: apply_ on an MLP and a conv layer, then forward and backward through the
-    adapter layers, custom ops and autograd with the cuda backend vs the reference backend."""
+    """What a user runs: apply_ on an MLP, then forward and backward through the adapter layers,
+    custom ops and autograd with the cuda backend vs the reference backend."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
     gsops.apply_(model, gsops.AdapterConfig(method=method, block_size=b), verbose=False)
@@ -237,6 +237,22 @@ def test_adapted_model_on_the_cuda_backend_matches_the_torch_backend(method, b, 
     assert len(got) == len(want) > 1
     for i, (a, w) in enumerate(zip(got, want)):
         close(a, w.double(), dtype, f"{method} b={b}: {'output' if i == 0 else f'gradient {i}'}")
+
+
+def test_adapted_conv_on_the_cuda_backend_matches_the_torch_backend():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
+    gsops.apply_(model, gsops.AdapterConfig(method="gsoft", block_size=8, target_modules=[torch.nn.Conv2d]),
+                 verbose=False)
+    with torch.no_grad():
+        for p in gsops.trainable_parameters(model):
+            p.add_(0.2 * torch.randn_like(p))
+    model = model.to(DEV)
+    x = rand(2, 8, 5, 6, dtype=torch.float32)
+    got, want = _grads_on("cuda", model, x), _grads_on("torch", model, x)
+    assert len(got) == len(want) > 1
+    for i, (a, w) in enumerate(zip(got, want)):
+        close(a, w.double(), torch.float32, f"conv gsoft {'output' if i == 0 else f'gradient {i}'}")
 
 
 def test_gs_soc_layer_on_the_cuda_backend_matches_the_torch_backend():
