@@ -73,11 +73,24 @@ def _mutated_tree(tmp: Path, name: str) -> Path:
     return tree
 
 
+def _require_sanitizers(tmp):
+    """The kernels are built with AddressSanitizer + UBSan: say so and skip where g++ cannot link them."""
+    import subprocess
+
+    probe = tmp / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    flags = [f for f in emu._flags(CSRC, True) if f.startswith("-fsanitize") or f.startswith("-fno-sanitize")]
+    res = subprocess.run([CXX, *flags, str(probe), "-o", str(tmp / "probe")], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"g++ cannot build with {' '.join(flags)}: {res.stderr.strip()[:300]}")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Builds the driver, the self-test and the mutants (objects cached in build/emu), then runs
     every driver mode and mutant at once (the runs are independent processes)."""
     tmp = tmp_path_factory.mktemp("emu")
+    _require_sanitizers(tmp)
     exe = emu.build(build_dir=BUILD)  # first: the mutants reuse its objects except the mutated file
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         selftest = pool.submit(
