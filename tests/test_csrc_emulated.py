@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,8 +78,6 @@ def _mutated_tree(tmp: Path, name: str) -> Path:
 
 def _require_sanitizers(tmp):
     """The kernels are built with AddressSanitizer + UBSan: say so and skip where g++ cannot link them."""
-    import subprocess
-
     probe = tmp / "probe.cpp"
     probe.write_text("int main() { return 0; }\n")
     flags = [f for f in emu._flags(CSRC, True) if f.startswith("-fsanitize") or f.startswith("-fno-sanitize")]
@@ -186,10 +187,6 @@ def test_gpu_test_module_passes_on_the_emulated_extension():
     test module (tests/test_cuda_kernels.py: every op, dtype and block size against dense float64,
     the public ops on the cuda backend, the binding's argument checks, opcheck) runs on the CPU.
     Built and run in subprocesses so that this session's torch.ops.gsops_cuda stays unregistered."""
-    import os
-    import subprocess
-    import sys
-
     build = subprocess.run([sys.executable, str(CSRC / "emu" / "run.py"), "--extension"], cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -206,10 +203,6 @@ def test_gpu_test_module_passes_on_the_emulated_extension():
 
 
 def test_a_bad_emulator_path_makes_the_cuda_backend_unavailable_with_the_reason(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     bad = tmp_path / "nothing_here.so"
     env = dict(os.environ, GSOPS_CUDA_EMULATOR=str(bad))
     res = subprocess.run([sys.executable, "-m", "gsops.info"], cwd=ROOT, env=env, capture_output=True, text=True,

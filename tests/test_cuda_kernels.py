@@ -220,6 +220,20 @@ def _grads_on(backend, model, x):
     return [y.detach()] + [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
 
+def _assert_backends_agree(model, x, dtype, what):
+    """Output and every parameter gradient: cuda backend vs the torch reference backend."""
+    got, want = _grads_on("cuda", model, x), _grads_on("torch", model, x)
+    assert len(got) == len(want) > 1
+    for i, (a, w) in enumerate(zip(got, want)):
+        close(a, w.double(), dtype, f"{what}: {'output' if i == 0 else f'gradient {i}'}")
+
+
+def _perturb_adapters(model):
+    with torch.no_grad():  # away from the identity the adapters start at
+        for p in gsops.trainable_parameters(model):
+            p.add_(0.2 * torch.randn_like(p))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("method,b", [("gsoft", 16), ("double_gsoft", 8), ("oft", 32), ("boft", 16)])
 def test_adapted_model_on_the_cuda_backend_matches_the_torch_backend(method, b, dtype):
@@ -228,15 +242,8 @@ def test_adapted_model_on_the_cuda_backend_matches_the_torch_backend(method, b, 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
     gsops.apply_(model, gsops.AdapterConfig(method=method, block_size=b), verbose=False)
-    with torch.no_grad():  # away from the identity the adapters start at
-        for p in gsops.trainable_parameters(model):
-            p.add_(0.2 * torch.randn_like(p))
-    model = model.to(DEV, dtype)
-    x = rand(3, 11, 64, dtype=dtype)
-    got, want = _grads_on("cuda", model, x), _grads_on("torch", model, x)
-    assert len(got) == len(want) > 1
-    for i, (a, w) in enumerate(zip(got, want)):
-        close(a, w.double(), dtype, f"{method} b={b}: {'output' if i == 0 else f'gradient {i}'}")
+    _perturb_adapters(model)
+    _assert_backends_agree(model.to(DEV, dtype), rand(3, 11, 64, dtype=dtype), dtype, f"{method} b={b}")
 
 
 def test_adapted_conv_on_the_cuda_backend_matches_the_torch_backend():
@@ -244,22 +251,11 @@ def test_adapted_conv_on_the_cuda_backend_matches_the_torch_backend():
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
     gsops.apply_(model, gsops.AdapterConfig(method="gsoft", block_size=8, target_modules=[torch.nn.Conv2d]),
                  verbose=False)
-    with torch.no_grad():
-        for p in gsops.trainable_parameters(model):
-            p.add_(0.2 * torch.randn_like(p))
-    model = model.to(DEV)
-    x = rand(2, 8, 5, 6, dtype=torch.float32)
-    got, want = _grads_on("cuda", model, x), _grads_on("torch", model, x)
-    assert len(got) == len(want) > 1
-    for i, (a, w) in enumerate(zip(got, want)):
-        close(a, w.double(), torch.float32, f"conv gsoft {'output' if i == 0 else f'gradient {i}'}")
+    _perturb_adapters(model)
+    _assert_backends_agree(model.to(DEV), rand(2, 8, 5, 6, dtype=torch.float32), torch.float32, "conv gsoft")
 
 
 def test_gs_soc_layer_on_the_cuda_backend_matches_the_torch_backend():
     torch.manual_seed(0)
     layer = gsops.GSSOC(8, 3, groups=(4, 2)).to(DEV)
-    x = rand(2, 8, 6, 6, dtype=torch.float32)
-    got, want = _grads_on("cuda", layer, x), _grads_on("torch", layer, x)
-    assert len(got) == len(want) > 1
-    for i, (a, w) in enumerate(zip(got, want)):
-        close(a, w.double(), torch.float32, f"GSSOC {'output' if i == 0 else f'gradient {i}'}")
+    _assert_backends_agree(layer, rand(2, 8, 6, 6, dtype=torch.float32), torch.float32, "GSSOC")
