@@ -38,3 +38,21 @@ MERGE_DRIFT_TOL = {
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }
+
+# Largest |K + K^T| accepted as rounding by gsops.cayley, relative to max(1, max|K|).
+SKEW_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+# Cayley-Neumann (OFTv2's truncated series, SPEC "Orthogonal blocks"): with ||K||_2 = n < 1 and t
+# terms, ||Q_t - Q||_2 <= 2 n^(t+1) / (1 - n). gsops.cayley(method="neumann") warns once above
+# NEUMANN_WARN_ERROR and refuses above NEUMANN_REFUSE_ERROR (Q visibly non-orthogonal: ||Q^T Q - I||
+# can reach 2e + e^2); adapters switch to the exact Cayley above NEUMANN_WARN_ERROR. The norm is
+# taken NEUMANN_NORM_MARGIN (relative) above the eigen-solver's value, so no decision hinges on the
+# last bits of a LAPACK result.
+NEUMANN_WARN_ERROR = 1e-3
+NEUMANN_REFUSE_ERROR = 1e-2
+NEUMANN_NORM_MARGIN = 1e-9

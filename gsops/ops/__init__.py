@@ -19,7 +19,9 @@ from ..checks import (
     has_values,
 )
 from ..reference.cayley import neumann_error_bound, spectral_norm
+from ..tolerances import NEUMANN_NORM_MARGIN, NEUMANN_REFUSE_ERROR, NEUMANN_WARN_ERROR, SKEW_TOL
 from . import custom, dispatch
+
 
 def _backend(op: str, device: torch.device, *tensors: torch.Tensor) -> str:
     """The backend for ``op``; when a gradient will flow, it must also have ``op``'s backward."""
@@ -95,9 +97,7 @@ def unskew(K: torch.Tensor) -> torch.Tensor:
     return ref.unskew(K)
 
 
-_SKEW_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 _neumann_warned = [False]
-NEUMANN_WARN_ERROR = 1e-3
 
 
 def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tensor:
@@ -105,9 +105,12 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
 
     ``method="exact"`` inverts ``I - K`` (always valid for skew K) with the
     SPEC's exact backward. ``method="neumann"`` is OFTv2's truncated series
-    ``M ~ I + K + ... + K^terms``: it raises when ``max ||K||_2 >= 1`` (the
-    series diverges) and warns once when its orthogonality error bound
-    ``2 ||K||^(terms+1) / (1 - ||K||)`` exceeds 1e-3.
+    ``M ~ I + K + ... + K^terms``. With ``n = max ||K||_2`` (taken a relative
+    ``NEUMANN_NORM_MARGIN`` above the eigen-solver's value) it raises when
+    ``n >= 1`` (the series diverges) or when the error bound
+    ``2 n^(terms+1) / (1 - n)`` exceeds ``NEUMANN_REFUSE_ERROR`` (1e-2: Q would be
+    visibly non-orthogonal), and warns once when the bound exceeds
+    ``NEUMANN_WARN_ERROR`` (1e-3).
     """
     _check_square("K", K)
     check_finite("K", K)
@@ -118,21 +121,27 @@ def cayley(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tens
     if K.numel() and has_values(K):
         Kd = K.detach()
         asym = float((Kd + Kd.transpose(-1, -2)).abs().amax())
-        if asym > _SKEW_TOL[K.dtype] * max(1.0, float(Kd.abs().amax())):
+        if asym > SKEW_TOL[K.dtype] * max(1.0, float(Kd.abs().amax())):
             raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {asym:.3g}")
     if method == "exact":
         # the op works in float32 (float64 for float64 K) and saves Q = 2M - I for its backward
         acc = accumulate_dtype(K.dtype)
         return custom.cayley_exact(K.to(acc), _backend("cayley_exact", K.device, K)).to(K.dtype)
     terms = check_int("terms", terms, minimum=1)
-    if K.numel():
-        norm = float(spectral_norm(K).max())
-        if norm >= 1:
+    if K.numel() and has_values(K):
+        norm = float(spectral_norm(K).max()) * (1 + NEUMANN_NORM_MARGIN)
+        if not norm < 1:
             raise ValueError(
                 f"method='neumann' needs ||K||_2 < 1 for every block, got max ||K||_2 = {norm:.4g}: "
                 "the series diverges and Q would not be orthogonal; use method='exact'"
             )
         err = float(neumann_error_bound(torch.tensor(norm, dtype=torch.float64), terms))
+        if err > NEUMANN_REFUSE_ERROR:
+            raise ValueError(
+                f"method='neumann' with terms={terms}: max ||K||_2 = {norm:.4g} gives an orthogonality error "
+                f"bound {err:.3g} > NEUMANN_REFUSE_ERROR = {NEUMANN_REFUSE_ERROR} (needs a smaller ||K||_2 < 1); "
+                "use method='exact' or more terms"
+            )
         if err > NEUMANN_WARN_ERROR and not _neumann_warned[0]:
             _neumann_warned[0] = True
             warnings.warn(
