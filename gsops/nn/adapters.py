@@ -33,13 +33,16 @@ adapted layer equals the base layer at initialisation; the scale ``s`` starts at
 
 Reliability policies (issue 10):
 
-* Non-finite values. Before any kernel runs, every adapter layer scans its own
-  parameters (not the frozen base weight) and raises ``ValueError`` naming the
+* Non-finite values. Every adapter layer scans its own parameters (not the
+  frozen base weight) in each forward and raises ``ValueError`` naming the
   layer and the parameter when one holds NaN or inf, e.g. ``encoder.q: adapter
   parameter(s) ['rotation.factors.params'] contain NaN or inf``: a run whose
-  optimizer produced a non-finite step stops at the next forward instead of
-  training on garbage. The scan is one device sync per layer and forward; the
-  global opt-out is ``GSOPS_CHECK_FINITE=0`` (or ``gsops.set_check_finite(False)``).
+  optimizer produced a non-finite step stops instead of training on garbage.
+  The scan never stalls the device (:mod:`gsops.nn.guard`): on CPU it refuses in
+  the same call, before the output is returned; on CUDA the numbers travel to
+  the host without a sync and the refusal comes at the latest at the layer's
+  next call. The global opt-out is ``GSOPS_CHECK_FINITE=0`` (or
+  ``gsops.set_check_finite(False)``).
   Inputs are not scanned (that costs a pass over every activation); the opt-in
   is ``GSOPS_CHECK_INPUTS=1`` (or ``gsops.set_check_inputs(True)``).
   ``merge()`` always scans, whatever the switches say, and also refuses to write
@@ -50,12 +53,14 @@ Reliability policies (issue 10):
   last (Linear) or ``in_channels`` at dim -3 (Conv2d); else TypeError/ValueError
   naming the layer.
 * Cayley–Neumann (``cayley="neumann"``, ``t = neumann_terms``) is OFTv2's series,
-  valid only while ``||K||_2 < 1`` (SPEC). An adapter refuses, with a
-  ValueError naming the layer, as soon as the series' error bound
-  ``2 ||K||^(t+1) / (1 - ||K||)`` (largest block) exceeds
-  ``gsops.ops.NEUMANN_WARN_ERROR`` (1e-3), i.e. before Q is visibly
-  non-orthogonal; it never trains on a non-orthogonal Q. ``cayley="exact"`` has
-  no such limit (``(I - K)^{-1}`` exists for every skew K).
+  valid only while ``||K||_2`` is well below 1 (SPEC). Each forward measures,
+  on the device, the orthogonality error ``max |Q^T Q - I|`` of the series'
+  blocks; once it exceeds ``NEUMANN_WARN_ERROR`` (1e-3, gsops/tolerances.py)
+  the layer switches to the exact Cayley transform for good and warns once,
+  naming the layer: the run goes on, with an orthogonal Q. On CPU the switch
+  happens in the call that measured the error (that call already uses the
+  exact Q); on CUDA, read without a sync, at the latest one call later.
+  ``cayley="exact"`` has no such limit (``(I - K)^{-1}`` exists for every skew K).
 * Merging stores a copy of the adapter parameters (small); ``unmerge()`` undoes
   exactly what was merged, even if the parameters changed while merged (it
   warns). Merging a merged layer or unmerging an unmerged one warns and does
@@ -73,15 +78,18 @@ import functools
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..tolerances import NEUMANN_WARN_ERROR
+from . import guard
 from ..checks import (
     FLOAT_DTYPES, check_divides, check_finite_enabled, check_inputs_enabled, check_int, has_values,
 )
-from ..perm import invert, permute
+from ..perm import _permute_unchecked, invert
 from ..reference.cayley import neumann_error_bound, spectral_norm
 
 ORTHOGONAL_METHODS = ("gsoft", "double_gsoft", "oft", "boft")
@@ -89,6 +97,37 @@ CAYLEY_METHODS = ("exact", "neumann")
 
 
 # --------------------------------------------------------------------------- Cayley blocks
+@functools.lru_cache(maxsize=64)
+def _skew_gather(b: int):
+    """``(index, sign)`` over the b*b entries of K into ``[0, p_0, ..., p_{m-1}]`` (upper triangle row major)."""
+    idx = torch.zeros(b * b, dtype=torch.long, device="cpu")
+    sign = torch.zeros(b * b, device="cpu")
+    t = 1
+    for i in range(b):
+        for j in range(i + 1, b):
+            idx[i * b + j], sign[i * b + j] = t, 1.0
+            idx[j * b + i], sign[j * b + i] = t, -1.0
+            t += 1
+    return idx, sign
+
+
+_SKEW_CACHE: dict = {}
+
+
+def _skew_packed(p: torch.Tensor, b: int) -> torch.Tensor:
+    """``ops.skew`` for packed parameters, in three ops with cached index tensors (no host sync)."""
+    key = (b, p.device, p.dtype)
+    cached = _SKEW_CACHE.get(key)
+    if cached is None or has_values(p) is False:
+        idx, sign = _skew_gather(b)
+        cached = (idx.to(p.device), sign.to(device=p.device, dtype=p.dtype))
+        if has_values(p):
+            _SKEW_CACHE[key] = cached
+    idx, sign = cached
+    padded = F.pad(p, (1, 0))
+    return (padded.index_select(-1, idx) * sign).reshape(*p.shape[:-1], b, b)
+
+
 class CayleyBlocks(nn.Module):
     """``n`` stacks of ``r`` orthogonal ``b x b`` Cayley blocks, parametrised by skew matrices.
 
@@ -107,22 +146,61 @@ class CayleyBlocks(nn.Module):
         self.neumann_terms = check_int("neumann_terms", neumann_terms)
         shape = (n, r, b * (b - 1) // 2) if self.packed else (n, r, b, b)
         self.params = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        self.neumann_switched = False  # set once the series lost orthogonality: exact Cayley from then on
         self.label = "CayleyBlocks"  # set by the adapter to "<layer name>.<attribute>" for messages
 
     def skew_matrices(self, dtype=None) -> torch.Tensor:
         p = self.params if dtype is None else self.params.to(dtype)
         if self.packed:
-            return ops.skew(p, self.b)
+            return _skew_packed(p, self.b)
         return p - p.transpose(-1, -2)
 
+    @property
+    def series(self) -> bool:
+        """True while the blocks come from the Neumann series (``cayley="neumann"``, not switched)."""
+        return self.cayley == "neumann" and not self.neumann_switched
+
     def forward(self, dtype=None) -> torch.Tensor:
+        """The orthogonal blocks ``(n, r, b, b)``, following the layer's Neumann policy (checked at once)."""
+        Q, err = self.blocks_and_error(dtype)
+        if err is not None and has_values(err) and err.numel():
+            if self.judge_series(float(err.max())):  # off the training path (merge, dense): a sync is fine
+                Q, _ = self.blocks_and_error(dtype)
+        return Q
+
+    def blocks_and_error(self, dtype=None):
+        """``(Q, err)``: the blocks and, for the Neumann series, ``max |Q^T Q - I|`` as a device tensor (else None).
+
+        No host sync: the caller decides when to read ``err`` (see :mod:`gsops.nn.guard`).
+        """
         K = self.skew_matrices(dtype)
-        if self.cayley == "neumann":
-            self.check_neumann(K)
-        return ops.cayley(K, method=self.cayley, terms=self.neumann_terms)
+        if not self.series:
+            return ops.cayley_unchecked(K, "exact"), None
+        Q = ops.cayley_unchecked(K, "neumann", self.neumann_terms)
+        with torch.no_grad():
+            Qd = Q.detach().flatten(0, -3)
+            gram = Qd.transpose(-1, -2) @ Qd
+            gram.diagonal(dim1=-2, dim2=-1).sub_(1)
+            err = gram.abs().amax().float().reshape(1) if gram.numel() else gram.new_zeros(1, dtype=torch.float32)
+        return Q, err
+
+    def judge_series(self, err: float) -> bool:
+        """Switch to the exact Cayley (once, with a warning naming the layer) when ``err`` is too large."""
+        if not self.series or err <= NEUMANN_WARN_ERROR:
+            return False
+        self.neumann_switched = True
+        warnings.warn(
+            f"{self.label}: cayley='neumann' with neumann_terms={self.neumann_terms} lost orthogonality "
+            f"(max |Q^T Q - I| = {err:.3g} > NEUMANN_WARN_ERROR = {NEUMANN_WARN_ERROR}); this layer uses the "
+            "exact Cayley transform from now on"
+        )
+        return True
 
     def neumann_bound(self, K: torch.Tensor | None = None) -> tuple[float, float]:
-        """``(max ||K||_2, error bound 2||K||^(t+1)/(1-||K||))`` over the blocks (inf when ``||K|| >= 1``)."""
+        """``(max ||K||_2, error bound 2||K||^(t+1)/(1-||K||))`` over the blocks (inf when ``||K|| >= 1``).
+
+        For inspection (reads values on the host); the training path measures ``Q^T Q - I`` instead.
+        """
         K = self.skew_matrices() if K is None else K
         if not K.numel() or not has_values(K):
             return 0.0, 0.0
@@ -131,23 +209,12 @@ class CayleyBlocks(nn.Module):
             return norm, math.inf
         return norm, float(neumann_error_bound(torch.tensor(norm, dtype=torch.float64), self.neumann_terms))
 
-    def check_neumann(self, K: torch.Tensor | None = None) -> None:
-        """Refuse (ValueError naming the layer) when the Neumann series no longer gives an orthogonal Q."""
-        norm, err = self.neumann_bound(K)
-        if err > ops.NEUMANN_WARN_ERROR:
-            raise ValueError(
-                f"{self.label}: cayley='neumann' with neumann_terms={self.neumann_terms} is no longer orthogonal: "
-                f"max ||K||_2 = {norm:.4g} gives an error bound {err:.3g} > {ops.NEUMANN_WARN_ERROR} "
-                "(the series needs ||K||_2 < 1 and diverges at 1); refusing to train on a non-orthogonal Q. "
-                "Use cayley='exact' (valid for every K), more neumann_terms, or a smaller learning rate"
-            )
-
     def extra_repr(self) -> str:
         return f"n={self.n}, r={self.r}, b={self.b}, packed={self.packed}, cayley={self.cayley!r}"
 
 
 def _bmm_blocks(x: torch.Tensor, C: torch.Tensor, transpose: bool) -> torch.Tensor:
-    return ops.block_diag_mm(x, C.transpose(-1, -2) if transpose else C)
+    return ops.block_diag_mm_unchecked(x, C.transpose(-1, -2) if transpose else C)
 
 
 # --------------------------------------------------------------------------- rotations
@@ -190,11 +257,11 @@ class GSRotation(Rotation):
         B = self.factors() if blocks is None else blocks
         R, L = B[0], B[1]
         if not transpose:
-            return ops.gs_apply(x, L, R)
+            return ops.gs_apply_unchecked(x, L, R)
         # Q^T x = R^T P^T L^T P x
-        y = permute(x, self.r)
+        y = _permute_unchecked(x, self.r, inverse=False)
         y = _bmm_blocks(y, L, True)
-        y = permute(y, self.r, inverse=True)
+        y = _permute_unchecked(y, self.r, inverse=True)
         return _bmm_blocks(y, R, True)
 
 
@@ -347,17 +414,57 @@ class MergeableAdapter(nn.Module):
             ok = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
         return [n for (n, _), good in zip(named, ok) if not good]
 
-    def check_parameters_finite(self, force: bool = False) -> None:
-        """Raise ValueError naming the layer when an adapter parameter is NaN/inf (see module docstring)."""
-        if not (force or check_finite_enabled()):
-            return
-        bad = self.nonfinite_parameters()
-        if bad:
-            raise ValueError(
-                f"{self.name}: adapter parameter(s) {bad} contain NaN or inf (a diverged optimizer step?); "
-                "refusing to run on them. Lower the learning rate / clip gradients and reload a checkpoint. "
-                "Set GSOPS_CHECK_FINITE=0 to skip this check"
-            )
+    def check_parameters_finite(self, force: bool = False, series=()) -> bool:
+        """Raise ValueError naming the layer when an adapter parameter is NaN/inf (see module docstring).
+
+        ``force=True`` (merging) checks at once, whatever the switches say. Otherwise the values
+        are read through the layer's :class:`~gsops.nn.guard.DeferredReadout` (no device sync),
+        together with the orthogonality errors of ``series``, a list of ``(CayleyBlocks, err)``
+        for factors computed by the Neumann series. Returns True when one of those factors has
+        just switched to the exact Cayley transform (the caller recomputes its blocks).
+        """
+        if force:
+            bad = self.nonfinite_parameters()
+            if bad:
+                self._raise_nonfinite(bad)
+            return False
+        named = [(n, p) for n, p in self.adapter_named_parameters() if p.numel()] if check_finite_enabled() else []
+        series = list(series)
+        probe = named[0][1] if named else (series[0][1] if series else None)
+        if probe is None or not has_values(probe):
+            return False
+        parts = ([guard.max_abs([p for _, p in named])] if named else []) + [err for _, err in series]
+        values = torch.cat([v.to(probe.device) for v in parts]) if len(parts) > 1 else parts[0]
+        context = ([n for n, _ in named], [f for f, _ in series])
+        switched = False
+        readout = self._guard_readout()
+        for vals, (names, factors) in readout.submit(values, context):
+            bad = [n for n, v in zip(names, vals[: len(names)]) if not np.isfinite(v)]
+            if bad:
+                readout.discard()
+                self._raise_nonfinite(bad)
+            for factor, err in zip(factors, vals[len(names):]):
+                switched = factor.judge_series(float(err)) or switched
+        return switched
+
+    def _raise_nonfinite(self, bad):
+        raise ValueError(
+            f"{self.name}: adapter parameter(s) {bad} contain NaN or inf (a diverged optimizer step?); "
+            "refusing to run on them. Lower the learning rate / clip gradients and reload a checkpoint. "
+            "Set GSOPS_CHECK_FINITE=0 to skip this check"
+        )
+
+    def _guard_readout(self) -> guard.DeferredReadout:
+        readout = self.__dict__.get("_readout")
+        if readout is None:
+            readout = self.__dict__["_readout"] = guard.DeferredReadout()
+        return readout
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_readout", None)  # pending device readouts do not travel with copies or pickles
+        return state
 
     def check_input(self, x) -> None:
         """x: a floating tensor of the weight's dtype (any float under autocast) and the layer's feature size."""
@@ -510,28 +617,38 @@ class OrthogonalAdapter(MergeableAdapter):
             self.rotation_out.factors.label = f"{name}.rotation_out"
 
     # y = s * Q_out(W (Q_in x)) + c
+    def _training_blocks(self):
+        """The blocks of every rotation for one forward, with the device-side checks (no host sync)."""
+        rotations = [r for r in (self.rotation, self.rotation_out) if r is not None]
+        computed = [r.factors.blocks_and_error() for r in rotations]
+        series = [(r.factors, err) for r, (_, err) in zip(rotations, computed) if err is not None]
+        if self.check_parameters_finite(series=series):
+            computed = [r.factors.blocks_and_error() for r in rotations]
+        blocks = [Q for Q, _ in computed]
+        return blocks[0], (blocks[1] if len(blocks) > 1 else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self.merged:
             return self.base_layer(x)
-        self.check_parameters_finite()
+        B_in, B_out = self._training_blocks()
         base = self.base_layer
         if isinstance(base, nn.Linear):
-            y = F.linear(self.rotation(x), base.weight)
+            y = F.linear(self.rotation.apply(x, B_in), base.weight)
             if self.rotation_out is not None:
-                y = self.rotation_out(y)
+                y = self.rotation_out.apply(y, B_out)
             if self.scale is not None:
                 y = y * self.scale
             return y if base.bias is None else y + base.bias
-        return self._base_forward(x, self.adapted_weight())
+        return self._base_forward(x, self.adapted_weight(blocks=(B_in, B_out)))
 
-    def adapted_weight(self, dtype=None) -> torch.Tensor:
+    def adapted_weight(self, dtype=None, blocks=None) -> torch.Tensor:
         """``diag(s) Q_out W Q_in`` with W flattened to (out, d_in); in ``dtype`` when given (e.g. float64)."""
         W = self._flat_weight(dtype)
-        blocks = self.rotation.blocks(dtype)
-        M = self.rotation.apply(W, blocks, transpose=True)  # rows of W Q = (Q^T w_i)^T
+        B_in, B_out = blocks if blocks is not None else (self.rotation.blocks(dtype), None)
+        M = self.rotation.apply(W, B_in, transpose=True)  # rows of W Q = (Q^T w_i)^T
         if self.rotation_out is not None:
-            Bo = self.rotation_out.blocks(dtype)
+            Bo = B_out if blocks is not None else self.rotation_out.blocks(dtype)
             M = self.rotation_out.apply(M.transpose(0, 1), Bo).transpose(0, 1)  # Q_out M
         if self.scale is not None:
             s = self.scale if dtype is None else self.scale.to(dtype)

@@ -160,3 +160,75 @@ def gs_project(W: torch.Tensor, block_size: int):
     check_divides("block_size", block_size, "W.shape[0]", W.shape[0])
     check_finite("W", W)
     return ref.gs_project(W, block_size)
+
+
+# ----------------------------------------------------------------------------- unchecked internal ops
+# For callers that build their inputs correctly by construction (the adapter layers: skew K from
+# packed parameters, blocks from the Cayley transform, x already checked by the layer). They run no
+# value check and never read a tensor's value on the host, so a training step has no device sync.
+# The backend is chosen as for the public ops; in eager mode the reference backend runs through
+# plain autograd Functions with the same formulas as its custom ops (the torch.library layer costs
+# more than the op itself on small layers), and through the custom ops under torch.compile.
+
+def _eager_reference(backend: str) -> bool:
+    return backend == "torch" and not torch.compiler.is_compiling()
+
+
+class _TorchGSApply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, L, R):
+        ctx.save_for_backward(x, L, R)
+        return ref.gs_apply(x, L, R)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, L, R = ctx.saved_tensors
+        dx, dL, dR = custom.gs_apply_backward_torch(grad, x, L, R)
+        return dx.to(x.dtype), dL.to(L.dtype), dR.to(R.dtype)
+
+
+class _TorchBlockDiag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, B):
+        ctx.save_for_backward(x, B)
+        return ref.block_diag_mm(x, B)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, B = ctx.saved_tensors
+        dx, dB = custom.block_diag_mm_backward_torch(grad, x, B)
+        return dx.to(x.dtype), dB.to(B.dtype)
+
+
+def block_diag_mm_unchecked(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """:func:`block_diag_mm` without argument or value checks (inputs valid by construction)."""
+    backend = _backend("block_diag_mm", x.device, x, B)
+    if _eager_reference(backend):
+        return _TorchBlockDiag.apply(x, B)
+    return custom.block_diag_mm(x, B, backend)
+
+
+def gs_apply_unchecked(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """:func:`gs_apply` without argument or value checks (inputs valid by construction)."""
+    backend = _backend("gs_apply", x.device, x, L, R)
+    if _eager_reference(backend):
+        return _TorchGSApply.apply(x, L, R)
+    return custom.gs_apply(x, L, R, backend)
+
+
+def cayley_unchecked(K: torch.Tensor, method: str = "exact", terms: int = 5) -> torch.Tensor:
+    """:func:`cayley` for a K that is skew by construction: no checks, no refusal, no host sync.
+
+    ``method="neumann"`` returns the series whatever ``||K||_2``: the caller owns the policy
+    (the adapters measure ``||Q^T Q - I||`` on the device, see :mod:`gsops.nn.adapters`).
+    """
+    if method == "exact":
+        acc = accumulate_dtype(K.dtype)
+        Kc = K.to(acc)
+        backend = _backend("cayley_exact", K.device, Kc)
+        Q = ref.cayley_exact(Kc) if _eager_reference(backend) else custom.cayley_exact(Kc, backend)
+        return Q.to(K.dtype)
+    backend = _backend("cayley_neumann", K.device, K)
+    if _eager_reference(backend):
+        return ref.cayley_neumann(K, terms)
+    return custom.cayley_neumann(K, terms, backend)

@@ -1,0 +1,67 @@
+"""Value checks of adapter layers that never stall the device.
+
+A layer computes a few numbers about its own parameters on the device (the largest ``|p|`` of
+each adapter parameter, the orthogonality error of a Cayley–Neumann ``Q``) and hands them to a
+:class:`DeferredReadout`. The host reads them without a device sync:
+
+* CPU tensors are read at once (there is no device to wait for), so a bad value is refused in the
+  same call, before the layer's output is used;
+* CUDA tensors are copied to pinned host memory with ``non_blocking=True`` behind an event, and
+  read at the layer's next call (by then the device has long finished them): a bad value is
+  refused at the latest one call later.
+
+Nothing here calls ``.item()``, ``bool()``, ``float()`` or ``.tolist()`` on a device tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class DeferredReadout:
+    """Numbers computed on the device, read by the host without a device sync (see module docstring)."""
+
+    def __init__(self):
+        self._pending = None  # (host tensor, cuda event or None, context)
+
+    def submit(self, values: torch.Tensor, context=None) -> list:
+        """Queue ``values`` (a small 1-D float tensor); return the readouts that are ready now.
+
+        Each readout is ``(numpy array, context)``: on CPU the values just submitted, on CUDA
+        those of the previous call (if any).
+        """
+        ready = self.collect()
+        values = values.detach()
+        if values.device.type == "cpu":
+            ready.append((values.numpy().copy(), context))
+            return ready
+        host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(values.device))
+        self._pending = (host, event, context)
+        return ready
+
+    def collect(self) -> list:
+        """The readout queued by the previous call, waiting for its (long finished) copy if needed."""
+        if self._pending is None:
+            return []
+        host, event, context = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return [(host.numpy().copy(), context)]
+
+    def discard(self) -> None:
+        self._pending = None
+
+
+def max_abs(params: list) -> torch.Tensor:
+    """``max |p|`` of each tensor (NaN when it holds a NaN, inf when an inf), as one float32 tensor."""
+    if not params:
+        return torch.zeros(0)
+    return torch.stack([v.float() for v in torch._foreach_norm([p.detach() for p in params], float("inf"))])
+
+
+def all_finite(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all())
