@@ -105,9 +105,10 @@ def neumann_np(K, terms):
 
 
 def cayley_blocks_np(factors):
-    """The (m, r, b, b) orthogonal blocks of a CayleyBlocks module: exact or Neumann as the module is set."""
+    """The (m, r, b, b) orthogonal blocks of a CayleyBlocks module: the Neumann series while the module
+    uses it (``cayley="neumann"``, not switched to exact), else the exact Cayley transform."""
     K = skew_np(factors.params, factors.packed, factors.b)
-    fn = cayley if factors.cayley == "exact" else (lambda k: neumann_np(k, factors.neumann_terms))
+    fn = (lambda k: neumann_np(k, factors.neumann_terms)) if factors.series else cayley
     return np.stack([np.stack([fn(K[i, j]) for j in range(K.shape[1])]) for i in range(K.shape[0])])
 
 

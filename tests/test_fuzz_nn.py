@@ -11,6 +11,8 @@ import copy
 import os
 import re
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -288,13 +290,8 @@ def test_fuzz_orthogonal_linear(method, b, r, extra, d_out, m, scale, packed, ca
     if _refused_input_dtype(layer, x, xchoice):
         return
     if cayley == "neumann":
-        _, bound = layer.rotation.factors.neumann_bound(layer.rotation.factors.skew_matrices(torch.float64))
-        bounds = [bound]
-        if layer.rotation_out is not None:
-            bounds.append(layer.rotation_out.factors.neumann_bound()[1])
-        if max(bounds) > ops.NEUMANN_WARN_ERROR:
-            _expect(lambda: layer(x), ValueError, f"{NAME}.rotation")
-            return
+        # a series that lost orthogonality makes the layer switch to the exact Cayley (the oracle follows)
+        warnings.filterwarnings("ignore", message=".*lost orthogonality")
     y = layer(x)
     Wq = orthogonal_weight_np(layer, method, W0)
     x64 = np64(x)

@@ -21,8 +21,9 @@ import torch
 class DeferredReadout:
     """Numbers computed on the device, read by the host without a device sync (see module docstring)."""
 
-    def __init__(self):
+    def __init__(self, immediate_on_cpu: bool = True):
         self._pending = None  # (host tensor, cuda event or None, context)
+        self.immediate_on_cpu = immediate_on_cpu  # False: CPU values wait one call too, as on CUDA
 
     def submit(self, values: torch.Tensor, context=None) -> list:
         """Queue ``values`` (a small 1-D float tensor); return the readouts that are ready now.
@@ -33,7 +34,10 @@ class DeferredReadout:
         ready = self.collect()
         values = values.detach()
         if values.device.type == "cpu":
-            ready.append((values.numpy().copy(), context))
+            if self.immediate_on_cpu:
+                ready.append((values.numpy().copy(), context))
+            else:
+                self._pending = (values.clone(), None, context)
             return ready
         host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
         host.copy_(values, non_blocking=True)
