@@ -22,18 +22,21 @@ LORA_RANK = 16
 
 @dataclasses.dataclass
 class Case:
-    """One shape: a Linear ``d -> d`` on ``tokens`` rows, or a Conv2d on an image batch."""
-    kind: str  # "linear" | "conv"
+    """One shape: a Linear ``d -> d`` on ``tokens`` rows, a stack of ``layers`` such Linears, or a Conv2d."""
+    kind: str  # "linear" | "stack" | "conv"
     d: int  # the dimension Q acts on (in_features, or in_channels * kh * kw)
     tokens: int  # rows of the GEMM (tokens, or batch * H_out * W_out)
     block_size: int
     input_shape: tuple
     conv: dict | None = None  # in_channels, out_channels, kernel, padding
+    layers: int = 1  # kind "stack": this many Linear d -> d layers in a row (the fixed cost per layer)
 
     @property
     def name(self) -> str:
         if self.kind == "linear":
             return f"linear d={self.d} tokens={self.tokens}"
+        if self.kind == "stack":
+            return f"stack {self.layers}x linear d={self.d} tokens={self.tokens}"
         c = self.conv
         return (f"conv{c['kernel']}x{c['kernel']} {c['in_channels']}->{c['out_channels']} "
                 f"x={'x'.join(map(str, self.input_shape))}")
@@ -47,9 +50,20 @@ class Case:
         """BOFT's dense factor count ``1 + log2(r)`` (SPEC, Theorem 2); r is a power of two by construction."""
         return 1 + int(round(math.log2(self.r)))
 
+    @property
+    def target(self) -> str:
+        """The module name every method adapts (PEFT's rule: the name or a ``.``-suffix)."""
+        return "proj" if self.kind == "stack" else "layer"
+
+    @property
+    def base_layers(self) -> int:
+        return self.layers if self.kind == "stack" else 1
+
     def make_base(self, device, dtype) -> nn.Module:
         if self.kind == "linear":
             base = nn.Linear(self.d, self.d, bias=True)
+        elif self.kind == "stack":
+            base = Stack(self.d, self.layers)
         else:
             c = self.conv
             base = nn.Conv2d(c["in_channels"], c["out_channels"], c["kernel"], padding=c["padding"], bias=True)
@@ -68,6 +82,26 @@ def block_size_for(d: int, requested: int) -> int:
         if rem == 0 and b % 2 == 0 and r & (r - 1) == 0:
             return b
     raise ValueError(f"no even block_size >= {requested} divides d={d} into a power-of-two number of blocks")
+
+
+class _Proj(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Stack(nn.Module):
+    """``layers`` Linear ``d -> d`` layers in a row, each named ``layers.<i>.proj``."""
+
+    def __init__(self, d: int, layers: int):
+        super().__init__()
+        self.layers = nn.Sequential(*[_Proj(d) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.layers(x)
 
 
 @dataclasses.dataclass
@@ -128,13 +162,13 @@ def build_full(base, case, **_):
 
 def build_lora(base, case, rank=LORA_RANK, **_):
     peft = _require_peft()
-    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["layer"], lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=[case.target], lora_dropout=0.0)
     return Built(_peft_wrap(base, cfg), impl=f"peft {peft.__version__}", note=f"rank {rank}")
 
 
 def build_peft_oft(base, case, **_):
     peft = _require_peft()
-    cfg = peft.OFTConfig(oft_block_size=case.block_size, r=0, target_modules=["layer"])
+    cfg = peft.OFTConfig(oft_block_size=case.block_size, r=0, target_modules=[case.target])
     m = _peft_wrap(base, cfg)
     note = "OFTv2 defaults (Cayley-Neumann, %d terms)" % cfg.num_cayley_neumann_terms if cfg.use_cayley_neumann \
         else "exact Cayley"
@@ -153,7 +187,7 @@ def build_peft_boft(base, case, variant="dense", **_):
     m_req = peft_boft_factors(case, variant)
     label = peft_boft.fbd_implementation()
     cfg = peft.BOFTConfig(boft_block_size=case.block_size, boft_n_butterfly_factor=m_req,
-                          target_modules=["layer"], boft_dropout=0.0)
+                          target_modules=[case.target], boft_dropout=0.0)
     m = _peft_wrap(base, cfg)
     peft_boft.check_boft_factors(m, m_req, block_size=case.block_size)  # never report a reduced factor count
     return Built(m, impl=f"peft {peft.__version__}", block_size=case.block_size, n_factors=m_req, orthogonal=True,
@@ -165,7 +199,7 @@ def peft_boft_step_flops(case, variant: str) -> float:
     d, m = case.d, peft_boft_factors(case, variant)
     dense = m * 2 * (2 * d ** 3) + m * 2 * d ** 3  # P B P^T per factor + the chain and identity products
     rows = 2 * case.tokens * d * d  # x @ Q
-    return 3.0 * (dense + rows)
+    return 3.0 * (dense + rows) * case.base_layers
 
 
 # ----------------------------------------------------------------------------- gsops rows
@@ -200,7 +234,7 @@ def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
         kw.update(block_size=case.block_size, n_factors=n_factors)
     else:  # sorsa, loldu
         kw.update(rank=rank)
-    cfg = gsops.AdapterConfig(method=method, target_modules=["layer"], **kw)
+    cfg = gsops.AdapterConfig(method=method, target_modules=[case.target], **kw)
     with contextlib.redirect_stdout(io.StringIO()):  # apply_'s summary would break the progress bar
         res = gsops.apply_(model, cfg)
     model = res if isinstance(res, nn.Module) else model

@@ -84,5 +84,23 @@ def peak_memory_bytes(step: Step) -> int | None:
     return int(torch.cuda.max_memory_allocated(step.device) - before)
 
 
+def host_syncs(step: Step) -> int:
+    """Device-to-host value reads in one step: calls of ``aten::_local_scalar_dense`` (``.item()``,
+    ``float()``, ``bool()``, ``.tolist()``), each a stall of the device's queue on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                type(self).n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        step()
+    return _Count.n
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..checks import accumulate_dtype
@@ -29,6 +31,26 @@ def unskew(K: torch.Tensor) -> torch.Tensor:
     return K[..., iu[0], iu[1]]
 
 
+@contextlib.contextmanager
+def lapack_single_thread(device: torch.device):
+    """Run the enclosed CPU LAPACK call on one thread.
+
+    Batched small-matrix factorisations gain nothing from a second thread, and their parallel
+    region stalls whenever a thread is descheduled: 64 inverses of 32x32 took ~1 ms quiet but
+    85-420 ms at the 95th percentile beside one busy process with 2 threads, ~13 ms with one
+    (``python -m perf.cayley_load``). The thread count is restored on exit.
+    """
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _CayleyExact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, K):
@@ -37,8 +59,10 @@ class _CayleyExact(torch.autograd.Function):
         eye = torch.eye(K.shape[-1], dtype=acc, device=K.device)
         # I - K has singular values >= 1 (its symmetric part is I), so the explicit inverse is as
         # accurate as a solve; batched inv is also far faster than batched solve on a busy CPU
-        # (measured: 38 ms vs 837 ms for 64 blocks of 32x32 with 2 threads under load).
-        M = torch.linalg.inv(eye - Kc)
+        # (measured: 38 ms vs 837 ms for 64 blocks of 32x32 with 2 threads under load), and it runs
+        # on one thread (see lapack_single_thread).
+        with lapack_single_thread(K.device):
+            M = torch.linalg.inv(eye - Kc)
         ctx.save_for_backward(M)
         ctx.in_dtype = K.dtype
         return (2 * M - eye).to(K.dtype)
