@@ -83,9 +83,10 @@ from ..checks import (
 )
 from ..perm import invert, permute
 from ..reference.cayley import neumann_error_bound, spectral_norm
+from .peft_cayley import peft_cayley_neumann
 
 ORTHOGONAL_METHODS = ("gsoft", "double_gsoft", "oft", "boft")
-CAYLEY_METHODS = ("exact", "neumann")
+CAYLEY_METHODS = ("exact", "neumann", "peft_neumann")  # peft_neumann: see gsops.nn.peft_cayley
 
 
 # --------------------------------------------------------------------------- Cayley blocks
@@ -117,6 +118,8 @@ class CayleyBlocks(nn.Module):
 
     def forward(self, dtype=None) -> torch.Tensor:
         K = self.skew_matrices(dtype)
+        if self.cayley == "peft_neumann":  # PEFT's own series, for adapters imported from PEFT
+            return peft_cayley_neumann(K, self.neumann_terms)
         if self.cayley == "neumann":
             self.check_neumann(K)
         return ops.cayley(K, method=self.cayley, terms=self.neumann_terms)
