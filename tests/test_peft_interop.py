@@ -303,3 +303,34 @@ def test_other_refusals(peft_folder, tmp_path):
     with pytest.raises(FileNotFoundError):
         gsops.load_peft_adapter(model, tmp_path / "missing")
     assert state_hash(model) == state_hash(tiny_bert())
+
+
+# ------------------------------------------------------------------ the GS paper's reference code's convention
+@pytest.mark.parametrize("packed", [True, False])
+def test_from_gs_reference_state_matches_the_papers_formula(packed):
+    """Paper: Q = P^T L P R, Cayley blocks (I + K)(I - K)^{-1}; its code: K = 0.5 (A - A^T). Oracle: tests/dense.py."""
+    import numpy as np
+    from torch import nn
+    import dense
+    from gsops.adapters import convert
+
+    r, b, d_out = 4, 4, 6
+    lin = nn.Linear(r * b, d_out).double()
+    model = gsops.apply_(nn.Sequential(lin), gsops.AdapterConfig(block_size=b, packed=packed), verbose=False)
+    g = torch.Generator().manual_seed(9)
+    A_R, A_L = (0.4 * torch.randn(r, b, b, generator=g, dtype=torch.float64) for _ in range(2))
+    s = 1 + 0.1 * torch.randn(d_out, generator=g, dtype=torch.float64)
+    before = state_hash(model)
+    with pytest.raises(ValueError, match="shape"):
+        convert.from_gs_reference_state(model, {"0": {"R": A_R[:2], "L": A_L}})
+    assert state_hash(model) == before
+    convert.from_gs_reference_state(model, {"0": {"R": A_R, "L": A_L, "scale": s}})
+    K = lambda A: 0.5 * (A.detach().numpy() - np.swapaxes(A.detach().numpy(), -1, -2))
+    Q = dense.gsoft_matrix(dense.cayley(K(A_L)), dense.cayley(K(A_R)))
+    W = lin.weight.detach().numpy()
+    x = torch.randn(3, r * b, generator=g, dtype=torch.float64)
+    want = (x.numpy() @ Q.T @ W.T) * s.numpy() + lin.bias.detach().numpy()
+    np.testing.assert_allclose(model(x).detach().numpy(), want, atol=1e-12)
+    # and back: the reference blocks give the same K (A itself up to its symmetric part)
+    back = convert.to_reference_blocks(model[0].rotation.factors.params[0], b, packed=packed)
+    np.testing.assert_allclose(K(back), K(A_R), atol=1e-15)

@@ -31,7 +31,8 @@ class AdapterConfig:
         ``sorsa`` and ``loldu`` do not read it.
     scale: learn the per-output magnitude ``s`` (init 1) of the orthogonal methods.
     packed: store the ``b(b-1)/2`` free numbers of each skew block (True) or full
-        ``b x b`` blocks with ``K = A - A^T`` as the GSOFT paper's code (False).
+        ``b x b`` blocks with ``K = A - A^T`` (False; the GSOFT paper's code and
+        PEFT's BOFT use ``K = 0.5 (A - A^T)``, see :mod:`gsops.adapters.convert`).
     cayley: ``"exact"``, ``"neumann"`` (OFTv2's series, ``neumann_terms`` terms) or
         ``"peft_neumann"`` (PEFT's own Cayley–Neumann series, which
         :func:`gsops.load_peft_adapter` sets for PEFT OFT adapters trained with

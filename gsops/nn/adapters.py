@@ -27,8 +27,9 @@ with it. Merging writes the same ``W'`` into the base layer, computed in float64
 
 Skew parameters: ``packed=True`` stores the ``b(b-1)/2`` free numbers of each
 block (strict upper triangle, row major, as :func:`gsops.ops.skew`);
-``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T`` as the
-GSOFT paper's code does. All parameters start at zero, so ``Q = I`` and the
+``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T``; the
+GSOFT paper's code and PEFT's BOFT build ``K = 0.5 (A - A^T)`` instead, so the
+same ``K`` needs ``A_gsops = 0.5 A`` (:mod:`gsops.adapters.convert`). All parameters start at zero, so ``Q = I`` and the
 adapted layer equals the base layer at initialisation; the scale ``s`` starts at 1.
 
 Reliability policies (issue 10):
