@@ -1,5 +1,6 @@
 """merge_and_unload, disable_adapters, modules_to_save and print_trainable_parameters on tiny HF models, against PEFT."""
 import copy
+import os
 import logging
 
 import pytest
@@ -199,3 +200,47 @@ def test_apply_logs_instead_of_printing(capsys, caplog):
         gsops.apply_(tiny_bert(), gsops.AdapterConfig(block_size=8, target_modules=QV))
     assert capsys.readouterr().out == ""
     assert any("2 layer(s) wrapped" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ HF Trainer callback
+class _Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randint(0, 96, (24, 7), generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+def _train(out, resume=None):
+    from transformers import Trainer, TrainingArguments
+
+    model = gsops.apply_(tiny_bert().train(), gsops.AdapterConfig(block_size=8, target_modules=QV,
+                                                                  modules_to_save=["classifier"]), verbose=False)
+    args = TrainingArguments(str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], logging_steps=100, use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Data(),
+                      callbacks=[gsops.training.AdapterCheckpointCallback()])
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+def test_trainer_callback_checkpoints_hold_only_the_adapter_and_resume_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    full = _train(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    names = set(os.listdir(ckpt))
+    assert "config.json" not in names and not any(n.startswith("model-") for n in names)
+    trainable = {n for n, p in full.named_parameters() if p.requires_grad}
+    assert set(load_file(ckpt / "model.safetensors")) == trainable  # no frozen base weight in the checkpoint
+    assert any("classifier" in n for n in trainable) and any("rotation" in n for n in trainable)
+    resumed = _train(tmp_path / "b", resume=str(ckpt))
+    for (n, p), (m, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert n == m and torch.equal(p, q), n
+    # the checkpoint is also a gsops adapter folder
+    fresh = gsops.load_adapter(tiny_bert(), ckpt)
+    assert fresh.classifier.weight.requires_grad
