@@ -334,3 +334,27 @@ def test_from_gs_reference_state_matches_the_papers_formula(packed):
     # and back: the reference blocks give the same K (A itself up to its symmetric part)
     back = convert.to_reference_blocks(model[0].rotation.factors.params[0], b, packed=packed)
     np.testing.assert_allclose(K(back), K(A_R), atol=1e-15)
+
+
+def test_peft_neumann_adapter_merges_unmerges_and_disables(tmp_path):
+    """PEFT's series is not orthogonal: unmerge divides by Q (Q^{-1}), not Q^T, and gets W back."""
+    peft = peft_or_skip()
+    base = tiny_bert()
+    pm = _peft_model(base, peft.OFTConfig(oft_block_size=8, r=0, target_modules=BERT_QV, use_cayley_neumann=True))
+    _randomise_peft_(pm, 0.1)
+    pm.save_pretrained(tmp_path)
+    ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    q = ours.bert.encoder.layer[0].attention.self.query
+    W0 = q.base_layer.weight.detach().clone()
+    x = ids()
+    want = logits(pm, x)
+    Q = q.rotation.dense(torch.float64)
+    assert (Q.T @ Q - torch.eye(32, dtype=torch.float64)).abs().max() > 1e-4  # really not orthogonal
+    with gsops.disable_adapters(ours):
+        assert torch.equal(logits(ours, x), logits(base, x))
+    gsops.merge_(ours)
+    _close(logits(ours, x), want)
+    gsops.unmerge_(ours)
+    assert (q.base_layer.weight - W0).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="needs method='oft'"):
+        gsops.AdapterConfig(method="gsoft", cayley="peft_neumann")

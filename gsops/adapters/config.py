@@ -72,6 +72,8 @@ class AdapterConfig:
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.cayley not in CAYLEY_METHODS:
             raise ValueError(f"cayley={self.cayley!r} must be one of {CAYLEY_METHODS}")
+        if self.cayley == "peft_neumann" and self.method != "oft":
+            raise ValueError(f"cayley='peft_neumann' (PEFT OFT's series) needs method='oft', got method={self.method!r}")
         if self.method in ("gsoft", "double_gsoft") and self.n_factors != 2:
             raise ValueError(
                 f"n_factors={self.n_factors}: method={self.method!r} has exactly 2 factors (L and R); "

@@ -304,6 +304,11 @@ def load_peft_adapter(model: nn.Module, path) -> nn.Module:
         revert_(model)  # orthogonal adapters, unmerged: the base layers are back exactly as they were
         raise ValueError(f"{path}: the converted tensors do not fit the adapters gsops built "
                          f"({sorted(set(params) ^ set(values))[:5]})")
+    narrowed = sorted({(str(values[k].dtype), str(p.dtype)) for k, p in params.items()
+                       if torch.finfo(values[k].dtype).bits > torch.finfo(p.dtype).bits})
+    if narrowed:
+        warnings.warn(f"{path}: the file's {narrowed[0][0]} adapter numbers are rounded to the layers' {narrowed[0][1]} "
+                      "(a gsops adapter takes its base weight's dtype); outputs differ from PEFT's by that rounding")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(values[name].to(device=p.device, dtype=p.dtype))

@@ -498,6 +498,8 @@ class OrthogonalAdapter(MergeableAdapter):
             raise ValueError(f"method={method!r} must be one of {ORTHOGONAL_METHODS}")
         block_size = check_int("block_size", block_size)
         n_factors = check_int("n_factors", n_factors)
+        if cayley == "peft_neumann" and method != "oft":
+            raise ValueError(f"{name}: cayley='peft_neumann' (PEFT OFT's series) needs method='oft', got {method!r}")
         check_orthogonal_layer(name, base, method, block_size, n_factors)
         self.base_layer = base
         self.method = method
@@ -564,6 +566,8 @@ class OrthogonalAdapter(MergeableAdapter):
         if self.rotation_out is not None:
             Bo = self.rotation_out.blocks(f64)
             M = self.rotation_out.apply(M.transpose(0, 1), Bo, transpose=True).transpose(0, 1)  # Q_out^T M
+        if self.rotation.factors.cayley == "peft_neumann":  # PEFT's series is not orthogonal: undo W Q with Q^{-1}
+            return self.rotation.apply(M, torch.linalg.inv(self.rotation.blocks(f64)), transpose=True)
         return self.rotation.apply(M, self.rotation.blocks(f64))  # rows of M Q^T = (Q m_i)^T
 
     def orthogonal_matrices(self, dtype=torch.float64) -> dict:
