@@ -358,3 +358,26 @@ def test_peft_neumann_adapter_merges_unmerges_and_disables(tmp_path):
     assert (q.base_layer.weight - W0).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="needs method='oft'"):
         gsops.AdapterConfig(method="gsoft", cayley="peft_neumann")
+
+
+@pytest.mark.parametrize("neumann", [False, True])
+def test_loaded_peft_oft_trains_like_peft(neumann, tmp_path):
+    """The same loss and the same gradients (negated with PEFT's Cayley-Neumann) as PEFT: training continues as in PEFT."""
+    peft = peft_or_skip()
+    base = tiny_bert()
+    pm = _peft_model(base, peft.OFTConfig(oft_block_size=8, r=0, target_modules=BERT_QV, use_cayley_neumann=neumann,
+                                          modules_to_save=["classifier"]))
+    _randomise_peft_(pm, 0.1)
+    pm.save_pretrained(tmp_path)
+    ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    x, y = ids(), torch.tensor([1, 2])
+    pm(input_ids=x, labels=y).loss.backward()
+    ours(input_ids=x, labels=y).loss.backward()
+    sign = -1.0 if neumann else 1.0
+    for name in ("query", "value"):
+        theirs = getattr(pm.base_model.model.bert.encoder.layer[0].attention.self, name).oft_R["default"].weight.grad
+        mine = getattr(ours.bert.encoder.layer[0].attention.self, name).rotation.factors.params.grad[0]
+        torch.testing.assert_close(mine, sign * theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.classifier.weight.grad,
+                               pm.base_model.model.classifier.modules_to_save["default"].weight.grad,
+                               rtol=1e-4, atol=1e-6)

@@ -244,3 +244,15 @@ def test_trainer_callback_checkpoints_hold_only_the_adapter_and_resume_exactly(t
     # the checkpoint is also a gsops adapter folder
     fresh = gsops.load_adapter(tiny_bert(), ckpt)
     assert fresh.classifier.weight.requires_grad
+
+
+def test_messages_only_on_rank_zero(monkeypatch, capsys, caplog):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    with caplog.at_level(logging.INFO, logger="gsops"):
+        model = gsops.apply_(tiny_bert(), gsops.AdapterConfig(block_size=8, target_modules=QV))
+        counts = gsops.print_trainable_parameters(model)
+    assert capsys.readouterr().out == "" and not caplog.records
+    assert counts[0] == sum(p.numel() for p in gsops.trainable_parameters(model))
