@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+from torch import nn
 from transformers import TrainerCallback
 
 from .adapters.io import _saved_tensors, save_adapter
@@ -38,9 +39,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _unwrap(model):
-    while hasattr(model, "module") and not adapter_layers(model):
-        model = model.module
-    return model
+    """The model under DDP / DataParallel / torch.compile wrappers (their state_dict keys carry a prefix)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class AdapterCheckpointCallback(TrainerCallback):
