@@ -381,3 +381,26 @@ def test_loaded_peft_oft_trains_like_peft(neumann, tmp_path):
     torch.testing.assert_close(ours.classifier.weight.grad,
                                pm.base_model.model.classifier.modules_to_save["default"].weight.grad,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_conv2d_layers_are_refused_both_ways(tmp_path):
+    peft = peft_or_skip()
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(4, 8, 2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    pm = _peft_model(net, peft.OFTConfig(oft_block_size=4, r=0, target_modules=["0", "2"]))
+    pm.save_pretrained(tmp_path / "p")
+    fresh = copy.deepcopy(net)
+    assert_refused_unchanged(fresh, lambda: gsops.load_peft_adapter(fresh, tmp_path / "p"),
+                             "layer 0 is Conv2d; only nn.Linear layers are converted")
+    ours = gsops.apply_(copy.deepcopy(net), gsops.AdapterConfig(method="oft", scale=False, block_size=4,
+                                                                target_modules=[nn.Conv2d]), verbose=False)
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        gsops.save_peft_adapter(ours, tmp_path / "g")
+    assert not os.path.exists(tmp_path / "g")
+
+
+def test_old_peft_neumann_folder_warns_like_peft(peft_folder, tmp_path):
+    path = _edited(peft_folder, tmp_path / "old", lambda c: c.update(peft_version="0.17.1"))
+    with pytest.warns(UserWarning, match="older than 0.18"):
+        gsops.load_peft_adapter(tiny_bert(), path)

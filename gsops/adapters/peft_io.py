@@ -14,7 +14,9 @@ PEFT 0.21, each checked by a test against PEFT's own layers to 1e-5 in float32):
   ``R`` and applies ``R^T`` to the input; gsops runs it with
   ``cayley="peft_neumann"`` (the same series, :mod:`gsops.nn.peft_cayley`) on
   the negated parameters (``R(K)^T = R(-K)`` for skew ``K``), with
-  ``neumann_terms = num_cayley_neumann_terms``.
+  ``neumann_terms = num_cayley_neumann_terms``. PEFT changed this series in
+  0.18; a folder whose ``peft_version`` is older (or missing) gets the warning
+  PEFT gives, and the current series, as in PEFT.
 * BOFT: PEFT builds ``K = 0.5 (A - A^T)`` from each full block ``A`` of
   ``boft_R`` (shape ``(m, r, b, b)``, one row per butterfly factor) and scales
   the outputs by ``boft_s`` (shape ``(out, 1)``); gsops ``boft`` with
@@ -154,6 +156,17 @@ def _split_keys(tensors, suffixes, path):
     return layers, rest
 
 
+def _version_before(version, minimum) -> bool:
+    """True when ``version`` ("0.17.1", "0.18.0@<commit>", missing) is older than ``minimum`` (as PEFT reads it)."""
+    if not isinstance(version, str):
+        return True
+    parts = []
+    for piece in version.partition("@")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) < tuple(minimum)
+
+
 def _block_size_from_packed(n: int):
     b = int((1 + math.isqrt(1 + 8 * n)) // 2)
     return b if b * (b - 1) // 2 == n else None
@@ -214,6 +227,10 @@ def _plan(model, cfg, peft_type, tensors, path):
         if not isinstance(neumann, bool):
             raise ValueError(f"{cfg_path}: use_cayley_neumann={neumann!r} must be a bool")
         terms = _int_field(cfg, "num_cayley_neumann_terms", cfg_path, minimum=1, default=5)
+        if neumann and _version_before(cfg.get("peft_version"), (0, 18)):
+            warnings.warn(f"{cfg_path}: peft_version={cfg.get('peft_version')!r} is older than 0.18, whose "
+                          "Cayley-Neumann series changed; like PEFT >= 0.18, gsops evaluates the new series, which "
+                          "is not the function these numbers were trained with")
         config = dict(method="oft", block_size=b, scale=False, packed=True,
                       cayley="peft_neumann" if neumann else "exact", neumann_terms=terms if neumann else 5)
     else:
