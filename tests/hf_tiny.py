@@ -76,3 +76,12 @@ def assert_refused_unchanged(model, call, match, exc=ValueError):
     with pytest.raises(exc, match=match):
         call()
     assert state_hash(model) == before
+
+
+def outputs(model, x):
+    """Logits and the last hidden state, flattened: a wrong adapter shows in the hidden state even where the
+    (small, untrained) head hides it."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(input_ids=x, output_hidden_states=True)
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])

@@ -11,7 +11,7 @@ import torch
 import gsops
 from gsops.baselines import peft_boft
 from gsops.nn.peft_cayley import peft_cayley_neumann
-from hf_tiny import assert_refused_unchanged, ids, logits, peft_or_skip, state_hash, tiny_bert, tiny_llama
+from hf_tiny import assert_refused_unchanged, ids, outputs, peft_or_skip, state_hash, tiny_bert, tiny_llama
 
 ATOL = 1e-5  # float32, PEFT's outputs vs gsops's
 BERT_QV = ["query", "value"]
@@ -47,11 +47,11 @@ def _randomise_peft_(pm, std):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def _peft_logits(pm, x, factors=1):
+def _peft_outputs(pm, x, factors=1):
     if factors > 1:
         with peft_boft.cpu_fbd():
-            return logits(pm, x)
-    return logits(pm, x)
+            return outputs(pm, x)
+    return outputs(pm, x)
 
 
 # ------------------------------------------------------------------ PEFT's Cayley-Neumann series
@@ -88,8 +88,8 @@ def test_load_peft_oft_equals_peft(neumann, terms, tmp_path):
     pm = _peft_model(base, cfg)
     _randomise_peft_(pm, 0.1)
     x = ids()
-    want = logits(pm, x)
-    assert (want - logits(base, x)).abs().max() > 1e-2  # the adapter really changes the function
+    want = outputs(pm, x)
+    assert (want - outputs(base, x)).abs().max() > 5e-3  # the adapter really changes the function
     pm.save_pretrained(tmp_path)
     ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
     s = gsops.adapter_summary(ours)
@@ -97,7 +97,7 @@ def test_load_peft_oft_equals_peft(neumann, terms, tmp_path):
     cfg_gs = ours.bert.encoder.layer[0].attention.self.query.gsops_config
     assert cfg_gs.cayley == ("peft_neumann" if neumann else "exact") and cfg_gs.scale is False
     assert ours.classifier.weight.requires_grad
-    _close(logits(ours, x), want)
+    _close(outputs(ours, x), want)
 
 
 def test_load_peft_seq_cls_task_type(tmp_path):
@@ -107,13 +107,13 @@ def test_load_peft_seq_cls_task_type(tmp_path):
     pm = _peft_model(base, peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=8, r=0, target_modules=BERT_QV))
     _randomise_peft_(pm, 0.1)
     x = ids()
-    want = logits(pm, x)
+    want = outputs(pm, x)
     pm.save_pretrained(tmp_path)
     assert json.load(open(tmp_path / "adapter_config.json"))["modules_to_save"] == ["classifier", "score"]
     ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
     assert ours.bert.encoder.layer[0].attention.self.query.gsops_config.modules_to_save == ["classifier"]
     assert not torch.equal(ours.classifier.weight, base.classifier.weight)
-    _close(logits(ours, x), want)
+    _close(outputs(ours, x), want)
 
 
 @pytest.mark.parametrize("factors", [1, 2])
@@ -124,12 +124,12 @@ def test_load_peft_boft_equals_peft(factors, tmp_path):
     pm = _peft_model(base, cfg, factors)
     _randomise_peft_(pm, 0.3)
     x = ids()
-    want = _peft_logits(pm, x, factors)
+    want = _peft_outputs(pm, x, factors)
     pm.save_pretrained(tmp_path)
     ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
     layer = ours.model.layers[0].self_attn.q_proj
     assert layer.gsops_config.method == "boft" and layer.gsops_config.n_factors == factors
-    _close(logits(ours, x), want)
+    _close(outputs(ours, x), want)
 
 
 def test_load_peft_boft_trained_without_fbd_loads_its_one_factor(tmp_path):
@@ -142,11 +142,11 @@ def test_load_peft_boft_trained_without_fbd_loads_its_one_factor(tmp_path):
     peft_boft.check_boft_factors(pm, 1)
     _randomise_peft_(pm, 0.3)
     x = ids()
-    want = logits(pm, x)
+    want = outputs(pm, x)
     pm.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="holds one factor"):
         ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
-    _close(logits(ours, x), want)
+    _close(outputs(ours, x), want)
 
 
 # ------------------------------------------------------------------ save_peft_adapter
@@ -172,7 +172,7 @@ def test_save_peft_adapter_loads_in_peft_to_the_same_outputs(kw, tmp_path):
     ours = _gs(base, block_size=8, target_modules=[r"\.query$", r"\.value$", r"output\.dense$"],
                modules_to_save=["classifier"], **kw)
     x = ids()
-    want = logits(ours, x)
+    want = outputs(ours, x)
     gsops.save_peft_adapter(ours, tmp_path)
     factors = kw.get("n_factors", 1) if kw["method"] == "boft" else 1
     with warnings.catch_warnings(), peft_boft.cpu_fbd():
@@ -180,10 +180,10 @@ def test_save_peft_adapter_loads_in_peft_to_the_same_outputs(kw, tmp_path):
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     if kw["method"] == "boft":
         peft_boft.check_boft_factors(pm, factors)
-    _close(_peft_logits(pm, x, 2), want)
+    _close(_peft_outputs(pm, x, 2), want)
     # and back: the PEFT folder loads into gsops to the same function
     back = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path)
-    _close(logits(back, x), want)
+    _close(outputs(back, x), want)
 
 
 def test_peft_neumann_round_trip_through_gsops(tmp_path):
@@ -192,18 +192,18 @@ def test_peft_neumann_round_trip_through_gsops(tmp_path):
     pm = _peft_model(base, peft.OFTConfig(oft_block_size=8, r=0, target_modules=BERT_QV, use_cayley_neumann=True))
     _randomise_peft_(pm, 0.1)
     x = ids()
-    want = logits(pm, x)
+    want = outputs(pm, x)
     pm.save_pretrained(tmp_path / "a")
     ours = gsops.load_peft_adapter(copy.deepcopy(base), tmp_path / "a")
     gsops.save_peft_adapter(ours, tmp_path / "b")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
-    assert torch.equal(logits(again, x), want)  # the same numbers come back: bit-for-bit
+    assert torch.equal(outputs(again, x), want)  # the same numbers come back: bit-for-bit
     # gsops's own format keeps peft_neumann too
     gsops.save_adapter(ours, tmp_path / "c")
     reloaded = gsops.load_adapter(copy.deepcopy(base), tmp_path / "c")
-    assert torch.equal(logits(reloaded, x), logits(ours, x))
+    assert torch.equal(outputs(reloaded, x), outputs(ours, x))
 
 
 def test_save_peft_adapter_refusals(tmp_path):
@@ -347,13 +347,13 @@ def test_peft_neumann_adapter_merges_unmerges_and_disables(tmp_path):
     q = ours.bert.encoder.layer[0].attention.self.query
     W0 = q.base_layer.weight.detach().clone()
     x = ids()
-    want = logits(pm, x)
+    want = outputs(pm, x)
     Q = q.rotation.dense(torch.float64)
     assert (Q.T @ Q - torch.eye(32, dtype=torch.float64)).abs().max() > 1e-4  # really not orthogonal
     with gsops.disable_adapters(ours):
-        assert torch.equal(logits(ours, x), logits(base, x))
+        assert torch.equal(outputs(ours, x), outputs(base, x))
     gsops.merge_(ours)
-    _close(logits(ours, x), want)
+    _close(outputs(ours, x), want)
     gsops.unmerge_(ours)
     assert (q.base_layer.weight - W0).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="needs method='oft'"):
