@@ -383,7 +383,46 @@ def test_loaded_peft_oft_trains_like_peft(neumann, tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_conv2d_layers_are_refused_both_ways(tmp_path):
+class _ConvNet(torch.nn.Module):
+    def __init__(self, dilation=1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 2, padding=1, dilation=dilation)
+        self.head = torch.nn.Linear(8 * 6 * 6 if dilation == 1 else 8 * 5 * 5, 16)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_boft_conv2d_both_ways(tmp_path):
+    """PEFT's BOFT Conv2d layer rotates the weight's in_channels*k*k side as gsops does: same function both ways."""
+    peft = peft_or_skip()
+    net = _ConvNet().eval()
+    z = torch.randn(2, 4, 5, 5)
+    pm = _peft_model(net, peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["conv", "head"]),
+                     factors=2)
+    _randomise_peft_(pm, 0.3)
+    with torch.no_grad(), peft_boft.cpu_fbd():
+        want = pm(z)
+    pm.save_pretrained(tmp_path / "p")
+    ours = gsops.load_peft_adapter(copy.deepcopy(net), tmp_path / "p")
+    with torch.no_grad():
+        _close(ours(z), want)
+    gsops.save_peft_adapter(ours, tmp_path / "back")
+    with warnings.catch_warnings(), peft_boft.cpu_fbd():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "back").eval()
+        with torch.no_grad():
+            assert torch.equal(again(z), want)
+    # a dilated convolution: PEFT's layer ignores the dilation, so the function would differ
+    dil = _ConvNet(dilation=2)
+    ours = gsops.apply_(copy.deepcopy(dil), gsops.AdapterConfig(method="boft", block_size=4, target_modules=["conv"]),
+                        verbose=False)
+    with pytest.raises(ValueError, match=r"dilation=\(2, 2\)"):
+        gsops.save_peft_adapter(ours, tmp_path / "d")
+    assert not os.path.exists(tmp_path / "d")
+
+
+def test_oft_conv2d_layers_are_refused_both_ways(tmp_path):
     peft = peft_or_skip()
     from torch import nn
 
@@ -392,7 +431,7 @@ def test_conv2d_layers_are_refused_both_ways(tmp_path):
     pm.save_pretrained(tmp_path / "p")
     fresh = copy.deepcopy(net)
     assert_refused_unchanged(fresh, lambda: gsops.load_peft_adapter(fresh, tmp_path / "p"),
-                             "layer 0 is Conv2d; only nn.Linear layers are converted")
+                             "layer 0 is Conv2d; only nn.Linear layers")
     ours = gsops.apply_(copy.deepcopy(net), gsops.AdapterConfig(method="oft", scale=False, block_size=4,
                                                                 target_modules=[nn.Conv2d]), verbose=False)
     with pytest.raises(ValueError, match="not nn.Linear"):

@@ -4,7 +4,8 @@ A folder written by PEFT's ``save_pretrained`` holds ``adapter_config.json``
 (the ``OFTConfig`` / ``BOFTConfig``) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<layer>.oft_R.weight`` (OFT) or ``...<layer>.boft_R`` and
 ``...<layer>.boft_s`` (BOFT), plus ``base_model.model.<module>.<tensor>`` for the
-``modules_to_save``. The correspondence, for ``nn.Linear`` layers (facts of
+``modules_to_save``. The correspondence, for ``nn.Linear`` layers and BOFT's
+``nn.Conv2d`` layers (facts of
 PEFT 0.21, each checked by a test against PEFT's own layers to 1e-5 in float32):
 
 * OFT, ``use_cayley_neumann=False``: PEFT's ``oft_R.weight`` (``r`` rows of
@@ -19,15 +20,19 @@ PEFT 0.21, each checked by a test against PEFT's own layers to 1e-5 in float32):
   PEFT gives, and the current series, as in PEFT.
 * BOFT: PEFT builds ``K = 0.5 (A - A^T)`` from each full block ``A`` of
   ``boft_R`` (shape ``(m, r, b, b)``, one row per butterfly factor) and scales
-  the outputs by ``boft_s`` (shape ``(out, 1)``); gsops ``boft`` with
+  the outputs by ``boft_s`` (shape ``(out, 1)``, ``(1, out)`` for Conv2d); gsops ``boft`` with
   ``packed=False`` builds ``K = A' - A'^T``, so ``A' = 0.5 A`` (exact in binary
-  floating point), ``n_factors = m``, ``scale=True`` with ``s = boft_s[:, 0]``.
+  floating point), ``n_factors = m``, ``scale=True`` with ``s = boft_s`` flattened.
+  PEFT's BOFT Conv2d layer rotates the flattened ``in_channels * k * k`` side of
+  the weight as gsops does, but reads only ``kernel_size[0]``, ``stride[0]`` and
+  ``padding[0]`` and ignores dilation and padding mode: layers where that
+  differs from the layer's own convolution are refused.
 
 Refused, naming the option (gsops has no equivalent, or the function would
 differ): other PEFT methods, ``bias`` other than ``"none"``, ``fan_in_fan_out``
 (Conv1D layers), ``coft``, ``block_share``, ``module_dropout`` / ``boft_dropout``
 > 0 (PEFT's multiplicative dropout; gsops has none, so training would differ),
-``layer_replication``, ``trainable_token_indices``, Conv2d and Embedding layers,
+``layer_replication``, ``trainable_token_indices``, OFT's Conv2d layers, Embedding layers,
 layers of different block sizes, and unknown configuration fields.
 ``target_modules``, ``exclude_modules``, ``layers_to_transform`` and
 ``layers_pattern`` are not re-run: the tensor file names the layers, and gsops
@@ -156,6 +161,32 @@ def _split_keys(tensors, suffixes, path):
     return layers, rest
 
 
+def _boft_conv_problem(conv: nn.Conv2d):
+    """Why PEFT's BOFT Conv2d layer computes another function than gsops's for ``conv`` (None when they agree).
+
+    PEFT's layer reads ``kernel_size[0]`` (square kernels), ``stride[0]`` and
+    ``padding[0]``, and calls ``F.conv2d`` without dilation, groups or padding mode.
+    """
+    kh, kw = conv.kernel_size
+    checks = [(kh == kw, f"kernel_size={conv.kernel_size} is not square"),
+              (conv.stride[0] == conv.stride[1], f"stride={conv.stride} differs per side"),
+              (not isinstance(conv.padding, str) and conv.padding[0] == conv.padding[1],
+               f"padding={conv.padding!r} is not one int per side"),
+              (tuple(conv.dilation) == (1, 1), f"dilation={conv.dilation}"),
+              (conv.groups == 1, f"groups={conv.groups}"),
+              (conv.padding_mode == "zeros", f"padding_mode={conv.padding_mode!r}")]
+    bad = [why for ok, why in checks if not ok]
+    return "; ".join(bad) if bad else None
+
+
+def _dims(layer):
+    """(d_in, d_out, expected boft_s shape) of a Linear or Conv2d layer, as PEFT's BOFT sees it."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, (layer.out_features, 1)
+    kh, kw = layer.kernel_size
+    return layer.in_channels * kh * kw, layer.out_channels, (1, layer.out_channels)
+
+
 def _version_before(version, minimum) -> bool:
     """True when ``version`` ("0.17.1", "0.18.0@<commit>", missing) is older than ``minimum`` (as PEFT reads it)."""
     if not isinstance(version, str):
@@ -192,9 +223,14 @@ def _plan(model, cfg, peft_type, tensors, path):
         layer = modules.get(name)
         if layer is None:
             raise ValueError(f"{path}: layer {name} of the adapter is not a module of the model (another base model?)")
-        if type(layer) is not nn.Linear and not isinstance(layer, nn.Linear):
-            raise ValueError(f"{path}: layer {name} is {type(layer).__name__}; only nn.Linear layers are converted "
-                             "(PEFT's Conv2d OFT/BOFT layers compute a different function than gsops's)")
+        if peft_type == "BOFT" and isinstance(layer, nn.Conv2d):
+            why = _boft_conv_problem(layer)
+            if why:
+                raise ValueError(f"{path}: layer {name}: PEFT's BOFT Conv2d layer computes a different convolution "
+                                 f"than the layer's own ({why}); refusing it")
+        elif not isinstance(layer, nn.Linear):
+            raise ValueError(f"{path}: layer {name} is {type(layer).__name__}; only nn.Linear layers (and BOFT's "
+                             "Conv2d layers) are converted (PEFT's OFT Conv2d layer computes a different function)")
     # block sizes and factor counts, read from the tensors (PEFT may have adjusted the configured ones per layer)
     shapes = {}
     for name, parts in layer_tensors.items():
@@ -208,12 +244,12 @@ def _plan(model, cfg, peft_type, tensors, path):
             shapes[name] = (b, 1)
         else:
             R, s = parts["boft_R"], parts["boft_s"]
-            if R.dim() != 4 or R.shape[-1] != R.shape[-2] or R.shape[1] * R.shape[-1] != layer.in_features:
+            d_in, _, s_shape = _dims(layer)
+            if R.dim() != 4 or R.shape[-1] != R.shape[-2] or R.shape[1] * R.shape[-1] != d_in:
                 raise ValueError(f"{path}: {name}.boft_R has shape {tuple(R.shape)}; expected (m, r, b, b) with "
-                                 f"r*b = in_features={layer.in_features}")
-            if tuple(s.shape) != (layer.out_features, 1):
-                raise ValueError(f"{path}: {name}.boft_s has shape {tuple(s.shape)}; expected "
-                                 f"(out_features, 1)={(layer.out_features, 1)}")
+                                 f"r*b = the layer's input size {d_in}")
+            if tuple(s.shape) != s_shape:
+                raise ValueError(f"{path}: {name}.boft_s has shape {tuple(s.shape)}; expected {s_shape}")
             shapes[name] = (R.shape[-1], R.shape[0])
     if len(set(shapes.values())) != 1:
         raise ValueError(f"{path}: layers have different (block size, factors) {sorted(set(shapes.values()))}; "
@@ -277,7 +313,7 @@ def _plan(model, cfg, peft_type, tensors, path):
             values[f"{name}.rotation.factors.params"] = -w if config["cayley"] == "peft_neumann" else w
         else:
             values[f"{name}.rotation.factors.params"] = 0.5 * parts["boft_R"]
-            values[f"{name}.scale"] = parts["boft_s"][:, 0]
+            values[f"{name}.scale"] = parts["boft_s"].flatten()
     values.update(rest)
     return gs_config, values
 
@@ -343,10 +379,17 @@ def _export_tensors(model, config) -> tuple[dict, dict]:
             f"save_peft_adapter: method={method!r} has no PEFT equivalent (PEFT has OFT and BOFT, no GSOFT, "
             "Double GSOFT, SORSA or LoLDU); save it with gsops.save_adapter"
         )
-    not_linear = [n for n, m in layers if not isinstance(m.base_layer, nn.Linear)]
-    if not_linear:
-        raise ValueError(f"save_peft_adapter: layers {not_linear[:3]} are not nn.Linear; PEFT's Conv2d OFT/BOFT "
-                         "layers compute a different function, only nn.Linear layers are converted")
+    for n, m in layers:
+        base = m.base_layer
+        if isinstance(base, nn.Linear):
+            continue
+        if method == "oft":
+            raise ValueError(f"save_peft_adapter: layer {n} is not nn.Linear; PEFT's OFT Conv2d layer computes a "
+                             "different function, only nn.Linear layers are converted for OFT")
+        why = _boft_conv_problem(base)
+        if why:
+            raise ValueError(f"save_peft_adapter: layer {n}: PEFT's BOFT Conv2d layer would compute a different "
+                             f"convolution ({why})")
     if method == "oft" and config.scale:
         raise ValueError("save_peft_adapter: method='oft' with scale=True; PEFT's OFT has no per-output scale "
                          "(use scale=False, or method='boft', whose boft_s is that scale)")
@@ -371,7 +414,7 @@ def _export_tensors(model, config) -> tuple[dict, dict]:
                 A = ops.skew(P, f.b) if f.packed else 2 * P  # PEFT: K = 0.5 (A - A^T)
                 s = m.scale.detach() if m.scale is not None else torch.ones(m.d_out, dtype=P.dtype, device=P.device)
                 out[f"{PREFIX}{name}.boft_R"] = A
-                out[f"{PREFIX}{name}.boft_s"] = s[:, None]
+                out[f"{PREFIX}{name}.boft_s"] = s.reshape(_dims(m.base_layer)[2])
     for k, t in saved_modules.state(model, saved_modules.selected_names(model)).items():
         out[PREFIX + k] = t.detach()
     out = {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
@@ -400,7 +443,8 @@ def save_peft_adapter(model: nn.Module, path) -> str:
 
     The folder computes the same function in PEFT (see the module docstring for
     the correspondence). Refused, with the reason and nothing written: other
-    methods, Conv2d layers, ``oft`` with ``scale=True`` or ``cayley="neumann"``,
+    methods, OFT on Conv2d layers, BOFT on Conv2d layers whose convolution PEFT
+    would not reproduce (see the module docstring), ``oft`` with ``scale=True`` or ``cayley="neumann"``,
     ``boft`` with a Cayley–Neumann series. A BOFT adapter with ``n_factors > 1``
     needs PEFT's ``fbd_cuda`` extension (or :func:`gsops.baselines.peft_boft.enable_cpu_fbd`)
     to load in PEFT. Returns the folder.
