@@ -105,6 +105,8 @@ class AdapterConfig:
     # ---- serialisation (JSON-safe)
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if self.modules_to_save is None:
+            del d["modules_to_save"]  # files without saved modules stay readable by gsops versions before the field
         if self.target_modules is not None:
             d["target_modules"] = [
                 t if isinstance(t, str) else f"type:{t.__module__}.{t.__qualname__}" for t in self.target_modules
