@@ -17,7 +17,8 @@
   evaluation (e.g. a reference model in DPO-style training, an A/B check).
 * :func:`print_trainable_parameters` prints PEFT's line
   ``trainable params: T || all params: A || trainable%: P`` (rank 0 only) and
-  returns ``(T, A)``.
+  returns ``(T, A)``. ``A`` counts the model's parameters once; PEFT's total
+  also counts the extra copy it keeps of each ``modules_to_save`` module.
 """
 from __future__ import annotations
 
