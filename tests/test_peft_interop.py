@@ -10,7 +10,7 @@ import torch
 
 import gsops
 from gsops.baselines import peft_boft
-from gsops.nn.peft_cayley import peft_cayley_neumann
+from gsops.reference.peft_cayley import peft_cayley_neumann
 from hf_tiny import assert_refused_unchanged, ids, outputs, peft_or_skip, state_hash, tiny_bert, tiny_llama
 
 ATOL = 1e-5  # float32, PEFT's outputs vs gsops's

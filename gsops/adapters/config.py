@@ -36,7 +36,7 @@ class AdapterConfig:
     cayley: ``"exact"``, ``"neumann"`` (OFTv2's series, ``neumann_terms`` terms) or
         ``"peft_neumann"`` (PEFT's own Cayley–Neumann series, which
         :func:`gsops.load_peft_adapter` sets for PEFT OFT adapters trained with
-        ``use_cayley_neumann=True``; see :mod:`gsops.nn.peft_cayley`).
+        ``use_cayley_neumann=True``; see :mod:`gsops.reference.peft_cayley`).
     rank: rank of ``sorsa`` / ``loldu``; must be None for the orthogonal methods.
     target_modules: None (every ``nn.Linear``), or a list of regular expressions
         (``re.search`` on the module's qualified name, e.g. ``"attention"`` or

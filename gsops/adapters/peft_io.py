@@ -13,7 +13,7 @@ PEFT 0.21, each checked by a test against PEFT's own layers to 1e-5 in float32):
   as they are, ``packed=True``, ``scale=False``, ``cayley="exact"``.
 * OFT, ``use_cayley_neumann=True``: PEFT evaluates its own truncated series
   ``R`` and applies ``R^T`` to the input; gsops runs it with
-  ``cayley="peft_neumann"`` (the same series, :mod:`gsops.nn.peft_cayley`) on
+  ``cayley="peft_neumann"`` (the same series, :mod:`gsops.reference.peft_cayley`) on
   the negated parameters (``R(K)^T = R(-K)`` for skew ``K``), with
   ``neumann_terms = num_cayley_neumann_terms``. PEFT changed this series in
   0.18; a folder whose ``peft_version`` is older (or missing) gets the warning

@@ -29,8 +29,9 @@ Skew parameters: ``packed=True`` stores the ``b(b-1)/2`` free numbers of each
 block (strict upper triangle, row major, as :func:`gsops.ops.skew`);
 ``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T``; the
 GSOFT paper's code and PEFT's BOFT build ``K = 0.5 (A - A^T)`` instead, so the
-same ``K`` needs ``A_gsops = 0.5 A`` (:mod:`gsops.adapters.convert`). All parameters start at zero, so ``Q = I`` and the
-adapted layer equals the base layer at initialisation; the scale ``s`` starts at 1.
+same ``K`` needs ``A_gsops = 0.5 A`` (:mod:`gsops.adapters.convert`). All
+parameters start at zero, so ``Q = I`` and the adapted layer equals the base
+layer at initialisation; the scale ``s`` starts at 1.
 
 Reliability policies (issue 10):
 
@@ -84,10 +85,10 @@ from ..checks import (
 )
 from ..perm import invert, permute
 from ..reference.cayley import neumann_error_bound, spectral_norm
-from .peft_cayley import peft_cayley_neumann
+from ..reference.peft_cayley import peft_cayley_neumann
 
 ORTHOGONAL_METHODS = ("gsoft", "double_gsoft", "oft", "boft")
-CAYLEY_METHODS = ("exact", "neumann", "peft_neumann")  # peft_neumann: see gsops.nn.peft_cayley
+CAYLEY_METHODS = ("exact", "neumann", "peft_neumann")  # peft_neumann: see gsops.reference.peft_cayley
 
 
 # --------------------------------------------------------------------------- Cayley blocks
