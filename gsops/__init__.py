@@ -17,12 +17,14 @@ __all__ = [
 # --- adapters (issue 4) ---
 from .adapters import (
     AdapterConfig, apply_, merge_, unmerge_, revert_, trainable_parameters, save_adapter, load_adapter,
-    sorsa_regularizer, adapter_summary,
+    sorsa_regularizer, adapter_summary, merge_and_unload, disable_adapters, print_trainable_parameters,
+    load_peft_adapter, save_peft_adapter,
 )
 
 __all__ += [
     "AdapterConfig", "apply_", "merge_", "unmerge_", "revert_", "trainable_parameters", "save_adapter",
-    "load_adapter", "sorsa_regularizer", "adapter_summary",
+    "load_adapter", "sorsa_regularizer", "adapter_summary", "merge_and_unload", "disable_adapters",
+    "print_trainable_parameters", "load_peft_adapter", "save_peft_adapter",
 ]
 # --- GS-SOC (issue 7) ---
 from .nn.soc import SOCConv2d, ChShuffle, GSSOC, MaxMinPermuted

@@ -15,6 +15,10 @@ A checkpoint is a folder holding
 The folder is written under a temporary name and renamed into place, so an
 interruption while saving leaves the previous checkpoint intact.
 
+Hugging Face ``Trainer``: ``gsops.training.AdapterCheckpointCallback`` (in
+:mod:`gsops.hf_trainer`) keeps Trainer's own checkpoints but with only the
+adapter and ``modules_to_save`` in them.
+
 Distributed runs: under DDP, save ``model.module`` (the unwrapped model, so that
 names carry no ``module.`` prefix) from rank 0 only, and load on every rank before
 wrapping. FSDP2-sharded parameters (DTensors) are not handled here (untested); use
@@ -155,4 +159,13 @@ def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return {"step": int(meta["step"]), "extra": meta.get("extra", {})}
 
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+def __getattr__(name):
+    # the Hugging Face Trainer callback needs transformers, imported only when asked for
+    if name == "AdapterCheckpointCallback":
+        from .hf_trainer import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "AdapterCheckpointCallback"]

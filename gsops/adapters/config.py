@@ -31,12 +31,23 @@ class AdapterConfig:
         ``sorsa`` and ``loldu`` do not read it.
     scale: learn the per-output magnitude ``s`` (init 1) of the orthogonal methods.
     packed: store the ``b(b-1)/2`` free numbers of each skew block (True) or full
-        ``b x b`` blocks with ``K = A - A^T`` as the GSOFT paper's code (False).
-    cayley: ``"exact"`` or ``"neumann"`` (OFTv2's series, ``neumann_terms`` terms).
+        ``b x b`` blocks with ``K = A - A^T`` (False; the GSOFT paper's code and
+        PEFT's BOFT use ``K = 0.5 (A - A^T)``, see :mod:`gsops.adapters.convert`).
+    cayley: ``"exact"``, ``"neumann"`` (OFTv2's series, ``neumann_terms`` terms) or
+        ``"peft_neumann"`` (PEFT's own Cayley–Neumann series, which
+        :func:`gsops.load_peft_adapter` sets for PEFT OFT adapters trained with
+        ``use_cayley_neumann=True``; see :mod:`gsops.reference.peft_cayley`).
     rank: rank of ``sorsa`` / ``loldu``; must be None for the orthogonal methods.
     target_modules: None (every ``nn.Linear``), or a list of regular expressions
         (``re.search`` on the module's qualified name, e.g. ``"attention"`` or
         ``r"\\.query$"``) and/or module types (``nn.Linear``, ``nn.Conv2d``).
+    modules_to_save: None, or a list of module names trained in full (PEFT's
+        ``modules_to_save`` and its rule: a module is selected when its qualified
+        name equals an entry or ends with ``"." + entry``, e.g. ``"classifier"``).
+        Their parameters get ``requires_grad=True``, they are never wrapped with
+        an adapter, their floating-point state is saved and loaded with the
+        adapter, and :func:`gsops.revert_` restores the values they had before
+        :func:`gsops.apply_`.
     """
 
     method: str = "gsoft"
@@ -48,6 +59,7 @@ class AdapterConfig:
     neumann_terms: int = 5
     rank: int | None = None
     target_modules: Any = None
+    modules_to_save: Any = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -60,6 +72,8 @@ class AdapterConfig:
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.cayley not in CAYLEY_METHODS:
             raise ValueError(f"cayley={self.cayley!r} must be one of {CAYLEY_METHODS}")
+        if self.cayley == "peft_neumann" and self.method != "oft":
+            raise ValueError(f"cayley='peft_neumann' (PEFT OFT's series) needs method='oft', got method={self.method!r}")
         if self.method in ("gsoft", "double_gsoft") and self.n_factors != 2:
             raise ValueError(
                 f"n_factors={self.n_factors}: method={self.method!r} has exactly 2 factors (L and R); "
@@ -74,6 +88,7 @@ class AdapterConfig:
         elif self.rank is not None:
             raise ValueError(f"rank={self.rank!r} is only used by {LOW_RANK}; method={self.method!r} needs rank=None")
         self.target_modules = _normalise_targets(self.target_modules)
+        self.modules_to_save = _normalise_modules_to_save(self.modules_to_save)
 
     # ---- matching
     def matches(self, name: str, module: nn.Module) -> bool:
@@ -90,6 +105,8 @@ class AdapterConfig:
     # ---- serialisation (JSON-safe)
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if self.modules_to_save is None:
+            del d["modules_to_save"]  # files without saved modules stay readable by gsops versions before the field
         if self.target_modules is not None:
             d["target_modules"] = [
                 t if isinstance(t, str) else f"type:{t.__module__}.{t.__qualname__}" for t in self.target_modules
@@ -140,6 +157,21 @@ def _normalise_targets(targets):
         else:
             raise TypeError(f"target_modules entries must be regex strings or nn.Module types, got {t!r}")
     return targets
+
+
+def _normalise_modules_to_save(entries):
+    if entries is None:
+        return None
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) for e in entries):
+        raise TypeError(f"modules_to_save must be None or a list of module names (str), got {entries!r:.200}")
+    bad = [e for e in entries if not e or e.startswith(".") or e.endswith(".")]
+    if bad:
+        raise ValueError(f"modules_to_save: {bad!r} are not module names (empty, or a leading/trailing '.')")
+    if not entries:
+        raise ValueError("modules_to_save must not be empty (use None for no module)")
+    return list(dict.fromkeys(entries))
 
 
 def _type_from_string(s: str):

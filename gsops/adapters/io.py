@@ -1,7 +1,9 @@
 """Saving and loading adapters: safetensors for the tensors, JSON for the config (never pickle).
 
 ``save_adapter(model, path)`` writes the folder ``path`` with
-``adapter_model.safetensors`` (every adapter parameter, by qualified name) and
+``adapter_model.safetensors`` (every adapter parameter, by qualified name, and
+the floating-point state of the ``modules_to_save`` modules under the model's
+``state_dict`` keys) and
 ``adapter_config.json`` (format tag, gsops version, the :class:`AdapterConfig`,
 each wrapped layer's base type and weight shape, each tensor's shape).
 ``load_adapter(model, path)`` checks everything (config, layer names and
@@ -35,6 +37,7 @@ import torch
 
 from .. import __version__
 from .config import AdapterConfig, ORTHOGONAL
+from . import saved_modules
 from .model import adapter_layers, adapter_parameters, apply_, revert_
 
 FORMAT = "gsops-adapter"
@@ -49,6 +52,13 @@ def _layer_info(model) -> dict:
                "adapter": type(m).__name__}
         for name, m in adapter_layers(model)
     }
+
+
+def _saved_tensors(model) -> dict:
+    """Adapter parameters and the ``modules_to_save`` state, by qualified name: what the tensor file holds."""
+    out = dict(adapter_parameters(model))
+    out.update(saved_modules.state(model, saved_modules.selected_names(model)))
+    return out
 
 
 def _model_config(model) -> AdapterConfig:
@@ -71,7 +81,7 @@ def save_adapter(model: torch.nn.Module, path) -> str:
     config = _model_config(model)
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(model)}
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in _saved_tensors(model).items()}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "gsops_version": __version__,
         "config": config.to_dict(), "layers": _layer_info(model),
@@ -256,7 +266,7 @@ def _check_against(model, meta, config, tensors, path) -> None:
     for name, info in layers.items():
         if info != meta["layers"][name]:
             raise ValueError(f"{path}: layer {name} is {meta['layers'][name]} in the file but {info} in the model")
-    params = dict(adapter_parameters(model))
+    params = _saved_tensors(model)
     if set(params) != set(tensors):
         missing = sorted(set(params) - set(tensors))[:5]
         extra = sorted(set(tensors) - set(params))[:5]
@@ -337,7 +347,7 @@ def load_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
                     w.copy_(copy)
         raise
     with torch.no_grad():
-        for name, p in adapter_parameters(model):
+        for name, p in _saved_tensors(model).items():
             p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
     return model
 

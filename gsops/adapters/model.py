@@ -10,6 +10,8 @@ from ..baselines._lowrank import check_low_rank_layer
 from ..baselines.loldu import LoLDUAdapter
 from ..baselines.sorsa import SORSAAdapter
 from ..nn.adapters import MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer
+from .. import logs
+from . import saved_modules
 from .config import AdapterConfig, ORTHOGONAL
 
 ADAPTER_TYPES = (OrthogonalAdapter, SORSAAdapter, LoLDUAdapter)
@@ -104,7 +106,9 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
 
     All targeted layers are validated before any is changed: an invalid layer
     raises a ValueError naming it and the numbers, and leaves ``model`` as it was.
-    Prints a one-line summary when ``verbose``; :func:`adapter_summary` returns it.
+    Logs a one-line summary (``logging`` logger ``"gsops"``, INFO, rank 0 only) when
+    ``verbose``; :func:`adapter_summary` returns it. ``config.modules_to_save``
+    modules are left unwrapped and made trainable.
     Returns ``model``.
     """
     _check_model(model)
@@ -114,6 +118,8 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
     if adapter_layers(model):
         raise ValueError("model already has gsops adapters; call gsops.revert_(model) before applying again")
     targets, skipped = _targets(model, config)
+    to_save = saved_modules.select(model, config.modules_to_save)  # trained in full: never wrapped
+    targets = [t for t in targets if not saved_modules.covers(t[0], to_save)]
     if not targets:
         why = f"; skipped: {skipped}" if skipped else ""
         raise ValueError(f"no nn.Linear / nn.Conv2d layer of the model matched target_modules={config.target_modules!r}{why}")
@@ -129,6 +135,10 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
     model._gsops_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    saved_modules.snapshot(model, to_save)
+    modules = dict(model.named_modules())
+    for n in to_save:
+        modules[n].requires_grad_(True)
     made = {}  # a module registered under several names gets one adapter, shared the same way
     for name, parent, child_name, layer in targets:
         if id(layer) not in made:
@@ -144,7 +154,7 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
         warnings.warn("gsops.apply_ left matched layers alone: " + "; ".join(f"{n}: {w}" for n, w in skipped))
     model._gsops_skipped = skipped
     if verbose:
-        print(adapter_summary(model))
+        logs.info("%s", adapter_summary(model))
     return model
 
 
@@ -220,7 +230,9 @@ def unmerge_(model: nn.Module) -> nn.Module:
 def revert_(model: nn.Module) -> nn.Module:
     """Remove every adapter, putting the original modules (with their original weights) back.
 
-    Restores each parameter's ``requires_grad`` as it was before :func:`apply_` froze it.
+    Restores each parameter's ``requires_grad`` as it was before :func:`apply_` froze it, and
+    the ``modules_to_save`` modules to their values before :func:`apply_` (training on
+    them is discarded, like the adapters'; :func:`gsops.merge_and_unload` keeps both).
     """
     _check_model(model)
     if not adapter_layers(model):
@@ -232,6 +244,8 @@ def revert_(model: nn.Module) -> nn.Module:
                 if id(child) not in reverted:
                     reverted[id(child)] = child.revert()
                 setattr(parent, child_name, reverted[id(child)])
+    saved_modules.restore(model)  # modules_to_save: their values before apply_
+    saved_modules.forget(model)
     for p, flag in getattr(model, "_gsops_requires_grad", [(p, True) for p in model.parameters()]):
         p.requires_grad_(flag)
     for attr in ("_gsops_skipped", "_gsops_requires_grad"):

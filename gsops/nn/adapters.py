@@ -27,11 +27,13 @@ with it. Merging writes the same ``W'`` into the base layer, computed in float64
 
 Skew parameters: ``packed=True`` stores the ``b(b-1)/2`` free numbers of each
 block (strict upper triangle, row major, as :func:`gsops.ops.skew`);
-``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T`` as the
-GSOFT paper's code does. All parameters start at zero, so ``Q = I`` and the
-adapted layer equals the base layer at initialisation; the scale ``s`` starts at 1.
+``packed=False`` stores a full ``b x b`` tensor ``A`` with ``K = A - A^T``; the
+GSOFT paper's code and PEFT's BOFT build ``K = 0.5 (A - A^T)`` instead, so the
+same ``K`` needs ``A_gsops = 0.5 A`` (:mod:`gsops.adapters.convert`). All
+parameters start at zero, so ``Q = I`` and the adapted layer equals the base
+layer at initialisation; the scale ``s`` starts at 1.
 
-Reliability policies (issue 10):
+Reliability policies:
 
 * Non-finite values. Every adapter layer scans its own parameters (not the
   frozen base weight) in each forward and raises ``ValueError`` naming the
@@ -91,9 +93,10 @@ from ..checks import (
 )
 from ..perm import _permute_unchecked, invert
 from ..reference.cayley import neumann_error_bound, spectral_norm
+from ..reference.peft_cayley import peft_cayley_neumann
 
 ORTHOGONAL_METHODS = ("gsoft", "double_gsoft", "oft", "boft")
-CAYLEY_METHODS = ("exact", "neumann")
+CAYLEY_METHODS = ("exact", "neumann", "peft_neumann")  # peft_neumann: see gsops.reference.peft_cayley
 
 
 # --------------------------------------------------------------------------- Cayley blocks
@@ -174,6 +177,8 @@ class CayleyBlocks(nn.Module):
         No host sync: the caller decides when to read ``err`` (see :mod:`gsops.nn.guard`).
         """
         K = self.skew_matrices(dtype)
+        if self.cayley == "peft_neumann":  # PEFT's own series, for adapters imported from PEFT
+            return peft_cayley_neumann(K, self.neumann_terms), None
         if not self.series:
             return ops.cayley_unchecked(K, "exact"), None
         Q = ops.cayley_unchecked(K, "neumann", self.neumann_terms)
@@ -601,6 +606,8 @@ class OrthogonalAdapter(MergeableAdapter):
             raise ValueError(f"method={method!r} must be one of {ORTHOGONAL_METHODS}")
         block_size = check_int("block_size", block_size)
         n_factors = check_int("n_factors", n_factors)
+        if cayley == "peft_neumann" and method != "oft":
+            raise ValueError(f"{name}: cayley='peft_neumann' (PEFT OFT's series) needs method='oft', got {method!r}")
         check_orthogonal_layer(name, base, method, block_size, n_factors)
         self.base_layer = base
         self.method = method
@@ -677,6 +684,8 @@ class OrthogonalAdapter(MergeableAdapter):
         if self.rotation_out is not None:
             Bo = self.rotation_out.blocks(f64)
             M = self.rotation_out.apply(M.transpose(0, 1), Bo, transpose=True).transpose(0, 1)  # Q_out^T M
+        if self.rotation.factors.cayley == "peft_neumann":  # PEFT's series is not orthogonal: undo W Q with Q^{-1}
+            return self.rotation.apply(M, torch.linalg.inv(self.rotation.blocks(f64)), transpose=True)
         return self.rotation.apply(M, self.rotation.blocks(f64))  # rows of M Q^T = (Q m_i)^T
 
     def orthogonal_matrices(self, dtype=torch.float64) -> dict:
