@@ -102,10 +102,10 @@ CAYLEY_METHODS = ("exact", "neumann", "peft_neumann")  # peft_neumann: see gsops
 # --------------------------------------------------------------------------- Cayley blocks
 @functools.lru_cache(maxsize=64)
 def _skew_gather(b: int):
-    """``(index, sign)`` over the b*b entries of K into ``[0, p_0, ..., p_{m-1}]`` (upper triangle row major)."""
+    """``(index, sign)`` over the b*b entries of K into the packed ``p`` (upper triangle row major); sign 0 on the diagonal."""
     idx = torch.zeros(b * b, dtype=torch.long, device="cpu")
     sign = torch.zeros(b * b, device="cpu")
-    t = 1
+    t = 0
     for i in range(b):
         for j in range(i + 1, b):
             idx[i * b + j], sign[i * b + j] = t, 1.0
@@ -118,17 +118,18 @@ _SKEW_CACHE: dict = {}
 
 
 def _skew_packed(p: torch.Tensor, b: int) -> torch.Tensor:
-    """``ops.skew`` for packed parameters, in three ops with cached index tensors (no host sync)."""
+    """``ops.skew`` for packed parameters, in two ops with cached index tensors (no host sync)."""
+    if b == 1:
+        return p.new_zeros(*p.shape[:-1], 1, 1) + p.sum(-1, keepdim=True)[..., None]  # keeps the graph
     key = (b, p.device, p.dtype)
     cached = _SKEW_CACHE.get(key)
-    if cached is None or has_values(p) is False:
+    if cached is None:
         idx, sign = _skew_gather(b)
         cached = (idx.to(p.device), sign.to(device=p.device, dtype=p.dtype))
         if has_values(p):
             _SKEW_CACHE[key] = cached
     idx, sign = cached
-    padded = F.pad(p, (1, 0))
-    return (padded.index_select(-1, idx) * sign).reshape(*p.shape[:-1], b, b)
+    return (p.index_select(-1, idx) * sign).reshape(*p.shape[:-1], b, b)
 
 
 class CayleyBlocks(nn.Module):
@@ -186,7 +187,7 @@ class CayleyBlocks(nn.Module):
             Qd = Q.detach().flatten(0, -3)
             gram = Qd.transpose(-1, -2) @ Qd
             gram.diagonal(dim1=-2, dim2=-1).sub_(1)
-            err = gram.abs().amax().float().reshape(1) if gram.numel() else gram.new_zeros(1, dtype=torch.float32)
+            err = gram.abs().amax().double().reshape(1) if gram.numel() else gram.new_zeros(1, dtype=torch.float64)
         return Q, err
 
     def judge_series(self, err: float) -> bool:
@@ -438,7 +439,7 @@ class MergeableAdapter(nn.Module):
         probe = named[0][1] if named else (series[0][1] if series else None)
         if probe is None or not has_values(probe):
             return False
-        parts = ([guard.max_abs([p for _, p in named])] if named else []) + [err for _, err in series]
+        parts = ([guard.finite_probe([p for _, p in named])] if named else []) + [err for _, err in series]
         values = torch.cat([v.to(probe.device) for v in parts]) if len(parts) > 1 else parts[0]
         context = ([n for n, _ in named], [f for f, _ in series])
         switched = False

@@ -1,7 +1,8 @@
 """Value checks of adapter layers that never stall the device.
 
-A layer computes a few numbers about its own parameters on the device (the largest ``|p|`` of
-each adapter parameter, the orthogonality error of a Cayley–Neumann ``Q``) and hands them to a
+A layer computes a few numbers about its own parameters on the device (a float64 sum of each
+adapter parameter, finite exactly when the parameter is; the orthogonality error of a
+Cayley–Neumann ``Q``) and hands them to a
 :class:`DeferredReadout`. The host reads them without a device sync:
 
 * CPU tensors are read at once (there is no device to wait for), so a bad value is refused in the
@@ -60,11 +61,12 @@ class DeferredReadout:
         self._pending = None
 
 
-def max_abs(params: list) -> torch.Tensor:
-    """``max |p|`` of each tensor (NaN when it holds a NaN, inf when an inf), as one float32 tensor."""
+def finite_probe(params: list) -> torch.Tensor:
+    """One number per tensor that is finite exactly when the tensor is: its sum in float64
+    (NaN or inf propagate; float64 cannot overflow on a sum of float32/16 values), one op each."""
     if not params:
-        return torch.zeros(0)
-    return torch.stack([v.float() for v in torch._foreach_norm([p.detach() for p in params], float("inf"))])
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([p.detach().sum(dtype=torch.float64) for p in params])
 
 
 def all_finite(values: np.ndarray) -> bool:
