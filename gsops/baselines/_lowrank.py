@@ -43,6 +43,7 @@ class LowRankAdapter(MergeableAdapter):
             W.copy_((W64 - self._delta(torch.float64)).reshape(W.shape).to(W.dtype))
         self.merged = False
         self.name = name
+        self._guard_key()
 
     def _delta(self, dtype=None, initial: bool = False) -> torch.Tensor:
         """The ``m x n`` low-rank term (from the factors kept at initialisation when ``initial``)."""

@@ -114,22 +114,11 @@ def _skew_gather(b: int):
     return idx, sign
 
 
-_SKEW_CACHE: dict = {}
-
-
-def _skew_packed(p: torch.Tensor, b: int) -> torch.Tensor:
-    """``ops.skew`` for packed parameters, in two ops with cached index tensors (no host sync)."""
+def _skew_packed(p: torch.Tensor, b: int, idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """``ops.skew`` for packed parameters in two ops, from the index tensors of :func:`_skew_gather`."""
     if b == 1:
         return p.new_zeros(*p.shape[:-1], 1, 1) + p.sum(-1, keepdim=True)[..., None]  # keeps the graph
-    key = (b, p.device, p.dtype)
-    cached = _SKEW_CACHE.get(key)
-    if cached is None:
-        idx, sign = _skew_gather(b)
-        cached = (idx.to(p.device), sign.to(device=p.device, dtype=p.dtype))
-        if has_values(p):
-            _SKEW_CACHE[key] = cached
-    idx, sign = cached
-    return (p.index_select(-1, idx) * sign).reshape(*p.shape[:-1], b, b)
+    return (p.index_select(-1, idx) * sign.to(p.dtype)).reshape(*p.shape[:-1], b, b)
 
 
 class CayleyBlocks(nn.Module):
@@ -150,13 +139,18 @@ class CayleyBlocks(nn.Module):
         self.neumann_terms = check_int("neumann_terms", neumann_terms)
         shape = (n, r, b * (b - 1) // 2) if self.packed else (n, r, b, b)
         self.params = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if self.packed:  # the skew layout, built once (moves with the module, not saved)
+            idx, sign = _skew_gather(b)
+            self.register_buffer("skew_index", idx.to(device), persistent=False)
+            self.register_buffer("skew_sign", sign.to(device=device, dtype=dtype or torch.get_default_dtype()),
+                                 persistent=False)
         self.neumann_switched = False  # set once the series lost orthogonality: exact Cayley from then on
         self.label = "CayleyBlocks"  # set by the adapter to "<layer name>.<attribute>" for messages
 
     def skew_matrices(self, dtype=None) -> torch.Tensor:
         p = self.params if dtype is None else self.params.to(dtype)
         if self.packed:
-            return _skew_packed(p, self.b)
+            return _skew_packed(p, self.b, self.skew_index, self.skew_sign)
         return p - p.transpose(-1, -2)
 
     @property
@@ -437,21 +431,46 @@ class MergeableAdapter(nn.Module):
         named = [(n, p) for n, p in self.adapter_named_parameters() if p.numel()] if check_finite_enabled() else []
         series = list(series)
         probe = named[0][1] if named else (series[0][1] if series else None)
-        if probe is None or not has_values(probe):
+        if probe is None or probe.device.type == "meta":
             return False
         parts = ([guard.finite_probe([p for _, p in named])] if named else []) + [err for _, err in series]
-        values = torch.cat([v.to(probe.device) for v in parts]) if len(parts) > 1 else parts[0]
+        values = torch.cat([v.to(probe.device, torch.float64) for v in parts]) if len(parts) > 1 else parts[0]
+        if torch.compiler.is_compiling():  # checked at run time inside the compiled graph, by the same judge
+            mask = sum(1 << i for i, r in enumerate(self._rotations()) if any(f is r.factors for f, _ in series))
+            guard.compiled_readout(values, self._guard_key(), len(named), mask)
+            return False
         context = ([n for n, _ in named], [f for f, _ in series])
         switched = False
         readout = self._guard_readout()
         for vals, (names, factors) in readout.submit(values, context):
-            bad = [n for n, v in zip(names, vals[: len(names)]) if not np.isfinite(v)]
-            if bad:
-                readout.discard()
-                self._raise_nonfinite(bad)
-            for factor, err in zip(factors, vals[len(names):]):
-                switched = factor.judge_series(float(err)) or switched
+            switched = self._judge(vals, names, factors) or switched
         return switched
+
+    def _judge(self, vals, names, factors) -> bool:
+        bad = [n for n, v in zip(names, vals[: len(names)]) if not np.isfinite(v)]
+        if bad:
+            self._guard_readout().discard()
+            self._raise_nonfinite(bad)
+        switched = False
+        for factor, err in zip(factors, vals[len(names):]):
+            switched = factor.judge_series(float(err)) or switched
+        return switched
+
+    def _rotations(self) -> list:
+        return [r for r in (getattr(self, "rotation", None), getattr(self, "rotation_out", None)) if r is not None]
+
+    def _judge_compiled(self, values: torch.Tensor, n_params: int, series_mask: int) -> None:
+        """Run time of a compiled forward: the same checks as eager (:meth:`check_parameters_finite`)."""
+        names = [n for n, p in self.adapter_named_parameters() if p.numel()][:n_params]
+        factors = [r.factors for i, r in enumerate(self._rotations()) if series_mask >> i & 1]
+        for vals, (names_, factors_) in self._guard_readout().submit(values, (names, factors)):
+            self._judge(vals, names_, factors_)
+
+    def _guard_key(self) -> int:
+        key = self.__dict__.get("_readout_key")
+        if key is None:
+            key = self.__dict__["_readout_key"] = guard.register(self)
+        return key
 
     def _raise_nonfinite(self, bad):
         raise ValueError(
@@ -470,7 +489,12 @@ class MergeableAdapter(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_readout", None)  # pending device readouts do not travel with copies or pickles
+        state.pop("_readout_key", None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._guard_key()  # a copy gets its own key
 
     def check_input(self, x) -> None:
         """x: a floating tensor of the weight's dtype (any float under autocast) and the layer's feature size."""
@@ -620,6 +644,7 @@ class OrthogonalAdapter(MergeableAdapter):
         self.scale = nn.Parameter(torch.ones(self.d_out, dtype=W.dtype, device=W.device)) if scale else None
         self.merged = False
         self.name = name
+        self._guard_key()
         self.rotation.factors.label = f"{name}.rotation"
         if self.rotation_out is not None:
             self.rotation_out.factors.label = f"{name}.rotation_out"

@@ -15,6 +15,9 @@ Nothing here calls ``.item()``, ``bool()``, ``float()`` or ``.tolist()`` on a de
 """
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import numpy as np
 import torch
 
@@ -71,3 +74,35 @@ def finite_probe(params: list) -> torch.Tensor:
 
 def all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
+
+
+# ----------------------------------------------------------------------------- under torch.compile
+# A compiled graph cannot run the layer's Python checks, so the layer hands its numbers to this
+# custom op, which runs at run time inside the compiled code and calls the layer's own judge
+# (raising there, as in eager mode). The op "mutates" a token so the graph keeps the call.
+_TOKEN = torch.zeros(1)
+_OWNERS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def register(owner) -> int:
+    """A key under which the compiled-graph op finds ``owner`` (held weakly)."""
+    key = next(_KEYS)
+    _OWNERS[key] = owner
+    return key
+
+
+@torch.library.custom_op("gsops::adapter_readout", mutates_args=("token",))
+def adapter_readout(values: torch.Tensor, token: torch.Tensor, key: int, n_params: int, series_mask: int) -> None:
+    owner = _OWNERS.get(key)
+    if owner is not None:
+        owner._judge_compiled(values, n_params, series_mask)
+
+
+@adapter_readout.register_fake
+def _(values, token, key, n_params, series_mask):
+    return None
+
+
+def compiled_readout(values: torch.Tensor, key: int, n_params: int, series_mask: int) -> None:
+    torch.ops.gsops.adapter_readout(values, _TOKEN, key, n_params, series_mask)
