@@ -158,6 +158,11 @@ class CayleyBlocks(nn.Module):
         """True while the blocks come from the Neumann series (``cayley="neumann"``, not switched)."""
         return self.cayley == "neumann" and not self.neumann_switched
 
+    @property
+    def exact(self) -> bool:
+        """True when the blocks come from the exact Cayley transform (``cayley="exact"``, or a switched series)."""
+        return self.cayley == "exact" or (self.cayley == "neumann" and self.neumann_switched)
+
     def forward(self, dtype=None) -> torch.Tensor:
         """The orthogonal blocks ``(n, r, b, b)``, following the layer's Neumann policy (checked at once)."""
         Q, err = self.blocks_and_error(dtype)
@@ -211,6 +216,18 @@ class CayleyBlocks(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, r={self.r}, b={self.b}, packed={self.packed}, cayley={self.cayley!r}"
+
+
+def _blocks_batched(stacks: list) -> list:
+    """``blocks_and_error()`` of several CayleyBlocks, with one Cayley call for all exact ones of one block size."""
+    exact = [f for f in stacks if f.exact]
+    if len(exact) < 2 or len({(f.b, f.params.dtype) for f in exact}) != 1:
+        return [f.blocks_and_error() for f in stacks]
+    Ks = [f.skew_matrices() for f in exact]
+    Q = ops.cayley_unchecked(torch.cat([K.flatten(0, 1) for K in Ks]), "exact")
+    parts = iter(Q.split([K.shape[0] * K.shape[1] for K in Ks]))
+    return [(next(parts).view(f.n, f.r, f.b, f.b), None) if f.exact else f.blocks_and_error()
+            for f in stacks]
 
 
 def _bmm_blocks(x: torch.Tensor, C: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -652,11 +669,11 @@ class OrthogonalAdapter(MergeableAdapter):
     # y = s * Q_out(W (Q_in x)) + c
     def _training_blocks(self):
         """The blocks of every rotation for one forward, with the device-side checks (no host sync)."""
-        rotations = [r for r in (self.rotation, self.rotation_out) if r is not None]
-        computed = [r.factors.blocks_and_error() for r in rotations]
+        rotations = self._rotations()
+        computed = _blocks_batched([r.factors for r in rotations])
         series = [(r.factors, err) for r, (_, err) in zip(rotations, computed) if err is not None]
         if self.check_parameters_finite(series=series):
-            computed = [r.factors.blocks_and_error() for r in rotations]
+            computed = _blocks_batched([r.factors for r in rotations])
         blocks = [Q for Q, _ in computed]
         return blocks[0], (blocks[1] if len(blocks) > 1 else None)
 
