@@ -24,6 +24,7 @@ __all__ = ["skew_kernel", "conv_transpose_kernel", "conv_exp", "conv_exp_1x1"]
 power_iteration_vectors = ref.power_iteration_vectors
 power_iterate = ref.power_iterate
 spectral_bound = ref.spectral_bound
+normalise_per_group = ref.normalise_per_group
 space_to_depth = ref.space_to_depth
 
 

@@ -13,7 +13,8 @@ Definitions (SPEC "GS orthogonal convolutions"):
   is exact with ``torch.linalg.matrix_exp``.
 * Spectral normalisation as in SOC (Singla and Feizi 2021, after "Fantastic
   Four", Singla and Feizi 2019): the minimum of the spectral norms of four
-  reshapings of the kernel, each estimated by power iteration.
+  reshapings of the kernel, each estimated by power iteration; each group of a
+  grouped kernel is normalised by its own bound (the GS paper's grouped SOC).
 
 Functions here assume validated arguments (see :mod:`gsops.ops.conv_exp`).
 """
@@ -96,15 +97,22 @@ def power_iterate(L: torch.Tensor, groups: int, us, vs, iters: int) -> None:
 
 
 def spectral_bound(L: torch.Tensor, groups: int, us, vs) -> torch.Tensor:
-    """SOC's normaliser: ``max_groups min_i v_i^T R_i(L) u_i`` (differentiable in ``L``; u, v fixed).
+    """SOC's normaliser per group: ``min_i v_i^T R_i(L_g) u_i`` for each group ``g``, shape (groups,).
 
-    Each ``v^T R u`` is the power-iteration estimate of ``||R_i||_2``; a grouped
-    convolution's norm is the largest of its groups' norms.
+    Each ``v^T R u`` is the power-iteration estimate of ``||R_i||_2`` (differentiable
+    in ``L``; u, v fixed). Each group of a grouped convolution is an independent
+    block, normalised by its own bound (the GS paper's grouped SOC).
     """
     sig = torch.stack([
         torch.einsum("gm,gmn,gn->g", v, A, u) for A, u, v in zip(_reshapings(L, groups), us, vs)
     ])  # (4, groups)
-    return sig.amin(0).amax()
+    return sig.amin(0)
+
+
+def normalise_per_group(L: torch.Tensor, groups: int, scale: torch.Tensor) -> torch.Tensor:
+    """``L`` with group ``g`` (output channels ``g*C/groups ...``) multiplied by ``scale[g]``."""
+    C, c, kh, kw = L.shape
+    return (L.reshape(groups, c, c, kh, kw) * scale.reshape(groups, 1, 1, 1, 1)).reshape(C, c, kh, kw)
 
 
 def space_to_depth(x: torch.Tensor, s: int) -> torch.Tensor:
