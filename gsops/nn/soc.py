@@ -31,7 +31,7 @@ __all__ = ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "MaxMin", "check
 # 2: each group normalised by its own spectral bound; ChShuffle_1 on the input channels.
 FORMAT_VERSION = 2
 _FORMAT_1 = (
-    "it was saved by gsops <= 0.1.0 (no 'format_version' key), which normalised a grouped "
+    "it has no 'format_version' key: it was saved by an earlier gsops, which normalised a grouped "
     "exponential by the largest spectral bound over its groups and applied GSSOC's first ChShuffle "
     "after space-to-depth and zero channels; this version normalises each group by its own bound "
     "and shuffles the input channels (the GS paper's definition), so the same weights would compute "
