@@ -225,6 +225,8 @@ def run_from_harness(opts, device: torch.device) -> dict:
     commit, dirty = H.git_commit()
     stem = f"soc_{H.device_tag(device)}_fp32_{commit}" + ("_quick" if getattr(opts, "quick", False) else "") + \
         ("_tiny" if getattr(opts, "tiny", False) else "")
+    if getattr(opts, "threads", None):
+        torch.set_num_threads(opts.threads)  # also under --only soc, which returns before the harness sets it
     load_start = H._loadavg()
     tiny = getattr(opts, "tiny", False)
     quick = getattr(opts, "quick", False)
