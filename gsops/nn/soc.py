@@ -12,7 +12,7 @@ and Feizi, ICML 2021):
 * :class:`GSSOC`: ``GrExpConv_2(ChShuffle_2(GrExpConv_1(ChShuffle_1(x))))``,
   ``ChShuffle_1`` on the input channels (before space-to-depth and zero
   channels), the second exponential 1x1 (exact matrix exponential; the GS
-  paper's code uses a normalised 12-term series there instead).
+  paper's code uses the normalised truncated series there instead).
 * :class:`MaxMinPermuted` (Definition F.2) and :class:`MaxMin` (Definition F.1).
 """
 from __future__ import annotations
@@ -295,9 +295,9 @@ class GSSOC(nn.Module):
 
     The 1x1 exponential is exact (``torch.linalg.matrix_exp`` of each skew
     channel block, no normalisation). The GS paper's code computes it as the
-    12-term Taylor series of the kernel divided by its spectral bound (with
-    correction 1), which is a different orthogonal map of the same weights
-    (``exp(L / sigma)`` instead of ``exp(L)``).
+    truncated Taylor series (its train/eval terms, 5/12 by default) of the
+    kernel divided by its spectral bound (correction 1): for the same weights
+    a different map, ``exp(L / sigma)`` truncated instead of ``exp(L)``.
 
     With ``g1 > 1`` the state_dict holds ``format_version``; state saved without
     it is refused (:func:`check_state_format`).
