@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import methods as M
+from . import soc as SOC
 from .timing import Step, host_syncs, median, peak_memory_bytes, saved_activation_bytes, trainable_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test shapes
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--replot", metavar="JSON", default=None, help="only redraw the PNG of a saved results JSON")
+    SOC.add_args(p)  # --no-soc, --only soc, --soc-rounds
     return p
 
 
@@ -528,6 +530,8 @@ def main(argv=None) -> dict:
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {opts.device}: torch {torch.__version__} sees no CUDA device")
+    if opts.only == "soc":
+        return {"soc": SOC.run_from_harness(opts, device)}
     dtype_names = [s for s in re.split(r"[,\s]+", opts.dtype or "fp32") if s]
     for n in dtype_names:
         if n not in DTYPES:
@@ -613,6 +617,8 @@ def main(argv=None) -> dict:
                 print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t['value']:.4g} (limit {t['limit']:g}{detail})")
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         results[dname] = dict(records=records, micro=micro, paths=paths)
+    if opts.soc:
+        results["soc"] = SOC.run_from_harness(opts, device)  # GS-SOC vs SOC rows (perf/soc.py)
     return results
 
 

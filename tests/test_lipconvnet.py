@@ -139,3 +139,27 @@ def test_certified_accuracy_bad_arguments():
         gsops.certified_accuracy(Logits(), x, y.double(), 0.1)
     with pytest.raises(ValueError, match="lipschitz=0 must be"):
         gsops.certified_accuracy(Logits(), x, y, 0.1, lipschitz=0)
+
+
+def test_gssoc_lipconvnet_refuses_state_without_format_and_stays_unchanged():
+    torch.manual_seed(0)
+    src = LipConvnet(5, 8, "gssoc", (4, 2), num_classes=10)
+    dst = LipConvnet(5, 8, "gssoc", (4, 2), num_classes=10)
+    sd = src.state_dict()
+    n_grouped = sum(isinstance(m, gsops.GSSOC) for m in src.modules())
+    assert sum(k.endswith("format_version") for k in sd) == 2 * n_grouped  # GSSOC and its grouped conv1
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    old = {k: v for k, v in sd.items() if not k.endswith("format_version")}
+    with pytest.raises(RuntimeError, match="cannot load GSSOC state at 'features.0.0.'"):
+        dst.load_state_dict(old)
+    # only the last layer in the old format: the layers before it are not loaded either
+    mixed = {k: v for k, v in sd.items() if not k.startswith("features.4.0.format_version")}
+    with pytest.raises(RuntimeError, match="cannot load GSSOC state at 'features.4.0.'"):
+        dst.load_state_dict(mixed)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    dst.load_state_dict(sd)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
+    # an SOC network has no grouped layer and no format key
+    assert not any(k.endswith("format_version") for k in LipConvnet(5, 8, "soc", num_classes=10).state_dict())

@@ -252,6 +252,136 @@ def test_gssoc_is_exp2_shuffle_exp1_shuffle():
     torch.testing.assert_close(layer(x).detach().reshape(2, -1).T, Y, **tol(D))
 
 
+# ---------------------------------------------------------------- the GS paper's grouped SOC, from its definition
+def skew_by_loops(M):
+    """K[i, j, a, b] = M[i, j, a, b] - M[j, i, k-1-a, k-1-b] for one group's (c, c, k, k) kernel."""
+    c, _, k, _ = M.shape
+    K = np.zeros(M.shape)
+    for i in range(c):
+        for j in range(c):
+            for a in range(k):
+                for b in range(k):
+                    K[i, j, a, b] = M[i, j, a, b] - M[j, i, k - 1 - a, k - 1 - b]
+    return K
+
+
+def fantastic_four_norm(K):
+    """min of the spectral norms of the four matricisations of a (out, in, h, w) kernel (SOC's bound)."""
+    o, i, h, w = K.shape
+    mats = [K.transpose(0, 2, 1, 3).reshape(o * h, i * w), K.transpose(0, 3, 1, 2).reshape(o * w, i * h),
+            K.reshape(o, i * h * w), K.transpose(1, 0, 2, 3).reshape(i, o * h * w)]
+    return min(np.linalg.norm(A, 2) for A in mats)
+
+
+def paper_normalised_kernel(weight, groups, correction):
+    """Each group's skew kernel divided by that group's own bound, times the correction (numpy, float64)."""
+    W = weight.detach().cpu().numpy().astype(np.float64)
+    c = W.shape[1]
+    out = np.zeros(W.shape)
+    for g in range(groups):
+        K = skew_by_loops(W[g * c:(g + 1) * c])
+        out[g * c:(g + 1) * c] = correction * K / fantastic_four_norm(K)
+    return torch.from_numpy(out)
+
+
+def space_to_depth_matrix(C, H, W, s):
+    """Dense S: channel c*s*s + a*s + b, pixel (i, j) of the output holds input pixel (s*i + a, s*j + b)."""
+    Ho, Wo = H // s, W // s
+    S = np.zeros((C * s * s * Ho * Wo, C * H * W))
+    for c in range(C):
+        for a in range(s):
+            for b in range(s):
+                for i in range(Ho):
+                    for j in range(Wo):
+                        S[(((c * s + a) * s + b) * Ho + i) * Wo + j, (c * H + s * i + a) * W + s * j + b] = 1.0
+    return torch.from_numpy(S)
+
+
+def _converge_bounds(layer):
+    """Run the layer's power iteration to convergence, so its bounds equal the exact norms (SVD) of the oracle."""
+    L = cops.skew_kernel(layer.weight.detach(), layer.groups)
+    us, vs = layer._vectors()
+    cops.power_iterate(L, layer.groups, us, vs, 500)
+
+
+@pytest.mark.parametrize("channels,groups", [(8, 2), (8, 4), (12, 3)])
+def test_grouped_soc_normalises_each_group_by_its_own_bound(channels, groups):
+    torch.manual_seed(3)
+    layer = gsops.SOCConv2d(channels, 3, groups, eval_terms=40, bias=False).double().eval()
+    with torch.no_grad():  # groups of different sizes: one shared bound would shrink all but the largest
+        for g in range(groups):
+            layer.weight[g * channels // groups:(g + 1) * channels // groups] *= 0.5 + g
+    _converge_bounds(layer)
+    H, W = 4, 3
+    x = torch.randn(2, channels, H, W, dtype=D)
+    Ln = paper_normalised_kernel(layer.weight, groups, 0.7)
+    E = torch.linalg.matrix_exp(dense_conv(Ln, H, W, groups))
+    expected = (E @ x.reshape(2, -1).T).T.reshape(x.shape)
+    torch.testing.assert_close(layer.normalised_kernel().detach(), Ln, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-8, atol=1e-8)
+    # the bound of the largest group for every group is a different map: the check can tell them apart
+    c = channels // groups
+    bounds = [fantastic_four_norm(skew_by_loops(layer.weight.detach()[g * c:(g + 1) * c].numpy())) for g in range(groups)]
+    E_max = torch.linalg.matrix_exp(dense_conv(0.7 * cops.skew_kernel(layer.weight.detach(), groups) / max(bounds),
+                                               H, W, groups))
+    assert ((E_max - E) @ x.reshape(2, -1).T).abs().max().item() > 1e-2
+
+
+def _gssoc_by_definition(layer, x, stride, shuffle_input):
+    """E2 P2 (slice(E1 pad(S (P1 x))) + b1) + b2 with dense float64 matrices; P1 on the raw input channels."""
+    N, C, H, W = x.shape
+    g1, g2 = layer.groups
+    c1 = layer.conv1
+    Ho, Wo = H // stride, W // stride
+    hw = Ho * Wo
+    X = x.reshape(N, -1).T
+    if shuffle_input:
+        X = torch.kron(shuffle_matrix(C, g1), torch.eye(H * W, dtype=D)) @ X
+    X = space_to_depth_matrix(C, H, W, stride) @ X
+    work, out = c1.work, c1.out_channels
+    X = torch.cat((X, torch.zeros((work - C * stride ** 2) * hw, N, dtype=D)))  # zero channels
+    E1 = torch.linalg.matrix_exp(dense_conv(paper_normalised_kernel(c1.weight, g1, 0.7), Ho, Wo, g1))
+    Y = (E1 @ X)[: out * hw] + c1.bias.detach().repeat_interleave(hw)[:, None]
+    if g2 is not None:
+        P2 = torch.kron(shuffle_matrix(out, g2), torch.eye(hw, dtype=D))
+        E2 = torch.linalg.matrix_exp(dense_conv(layer.conv2.skew_kernel().detach(), Ho, Wo, g2))
+        Y = E2 @ (P2 @ Y) + layer.conv2.bias.detach().repeat_interleave(hw)[:, None]
+    return Y.T.reshape(N, out, Ho, Wo)
+
+
+@pytest.mark.parametrize("channels,groups,stride,out_channels,shuffled", [
+    (4, (2, None), 2, None, True),   # strided: shuffle before space-to-depth
+    (4, (2, 2), 1, 8, True),         # zero channels appended after the shuffle
+    (3, (4, None), 1, 8, False),     # 3 channels, 4 groups: no input shuffle (as the paper's code)
+    (4, (2, 4), 2, 8, True),         # strided, sliced to fewer channels, second exponential
+])
+def test_gssoc_shuffles_input_channels_before_space_to_depth(channels, groups, stride, out_channels, shuffled):
+    torch.manual_seed(5)
+    layer = gsops.GSSOC(channels, 3, groups=groups, eval_terms=40, stride=stride, out_channels=out_channels)
+    layer = layer.double().eval()
+    assert isinstance(layer.shuffle1, gsops.ChShuffle) == shuffled
+    c1 = layer.conv1
+    _converge_bounds(c1)
+    with torch.no_grad():
+        for b in (c1.bias, getattr(layer.conv2, "bias", None)):
+            if b is not None:
+                b.normal_()
+    x = torch.randn(2, channels, 4, 4, dtype=D)
+    expected = _gssoc_by_definition(layer, x, stride, shuffled)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-8, atol=1e-8)
+    if shuffled and stride > 1:
+        # shuffling the lifted channels instead is a different layer: the check can tell them apart
+        lifted = c1._finish(c1._exp(gsops.ChShuffle(c1.work, groups[0])(c1._lift(x))))
+        if layer.conv2 is not None:
+            lifted = layer.conv2(layer.shuffle2(lifted))
+        assert (lifted - expected).abs().max().item() > 1e-2
+
+
+def test_gssoc_refuses_paired_shuffle_that_does_not_fit_the_input():
+    with pytest.raises(ValueError, match="groups\\[0\\]=2 must divide channels // 2=3"):
+        gsops.GSSOC(6, 3, groups=(2, None), stride=2)
+
+
 def test_gssoc_bad_groups():
     with pytest.raises(ValueError, match="must be a pair"):
         gsops.GSSOC(8, 3, groups=4)
@@ -288,3 +418,36 @@ def test_maxmin_halves():
     for i in range(3):
         torch.testing.assert_close(out[:, i], torch.maximum(x[:, i], x[:, i + 3]), rtol=0, atol=0)
         torch.testing.assert_close(out[:, i + 3], torch.minimum(x[:, i], x[:, i + 3]), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- state_dict format
+def _without_format(sd):
+    return {k: v for k, v in sd.items() if not k.endswith("format_version")}
+
+
+@pytest.mark.parametrize("make", [lambda: gsops.GSSOC(8, 3, groups=(2, 4)), lambda: gsops.SOCConv2d(8, 3, 2)])
+def test_grouped_layers_store_format_and_refuse_state_without_it(make):
+    torch.manual_seed(0)
+    src, dst = make().eval(), make().eval()
+    sd = src.state_dict()
+    assert any(k.endswith("format_version") and int(v) == 2 for k, v in sd.items())
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    x = torch.randn(1, 8, 3, 3)
+    for bad, msg in [(_without_format(sd), "largest spectral bound over its groups"),
+                     ({k: (torch.tensor(1) if k.endswith("format_version") else v) for k, v in sd.items()},
+                      "format_version=1, this gsops reads format_version=2")]:
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=msg):
+                dst.load_state_dict(bad, strict=strict)
+            for k, v in dst.state_dict().items():  # refused before anything was copied
+                assert torch.equal(v, before[k]), k
+    dst.load_state_dict(sd)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_ungrouped_and_exact_layers_have_no_format_key():
+    # their function did not change: state without the key loads as before
+    for layer in (gsops.SOCConv2d(8, 3, 1), gsops.SOCConv2d(8, 1, 4, exact=True), gsops.GSSOC(8, 3, groups=(1, 2))):
+        sd = layer.state_dict()
+        assert not any(k.endswith("format_version") for k in sd)
+        layer.load_state_dict(sd)

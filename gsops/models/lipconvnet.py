@@ -11,6 +11,9 @@ the flattened features, sliced to ``num_classes`` outputs. Every layer is
 row); ``conv="gssoc"`` uses :class:`~gsops.nn.soc.GSSOC` with ``groups`` and
 MaxMinPermuted. On 32x32x3 input with ``num_classes=100`` the parameter counts
 are those of Table 3 of the GS paper (24.07M for SOC, 6.81M for GS-SOC (4, -)).
+A GS-SOC network's state_dict carries each grouped layer's ``format_version``;
+``load_state_dict`` refuses, before copying anything, state saved without it
+(:func:`~gsops.nn.soc.check_state_format`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int, check_tensor
-from ..nn.soc import GSSOC, MaxMin, MaxMinPermuted, SOCConv2d
+from ..nn.soc import GSSOC, MaxMin, MaxMinPermuted, SOCConv2d, check_state_format
 
 __all__ = ["LipConvnet", "certified_accuracy"]
 
@@ -77,6 +80,11 @@ class LipConvnet(nn.Module):
         side = input_size // 32
         self.flat_features = planes_in * side * side
         self.last_layer = SOCConv2d(self.flat_features, 1, 1, train_terms, eval_terms, out_channels=num_classes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # every GS-SOC layer's format, before any layer is loaded: a refused load changes nothing
+        check_state_format(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, dim=4)

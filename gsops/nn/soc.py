@@ -4,12 +4,15 @@ Section 6 and Appendix F of Gorbunov et al. (NeurIPS 2024), after SOC (Singla
 and Feizi, ICML 2021):
 
 * :class:`SOCConv2d`: ``y = exp(L) * x + b`` with the grouped skew kernel
-  ``L = M - ConvTranspose(M)``, scaled by SOC's power-iteration spectral bound
-  so the truncated Taylor series converges; stride 2 by space-to-depth.
+  ``L = M - ConvTranspose(M)``, each group scaled by its own power-iteration
+  spectral bound (SOC's bound, per group as in the GS paper) so the truncated
+  Taylor series converges; stride 2 by space-to-depth.
 * :class:`ChShuffle`: the paired channel permutation of Appendix F
   (:func:`gsops.paired_perm`), or ``perm(k, n)`` when ``paired=False``.
 * :class:`GSSOC`: ``GrExpConv_2(ChShuffle_2(GrExpConv_1(ChShuffle_1(x))))``,
-  the second exponential 1x1 (exact matrix exponential).
+  ``ChShuffle_1`` on the input channels (before space-to-depth and zero
+  channels), the second exponential 1x1 (exact matrix exponential; the GS
+  paper's code uses the normalised truncated series there instead).
 * :class:`MaxMinPermuted` (Definition F.2) and :class:`MaxMin` (Definition F.1).
 """
 from __future__ import annotations
@@ -21,7 +24,54 @@ from ..checks import check_divides, check_int, check_tensor
 from ..ops import conv_exp as cops
 from ..perm import invert, paired_perm, perm
 
-__all__ = ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "MaxMin"]
+__all__ = ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "MaxMin", "check_state_format"]
+
+# Version of what a grouped SOCConv2d / GSSOC computes from its state: stored in the
+# state_dict as the buffer ``format_version`` (see :func:`check_state_format`).
+# 2: each group normalised by its own spectral bound; ChShuffle_1 on the input channels.
+FORMAT_VERSION = 2
+_FORMAT_1 = (
+    "it has no 'format_version' key: it was saved by an earlier gsops, which normalised a grouped "
+    "exponential by the largest spectral bound over its groups and applied GSSOC's first ChShuffle "
+    "after space-to-depth and zero channels; this version normalises each group by its own bound "
+    "and shuffles the input channels (the GS paper's definition), so the same weights would compute "
+    "a different function. Retrain, or load it with the gsops version that saved it"
+)
+
+
+def _format_error(kind: str, prefix: str, found) -> RuntimeError:
+    where = f"{kind} state at {prefix!r}" if prefix else f"{kind} state"
+    if found is None:
+        return RuntimeError(f"cannot load {where}: {_FORMAT_1}")
+    return RuntimeError(f"cannot load {where}: format_version={found}, this gsops reads format_version={FORMAT_VERSION}")
+
+
+def check_state_format(module: nn.Module, state_dict, prefix: str = "") -> None:
+    """Refuse (``RuntimeError``) a state_dict whose grouped SOC/GSSOC layers were saved in another format.
+
+    Walks ``module``'s grouped :class:`SOCConv2d` and :class:`GSSOC` layers; for
+    each whose weight is in ``state_dict`` the key ``format_version`` must be
+    present and equal :data:`FORMAT_VERSION`. Called by ``load_state_dict`` of
+    these layers and of :class:`~gsops.models.LipConvnet` before anything is
+    copied, so a refused load leaves the module unchanged.
+    """
+    for name, m in module.named_modules():
+        check = getattr(m, "_format_check", None)
+        if check is None:
+            continue
+        p = prefix + (name + "." if name else "")
+        weight_key, kind = check
+        if p + weight_key not in state_dict:
+            continue  # this layer is not being loaded (e.g. a partial state_dict with strict=False)
+        v = state_dict.get(p + "format_version")
+        if v is None:
+            raise _format_error(kind, p, None)
+        if isinstance(v, torch.Tensor):
+            if v.is_meta:
+                continue
+            v = int(v)
+        if v != FORMAT_VERSION:
+            raise _format_error(kind, p, v)
 
 
 def _check_groups_fit(name: str, groups: int, channels_name: str, channels: int, paired: bool) -> None:
@@ -97,8 +147,9 @@ class SOCConv2d(nn.Module):
 
     ``y = slice_out(exp(L) * pad(s2d(x))) + bias`` where ``s2d`` is space-to-depth
     by ``stride`` (channels x stride^2), ``pad`` appends zero channels up to
-    ``max(in, out)``, and ``L = c * (M - ConvTranspose(M)) / sigma`` with SOC's
-    power-iteration bound ``sigma`` and correction ``c`` (0.7 for k > 1). The
+    ``max(in, out)``, and ``L_g = c * (M - ConvTranspose(M))_g / sigma_g`` for each
+    group ``g`` with SOC's power-iteration bound ``sigma_g`` of that group and
+    correction ``c`` (0.7 for k > 1). The
     exponential is the Taylor series with ``train_terms`` / ``eval_terms``
     convolutions. ``exact=True`` (1x1 kernels only) uses the exact matrix
     exponential of the block-diagonal channel matrix instead (no normalisation,
@@ -106,6 +157,8 @@ class SOCConv2d(nn.Module):
     ``out_channels == channels * stride**2`` (the default) the Jacobian is
     orthogonal; otherwise the layer is 1-Lipschitz.
     Parameters: ``M`` of shape (work, work/groups, k, k) and a bias of ``out_channels``.
+    A grouped layer (``groups > 1``, not ``exact``) stores ``format_version`` in its
+    state_dict and refuses state saved without it (:func:`check_state_format`).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, groups: int = 1, train_terms: int = 5,
@@ -141,7 +194,14 @@ class SOCConv2d(nn.Module):
         if self.exact and self.kernel_size != 1:
             raise ValueError(f"exact=True needs kernel_size=1 (a matrix exponential), got kernel_size={kernel_size}")
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        if self.groups > 1 and not self.exact:
+            self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.long))
+            self._format_check = ("weight", "grouped SOCConv2d")
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        check_state_format(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         c = self.work // self.groups
@@ -176,8 +236,8 @@ class SOCConv2d(nn.Module):
             iters = self.init_iters if int(self.steps) % self.update_freq == 0 else self.update_iters
             cops.power_iterate(L, self.groups, us, vs, iters)
             self.steps += 1
-        sigma = cops.spectral_bound(L, self.groups, us, vs)
-        return (self.correction / sigma) * L
+        sigma = cops.spectral_bound(L, self.groups, us, vs)  # (groups,): one bound per group
+        return cops.normalise_per_group(L, self.groups, self.correction / sigma)
 
     def terms(self) -> int:
         return self.train_terms if self.training else self.eval_terms
@@ -224,11 +284,23 @@ class GSSOC(nn.Module):
     """GS orthogonal convolution: ``GrExpConv_2(ChShuffle_2(GrExpConv_1(ChShuffle_1(x))))`` (Section 6).
 
     ``groups=(g1, g2)``: the first exponential has ``kernel_size`` and ``g1``
-    groups (shuffled before it with ``ChShuffle(work, g1)``), the second is a
-    1x1 exponential with ``g2`` groups (exact matrix exponential), shuffled
-    before it with ``ChShuffle(out, g2)``. ``g2=None`` (or 0) leaves out the
-    second exponential: Table 3's ``(4, -)``. Each exponential has its own bias.
-    Stride and channel change are those of :class:`SOCConv2d`.
+    groups, each group normalised by its own spectral bound. ``ChShuffle_1 =
+    ChShuffle(channels, g1)`` permutes the input channels before the first
+    layer's space-to-depth and zero channels, and is left out when ``channels``
+    is not a multiple of ``g1`` (e.g. a 3-channel image with 4 groups), as in
+    the GS paper's code. The second is a 1x1 exponential with ``g2`` groups,
+    shuffled before it with ``ChShuffle(out, g2)``; ``g2=None`` (or 0) leaves it
+    out: Table 3's ``(4, -)``. Each exponential has its own bias. Stride and
+    channel change are those of :class:`SOCConv2d`.
+
+    The 1x1 exponential is exact (``torch.linalg.matrix_exp`` of each skew
+    channel block, no normalisation). The GS paper's code computes it as the
+    truncated Taylor series (its train/eval terms, 5/12 by default) of the
+    kernel divided by its spectral bound (correction 1): for the same weights
+    a different map, ``exp(L / sigma)`` truncated instead of ``exp(L)``.
+
+    With ``g1 > 1`` the state_dict holds ``format_version``; state saved without
+    it is refused (:func:`check_state_format`).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, groups=(4, None), train_terms: int = 5,
@@ -249,7 +321,13 @@ class GSSOC(nn.Module):
             _check_groups_fit("groups[1]", g2, "out_channels", out, paired)
         self.conv1 = SOCConv2d(channels, kernel_size, g1, train_terms, eval_terms,
                                out_channels=out_channels, stride=stride, bias=bias)
-        self.shuffle1 = ChShuffle(self.conv1.work, g1, paired) if g1 > 1 else nn.Identity()
+        shuffle_in = g1 > 1 and channels % g1 == 0
+        if shuffle_in:
+            _check_groups_fit("groups[0]", g1, "channels", channels, paired)
+        self.shuffle1 = ChShuffle(channels, g1, paired) if shuffle_in else nn.Identity()
+        if g1 > 1:
+            self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.long))
+            self._format_check = ("conv1.weight", "GSSOC")
         self.out_channels = self.conv1.out_channels
         if g2 is None:
             self.shuffle2 = None
@@ -258,9 +336,12 @@ class GSSOC(nn.Module):
             self.shuffle2 = ChShuffle(self.out_channels, g2, paired) if g2 > 1 else nn.Identity()
             self.conv2 = SOCConv2d(self.out_channels, 1, g2, train_terms, eval_terms, bias=bias, exact=True)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        check_state_format(self, state_dict, prefix)  # this layer and conv1, before either is loaded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c1 = self.conv1
-        y = c1._finish(c1._exp(self.shuffle1(c1._lift(x))))
+        y = self.conv1(self.shuffle1(x))
         if self.conv2 is not None:
             y = self.conv2(self.shuffle2(y))
         return y
