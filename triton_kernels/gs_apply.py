@@ -376,12 +376,35 @@ def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor)
 
 
 def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
-    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads."""
-    return _forward(x, list(blocks), False)
+    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads.
+
+    The first two factors run in one pass (:func:`gs_onepass` with ``linear_out``) when the shape
+    has a one-pass plan; each further factor is one block step (one more round trip).
+    """
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    if len(blocks) >= 2 and onepass_plan(r, b) is not None:
+        y = gs_onepass(x, blocks[1], blocks[0], linear_out=True)
+        for B in blocks[2:]:
+            y = block_step(y, B, STRIDED, LINEAR)
+        return y
+    return _forward(x, blocks, False)
 
 
 def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
-    return _backward(grad, x, list(blocks), False)
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    if len(blocks) < 2 or onepass_plan(r, b) is None:
+        return _backward(grad, x, blocks, False)
+    acts = [gs_onepass(x, blocks[1], blocks[0], linear_out=True)] if len(blocks) > 2 else []
+    for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
+        acts.append(block_step(acts[-1], B, STRIDED, LINEAR))
+    grads = [None] * len(blocks)
+    g = grad
+    for j in range(len(blocks) - 1, 1, -1):
+        g, grads[j] = block_grad(g, acts[j - 2], r, b, LINEAR, STRIDED, blocks[j].dtype, B=blocks[j])
+    g, grads[1], grads[0] = gs_onepass_backward(g, x, blocks[1], blocks[0], linear_out=True)
+    return g, grads
 
 
 def _use_one_launch(b: int) -> bool:
@@ -390,13 +413,21 @@ def _use_one_launch(b: int) -> bool:
 
 
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """GSOFT's ``P^T L P R x``: two fused steps, P in the second step's loads and P^T in its stores."""
-    if _use_one_launch(R.shape[1]):
+    """GSOFT's ``P^T L P R x``: one pass (:func:`gs_onepass`) when the shape has a one-pass plan, else
+    two block steps (P in the second step's loads and P^T in its stores; the intermediate ``R x``
+    makes one round trip through memory)."""
+    r, b, _ = R.shape
+    if _use_one_launch(b):
         return gs_apply_fused(x, L, R)
+    if onepass_plan(r, b) is not None:
+        return gs_onepass(x, L, R)
     return _forward(x, [R, L], True)
 
 
 def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
+    r, b, _ = R.shape
+    if onepass_plan(r, b) is not None:
+        return gs_onepass_backward(grad, x, L, R)
     dx, (dR, dL) = _backward(grad, x, [R, L], True)
     return dx, dL, dR
 
@@ -514,3 +545,258 @@ def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
         DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=_num_warps(bb),
     )
     return y2.reshape(*lead, d)
+
+
+# ----------------------------------------------------------------------------- one-pass GS apply
+#
+# Structure of GSOFT's Q x = P^T L P R x with P = perm(r, d) (SPEC "Permutations"): write the
+# intermediate t = R x as a b x r matrix M[q, p] = t[q*r + p]; L-block p reads column p of M and
+# R-block j writes the run t[j*b : j*b + b], a run of b consecutive entries of M in row-major order.
+# * r % b == 0 ("band"): R-block j lies in row j // k, columns (j % k)*b ..+b (k = r/b), so the b
+#   R-blocks j = q*k + s (q < b) and the b L-blocks p = s*b + u (u < b) form a closed super group
+#   s whose input and output features are the same b runs of b: q*r + s*b + v.  On chip the
+#   permutation is a transpose of the (row, column) axes of the tile.
+# * otherwise the runs straddle rows and every R-block is connected to every L-block: a program
+#   owns all d features of its tokens and the permutation is a gather on chip.
+# A program loads a tile (rows, tokens, columns) of its super group (contiguous runs of b, or whole
+# token rows), applies the R-blocks (one batched dot over the rows), permutes on chip, applies the
+# L-blocks (one batched dot over the columns) and stores contiguous runs: x is read once and y
+# written once.  The backward recomputes R x the same way from one read of x and dy, writes dx
+# once, and accumulates the block gradients of L and R per program (token split); torch sums the
+# splits (deterministic, no atomics).
+
+ONEPASS_MAX_TILE = 4096  # padded features per super group held on chip; larger ones use the two-launch path
+
+
+class _OnePassPlan(NamedTuple):
+    band: bool       # closed b x b super groups (r % b == 0), else whole rows
+    n_rows: int      # R-blocks (= L-blocks) per super group
+    k: int           # r // b (band), 1 (whole rows)
+    row_stride: int  # feature distance of consecutive R-blocks of a super group: r (band), b (whole rows)
+    n_super: int     # super groups
+    nr: int          # padded n_rows
+    bb: int          # padded b
+
+
+def onepass_plan(r: int, b: int) -> _OnePassPlan | None:
+    """The one-pass tiling of ``perm(r, r*b)``-GS matrices, or None when a super group is too large to hold on chip."""
+    bb = max(2, triton.next_power_of_2(b))
+    if r % b == 0:
+        plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb)
+    else:
+        plan = _OnePassPlan(False, r, 1, b, 1, max(2, triton.next_power_of_2(r)), bb)
+    return plan if plan.nr * plan.bb <= ONEPASS_MAX_TILE else None
+
+
+@triton.jit
+def _bmm(a, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Batched ``a @ w`` ([P, M, K] x [P, K, N] -> [P, M, N], ACC): tl.dot when all dims are >= 16, else FMAs."""
+    if USE_DOT:
+        out = _dot(a, w, IEEE, ACC)
+    else:
+        out = tl.sum(a[:, :, :, None].to(ACC) * w[:, None, :, :].to(ACC), axis=2)
+    return out
+
+
+@triton.jit
+def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+    """Per super group ``s``: rows ``j`` / in-block ``v`` aranges, input features ``fx[j, v]``, output features
+    ``fo[p, i]``, their masks, R-block ``rb[j]`` and L-block ``lb[p]`` indices, and the on-chip gathers
+    (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of ``(P t)_p[q]`` and ``to_rows[j*BB+u]``
+    = flat (p, q) position of ``t_j[u]``."""
+    j = tl.arange(0, NR)
+    v = tl.arange(0, BB)
+    rows_ok = j < n_rows
+    cols_ok = v < b
+    m2 = rows_ok[:, None] & cols_ok[None, :]
+    fx = (j[:, None] * row_stride + s * b + v[None, :]).to(tl.int64)          # x feature of (row j, entry v)
+    fo = (v[None, :] * r + s * b + j[:, None]).to(tl.int64)                   # y feature of (L-block p=j, entry i=v)
+    rb = (j * k + s).to(tl.int64)
+    lb = (s * b + j).to(tl.int64)
+    if BAND:
+        to_cols = j[:, None] * BB + v[None, :]
+        to_rows = to_cols
+    else:
+        f = v[None, :] * r + j[:, None]            # t position of (P t)_p[q] with p = j, q = v
+        to_cols = tl.where(m2, (f // b) * BB + f % b, 0)
+        f2 = j[:, None] * b + v[None, :]           # t position of t_j[u] with u = v
+        to_rows = tl.where(m2, (f2 % r) * BB + f2 // r, 0)
+    return j, v, m2, fx, fo, rb, lb, tl.reshape(to_cols, (NR * BB,)), tl.reshape(to_rows, (NR * BB,))
+
+
+@triton.jit
+def _onepass_blocks(w_ptr, blk, b, m2, NR: tl.constexpr, BB: tl.constexpr):
+    """``W[j, c, e] = B_{blk[j]}[e, c]`` ([NR, BB, BB], zero outside the blocks): ``a @ W`` applies ``B`` per row."""
+    c = tl.arange(0, BB)
+    off = blk[:, None, None] * b * b + c[None, None, :] * b + c[None, :, None]
+    msk = m2[:, :, None] & (c < b)[None, None, :]
+    return tl.load(w_ptr + off, mask=msk, other=0.0)
+
+
+@triton.jit
+def _onepass_move(t, idx, m2, BAND: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr):
+    """``t`` [NR, BN, BB] with (row, column) swapped: a transpose (band) or the gather ``idx`` (whole rows)."""
+    if BAND:
+        out = tl.permute(t, (2, 1, 0))
+    else:
+        flat = tl.reshape(tl.permute(t, (1, 0, 2)), (BN, NR * BB))
+        g = tl.gather(flat, tl.broadcast_to(idx[None, :], (BN, NR * BB)), axis=1)
+        out = tl.permute(tl.reshape(g, (BN, NR, BB)), (1, 0, 2))
+        out = tl.where(m2[:, None, :], out, 0.0)
+    return out
+
+
+@triton.jit
+def _onepass_fwd_kernel(
+    x_ptr, l_ptr, r_ptr, y_ptr,
+    N, r, b, k, row_stride, n_rows, n_super,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
+    NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = P^T L P R x`` (or ``L P R x`` with ``LINEAR_OUT``) for one super group x ``TILES`` token tiles."""
+    pid = tl.program_id(0)
+    s = pid % n_super
+    pid_n = pid // n_super
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
+    if LINEAR_OUT:
+        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w2 = _onepass_blocks(l_ptr, lb, b, m2, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (pid_n * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+        tt = _bmm(xt.to(DOT_DTYPE), w1, USE_DOT, IEEE, ACC)                      # [j, n, u]: R x
+        a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: P R x
+        z = _bmm(a, w2, USE_DOT, IEEE, ACC)                                       # [p, n, i]
+        tl.store(y_ptr + n64[None, :, None] * stride_yn + fo[:, None, :] * stride_yd,
+                 z.to(y_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def _onepass_bwd_kernel(
+    g_ptr, x_ptr, l_ptr, r_ptr, dx_ptr, dl_ptr, dr_ptr,
+    N, r, b, k, row_stride, n_rows, n_super,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
+    TILES: tl.constexpr, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
+    NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """dx, and this token split's partial dL, dR ([split, r, b, b]) for one super group."""
+    pid = tl.program_id(0)
+    s = pid % n_super
+    split = pid // n_super
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
+    if LINEAR_OUT:
+        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w2 = _onepass_blocks(l_ptr, lb, b, m2, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
+    w1t = tl.permute(w1, (0, 2, 1))                                 # [j, u, v] = R_j[u, v]
+    w2t = tl.permute(w2, (0, 2, 1))                                 # [p, i, q] = L_p[i, q]
+    dl_acc = tl.zeros((NR, BB, BB), dtype=ACC)
+    dr_acc = tl.zeros((NR, BB, BB), dtype=ACC)
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (split * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fo[:, None, :] * stride_gd, mask=m3, other=0.0)
+        xt = xt.to(DOT_DTYPE)
+        gz = gz.to(DOT_DTYPE)                                                     # [p, n, i]: dz = P dy
+        tt = _bmm(xt, w1, USE_DOT, IEEE, ACC)
+        a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: u = P R x
+        dl_acc += _bmm(tl.permute(gz, (0, 2, 1)), a, USE_DOT, IEEE, ACC)          # [p, i, q]
+        du = _bmm(gz, w2t, USE_DOT, IEEE, ACC)                                    # [p, n, q]: L^T dz
+        dt = _onepass_move(du.to(DOT_DTYPE), to_rows, m2, BAND, NR, BB, BN)       # [j, n, u]: P^T du
+        dr_acc += _bmm(tl.permute(dt, (0, 2, 1)), xt, USE_DOT, IEEE, ACC)         # [j, u, v]
+        dxt = _bmm(dt, w1t, USE_DOT, IEEE, ACC)                                   # [j, n, v]: R^T dt
+        tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fx[:, None, :] * stride_dxd,
+                 dxt.to(dx_ptr.dtype.element_ty), mask=m3)
+    c = tl.arange(0, BB)
+    wm = m2[:, :, None] & (c < b)[None, None, :]
+    base = split.to(tl.int64) * r * b * b
+    inner = v[None, :, None] * b + c[None, None, :]
+    tl.store(dl_ptr + base + lb[:, None, None] * b * b + inner, dl_acc.to(dl_ptr.dtype.element_ty), mask=wm)
+    tl.store(dr_ptr + base + rb[:, None, None] * b * b + inner, dr_acc.to(dr_ptr.dtype.element_ty), mask=wm)
+
+
+def _onepass_block_n(plan: _OnePassPlan, n_tok: int) -> int:
+    if _interpreting():
+        return max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
+    feats = plan.nr * plan.bb
+    return 64 if feats <= 256 else (32 if feats <= 512 else 16)
+
+
+def _onepass_warps(plan: _OnePassPlan, block_n: int) -> int:
+    elems = plan.nr * plan.bb * block_n
+    return 4 if elems <= 8192 else (8 if elems <= 16384 else 16)
+
+
+def _onepass_launch_plan(plan: _OnePassPlan, n_tok: int, want_programs: int):
+    block_n = _onepass_block_n(plan, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    per = _loop_count(n_tiles, plan.n_super, want_programs)
+    return block_n, per, triton.cdiv(n_tiles, per)
+
+
+def _onepass_consts(plan, x, w, linear_out, block_n, tiles):
+    dot_dtype, ieee = _dot_config(x.dtype, w.dtype)
+    return dict(TILES=tiles, BAND=plan.band, LINEAR_OUT=linear_out, NR=plan.nr, BB=plan.bb, BN=block_n,
+                DOT_DTYPE=dot_dtype, IEEE=ieee, ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32,
+                USE_DOT=plan.bb >= 16, num_warps=_onepass_warps(plan, block_n))
+
+
+def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bool = False) -> torch.Tensor:
+    """``P^T L P R x`` (``L P R x`` with ``linear_out``) in one pass: x read once, y written once.
+
+    Raises ValueError when the shape has no one-pass plan (:func:`onepass_plan`); :func:`gs_apply`
+    picks the two-launch path for those before launching.
+    """
+    r, b, _ = R.shape
+    plan = onepass_plan(r, b)
+    if plan is None:
+        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features exceeds "
+                         f"ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}; use the two-launch path")
+    d = r * b
+    lead, x2, y2 = _tokens_and_output(x, d)
+    n_tok = x2.shape[0]
+    if n_tok == 0:
+        return y2.reshape(*lead, d)
+    block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
+    _onepass_fwd_kernel[(plan.n_super * progs,)](
+        x2, L.contiguous(), R.contiguous(), y2, n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
+    )
+    return y2.reshape(*lead, d)
+
+
+def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                        linear_out: bool = False):
+    """``(dx, dL, dR)`` of :func:`gs_onepass` from one read of ``x`` and ``grad`` and one write of ``dx``."""
+    r, b, _ = R.shape
+    plan = onepass_plan(r, b)
+    if plan is None:
+        raise ValueError(f"r={r}, b={b}: no one-pass plan (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE})")
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n_tok = x2.shape[0]
+    dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
+    if n_tok == 0:
+        z = torch.zeros((r, b, b), dtype=L.dtype, device=x.device)
+        return dx2.reshape(x.shape), z, z.clone().to(R.dtype)
+    block_n, tiles, splits = _onepass_launch_plan(plan, n_tok, 4 * _n_sm(x.device))
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    dl = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    dr = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    _onepass_bwd_kernel[(plan.n_super * splits,)](
+        g2, x2, L.contiguous(), R.contiguous(), dx2, dl, dr,
+        n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1),
+        **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
+    )
+    return dx2.reshape(x.shape), dl.sum(0).to(L.dtype), dr.sum(0).to(R.dtype)
