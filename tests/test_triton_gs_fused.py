@@ -142,19 +142,27 @@ def test_onepass_non_contiguous_and_empty():
     assert dx.shape == (0, r * b) and not dL.any() and not dR.any()
 
 
-def test_shapes_without_plan_use_two_launch_path_and_say_so():
+def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
     from triton_kernels import gs_apply as G
 
     b, r = 128, 128  # a 128 x 128 super group does not fit on chip
     assert G.onepass_plan(r, b) is None
     with pytest.raises(ValueError, match="ONEPASS_MAX_TILE"):
         G.gs_onepass(torch.randn(1, r * b), torch.randn(r, b, b), torch.randn(r, b, b))
-    b, r = 96, 48  # whole rows of 48 x 96 features, padded to 64 x 128: too big as well
+    assert G.onepass_plan(48, 96) is None  # whole rows of 48 x 96 features, padded to 64 x 128: too big as well
+    monkeypatch.setattr(G, "ONEPASS_MAX_TILE", 64)  # the two-launch path, checked on a small shape
+    b, r = 8, 12
     assert G.onepass_plan(r, b) is None
     x = torch.randn(2, r * b, dtype=torch.float64)
     L, R = _blocks(r, b), _blocks(r, b)
     A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(G.gs_apply(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-10, atol=1e-10)
+    g = torch.randn(2, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        torch.testing.assert_close(G.gs_apply(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-10, atol=1e-10)
+        dx, dL, dR = G.gs_apply_backward(g, x, L, R)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-10, atol=1e-10)
+    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
+    torch.testing.assert_close(dL, rL, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("m", [2, 3])

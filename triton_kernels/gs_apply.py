@@ -565,7 +565,13 @@ def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
 # once, and accumulates the block gradients of L and R per program (token split); torch sums the
 # splits (deterministic, no atomics).
 
-ONEPASS_MAX_TILE = 4096  # padded features per super group held on chip; larger ones use the two-launch path
+# What a program holds on chip, bounded so that the kernels fit an sm_90 SM's 227 KiB of shared
+# memory (checked by compiling, tests/test_triton_compile.py): padded features of a super group,
+# block elements of one factor's blocks in it, and the tile size up to which the backward is one
+# kernel (above it, dx and the block gradients are two kernels: 4 activation passes instead of 3).
+ONEPASS_MAX_TILE = 1024
+ONEPASS_MAX_BLOCK_ELEMS = 32768
+ONEPASS_FUSED_BWD_TILE = 256
 
 
 class _OnePassPlan(NamedTuple):
@@ -577,15 +583,21 @@ class _OnePassPlan(NamedTuple):
     nr: int          # padded n_rows
     bb: int          # padded b
 
+    @property
+    def fused_backward(self) -> bool:
+        return self.nr * self.bb <= ONEPASS_FUSED_BWD_TILE
+
 
 def onepass_plan(r: int, b: int) -> _OnePassPlan | None:
-    """The one-pass tiling of ``perm(r, r*b)``-GS matrices, or None when a super group is too large to hold on chip."""
+    """The one-pass tiling of ``perm(r, r*b)``-GS matrices, or None when a super group is too large to hold on chip
+    (then :func:`gs_apply` uses the two-launch path)."""
     bb = max(2, triton.next_power_of_2(b))
     if r % b == 0:
         plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb)
     else:
         plan = _OnePassPlan(False, r, 1, b, 1, max(2, triton.next_power_of_2(r)), bb)
-    return plan if plan.nr * plan.bb <= ONEPASS_MAX_TILE else None
+    fits = plan.nr * plan.bb <= ONEPASS_MAX_TILE and plan.nr * plan.bb * plan.bb <= ONEPASS_MAX_BLOCK_ELEMS
+    return plan if fits else None
 
 
 @triton.jit
@@ -625,10 +637,14 @@ def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, NR: tl.co
 
 
 @triton.jit
-def _onepass_blocks(w_ptr, blk, b, m2, NR: tl.constexpr, BB: tl.constexpr):
-    """``W[j, c, e] = B_{blk[j]}[e, c]`` ([NR, BB, BB], zero outside the blocks): ``a @ W`` applies ``B`` per row."""
+def _onepass_blocks(w_ptr, blk, b, m2, TRANS: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+    """``W[j, c, e] = B_{blk[j]}[e, c]`` ([NR, BB, BB], zero outside the blocks): ``a @ W`` applies ``B`` per row;
+    with ``TRANS`` ``W[j, c, e] = B_{blk[j]}[c, e]`` (applies ``B^T``)."""
     c = tl.arange(0, BB)
-    off = blk[:, None, None] * b * b + c[None, None, :] * b + c[None, :, None]
+    if TRANS:
+        off = blk[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
+    else:
+        off = blk[:, None, None] * b * b + c[None, None, :] * b + c[None, :, None]
     msk = m2[:, :, None] & (c < b)[None, None, :]
     return tl.load(w_ptr + off, mask=msk, other=0.0)
 
@@ -662,8 +678,8 @@ def _onepass_fwd_kernel(
     j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
     if LINEAR_OUT:
         fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
-    w1 = _onepass_blocks(r_ptr, rb, b, m2, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
-    w2 = _onepass_blocks(l_ptr, lb, b, m2, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w2 = _onepass_blocks(l_ptr, lb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
     nn = tl.arange(0, BN)
     for t in range(0, TILES):
         n = (pid_n * TILES + t) * BN + nn
@@ -685,18 +701,19 @@ def _onepass_bwd_kernel(
     TILES: tl.constexpr, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
     NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    WITH_DX: tl.constexpr = True, WITH_GRADS: tl.constexpr = True,
 ):
-    """dx, and this token split's partial dL, dR ([split, r, b, b]) for one super group."""
+    """dx (``WITH_DX``) and this token split's partial dL, dR ([split, r, b, b], ``WITH_GRADS``) for one super
+    group.  Without ``WITH_GRADS`` it is the transposed one-pass apply ``dx = Q^T dy`` (x is not read)."""
     pid = tl.program_id(0)
     s = pid % n_super
     split = pid // n_super
     j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
     if LINEAR_OUT:
         fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
-    w1 = _onepass_blocks(r_ptr, rb, b, m2, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
-    w2 = _onepass_blocks(l_ptr, lb, b, m2, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
-    w1t = tl.permute(w1, (0, 2, 1))                                 # [j, u, v] = R_j[u, v]
-    w2t = tl.permute(w2, (0, 2, 1))                                 # [p, i, q] = L_p[i, q]
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w1t = _onepass_blocks(r_ptr, rb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [j, u, v] = R_j[u, v]
+    w2t = _onepass_blocks(l_ptr, lb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [p, i, q] = L_p[i, q]
     dl_acc = tl.zeros((NR, BB, BB), dtype=ACC)
     dr_acc = tl.zeros((NR, BB, BB), dtype=ACC)
     nn = tl.arange(0, BN)
@@ -704,25 +721,29 @@ def _onepass_bwd_kernel(
         n = (split * TILES + t) * BN + nn
         n64 = n.to(tl.int64)
         m3 = m2[:, None, :] & (n < N)[None, :, None]
-        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
         gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fo[:, None, :] * stride_gd, mask=m3, other=0.0)
-        xt = xt.to(DOT_DTYPE)
         gz = gz.to(DOT_DTYPE)                                                     # [p, n, i]: dz = P dy
-        tt = _bmm(xt, w1, USE_DOT, IEEE, ACC)
-        a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: u = P R x
-        dl_acc += _bmm(tl.permute(gz, (0, 2, 1)), a, USE_DOT, IEEE, ACC)          # [p, i, q]
+        if WITH_GRADS:
+            xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+            xt = xt.to(DOT_DTYPE)
+            tt = _bmm(xt, w1, USE_DOT, IEEE, ACC)
+            a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)    # [p, n, q]: u = P R x
+            dl_acc += _bmm(tl.permute(gz, (0, 2, 1)), a, USE_DOT, IEEE, ACC)      # [p, i, q]
         du = _bmm(gz, w2t, USE_DOT, IEEE, ACC)                                    # [p, n, q]: L^T dz
         dt = _onepass_move(du.to(DOT_DTYPE), to_rows, m2, BAND, NR, BB, BN)       # [j, n, u]: P^T du
-        dr_acc += _bmm(tl.permute(dt, (0, 2, 1)), xt, USE_DOT, IEEE, ACC)         # [j, u, v]
-        dxt = _bmm(dt, w1t, USE_DOT, IEEE, ACC)                                   # [j, n, v]: R^T dt
-        tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fx[:, None, :] * stride_dxd,
-                 dxt.to(dx_ptr.dtype.element_ty), mask=m3)
+        if WITH_GRADS:
+            dr_acc += _bmm(tl.permute(dt, (0, 2, 1)), xt, USE_DOT, IEEE, ACC)     # [j, u, v]
+        if WITH_DX:
+            dxt = _bmm(dt, w1t, USE_DOT, IEEE, ACC)                               # [j, n, v]: R^T dt
+            tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fx[:, None, :] * stride_dxd,
+                     dxt.to(dx_ptr.dtype.element_ty), mask=m3)
     c = tl.arange(0, BB)
     wm = m2[:, :, None] & (c < b)[None, None, :]
     base = split.to(tl.int64) * r * b * b
     inner = v[None, :, None] * b + c[None, None, :]
-    tl.store(dl_ptr + base + lb[:, None, None] * b * b + inner, dl_acc.to(dl_ptr.dtype.element_ty), mask=wm)
-    tl.store(dr_ptr + base + rb[:, None, None] * b * b + inner, dr_acc.to(dr_ptr.dtype.element_ty), mask=wm)
+    if WITH_GRADS:
+        tl.store(dl_ptr + base + lb[:, None, None] * b * b + inner, dl_acc.to(dl_ptr.dtype.element_ty), mask=wm)
+        tl.store(dr_ptr + base + rb[:, None, None] * b * b + inner, dr_acc.to(dr_ptr.dtype.element_ty), mask=wm)
 
 
 def _onepass_block_n(plan: _OnePassPlan, n_tok: int) -> int:
@@ -760,8 +781,9 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
     r, b, _ = R.shape
     plan = onepass_plan(r, b)
     if plan is None:
-        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features exceeds "
-                         f"ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}; use the two-launch path")
+        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on chip "
+                         f"(ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}, ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS});"
+                         f" use the two-launch path")
     d = r * b
     lead, x2, y2 = _tokens_and_output(x, d)
     n_tok = x2.shape[0]
@@ -778,11 +800,14 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
 
 def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
                         linear_out: bool = False):
-    """``(dx, dL, dR)`` of :func:`gs_onepass` from one read of ``x`` and ``grad`` and one write of ``dx``."""
+    """``(dx, dL, dR)`` of :func:`gs_onepass`: one read of ``x`` and ``grad`` and one write of ``dx`` (one
+    kernel) for tiles up to ``ONEPASS_FUSED_BWD_TILE`` features, else two kernels (dx from ``grad``; the
+    block gradients from ``x`` and ``grad``)."""
     r, b, _ = R.shape
     plan = onepass_plan(r, b)
     if plan is None:
-        raise ValueError(f"r={r}, b={b}: no one-pass plan (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE})")
+        raise ValueError(f"r={r}, b={b}: no one-pass plan (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}, "
+                         f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS})")
     g2, x2 = _as_2d(grad), _as_2d(x)
     n_tok = x2.shape[0]
     dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
@@ -793,10 +818,14 @@ def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R:
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     dl = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
     dr = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
-    _onepass_bwd_kernel[(plan.n_super * splits,)](
-        g2, x2, L.contiguous(), R.contiguous(), dx2, dl, dr,
-        n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
-        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1),
-        **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
-    )
+    args = (g2, x2, L.contiguous(), R.contiguous(), dx2, dl, dr,
+            n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+            g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1))
+    consts = _onepass_consts(plan, x, L, linear_out, block_n, tiles)
+    grid = (plan.n_super * splits,)
+    if plan.fused_backward:
+        _onepass_bwd_kernel[grid](*args, **consts)
+    else:  # two kernels: dx = Q^T dy (reads dy), then the block gradients (read x and dy)
+        _onepass_bwd_kernel[grid](*args, WITH_DX=True, WITH_GRADS=False, **consts)
+        _onepass_bwd_kernel[grid](*args, WITH_DX=False, WITH_GRADS=True, **consts)
     return dx2.reshape(x.shape), dl.sum(0).to(L.dtype), dr.sum(0).to(R.dtype)
