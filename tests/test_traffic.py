@@ -70,7 +70,7 @@ def test_two_launch_path_shows_its_strided_side(monkeypatch):
     touches one 32-byte sector per 2-byte element on its permuted side: the counts see it."""
     import triton_kernels.gs_apply as G
 
-    monkeypatch.setattr(G, "ONEPASS_MAX_TILE", 16)
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 2, 16)
     fwd, bwd = traffic.measure("gs_apply", 256, 16, n_tokens=3)
     assert fwd.launches == 2 and fwd.byte_ratio == 2.0 and fwd.sector_ratio == 17.0
     assert bwd.byte_ratio > 2.5 and bwd.sector_ratio > 15

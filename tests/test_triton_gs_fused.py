@@ -31,6 +31,16 @@ SHAPES = [
 ]
 
 
+@pytest.fixture
+def float64_big_tiles(monkeypatch):
+    """float64 tiles as large as the half-precision ones: the on-chip limits are a GPU resource rule
+    (smaller for wider dot inputs); the arithmetic is checked in float64 on every tiling."""
+    from triton_kernels import gs_apply as G
+
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 8, G.ONEPASS_MAX_TILE[2])
+    monkeypatch.setitem(G.ONEPASS_FUSED_BWD_TILE, 8, G.ONEPASS_FUSED_BWD_TILE[2])
+
+
 def _blocks(r, b, dtype=torch.float64):
     return torch.randn(r, b, b, dtype=torch.float64).to(dtype)
 
@@ -45,7 +55,7 @@ def _grads_float64(fn, x, blocks, g):
 def test_onepass_plan_covers_shape(b, r, n):
     from triton_kernels.gs_apply import onepass_plan
 
-    plan = onepass_plan(r, b)
+    plan = onepass_plan(r, b)  # 2-byte dot inputs
     assert plan is not None and plan.band == (r % b == 0)
     # every feature belongs to exactly one super group, on the input and on the output side
     feats_in, feats_out = [], []
@@ -58,7 +68,7 @@ def test_onepass_plan_covers_shape(b, r, n):
 
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
-def test_onepass_forward_backward_float64(b, r, n):
+def test_onepass_forward_backward_float64(b, r, n, float64_big_tiles):
     from triton_kernels import gs_apply as G
 
     L, R = _blocks(r, b), _blocks(r, b)
@@ -105,7 +115,7 @@ def test_onepass_dtypes_through_public_ops(dtype, b, r):
         torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
 
 
-def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch):
+def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles):
     """The GPU launch plan (several token tiles per program, token splits of the block gradients,
     a ragged last tile) run under the interpreter by pretending not to interpret."""
     import triton_kernels.gs_apply as G
@@ -113,7 +123,7 @@ def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch):
     monkeypatch.setattr(G, "_interpreting", lambda: False)
     monkeypatch.setattr(G, "_n_sm", lambda device: 1)
     b, r, n = 8, 16, 700  # band, 2 super groups; 11 token tiles of 64
-    block_n, tiles, progs = G._onepass_launch_plan(G.onepass_plan(r, b), n, 4)
+    block_n, tiles, progs = G._onepass_launch_plan(G.onepass_plan(r, b, 8), n, 4)
     assert tiles > 1 and progs > 1 and n % block_n and (tiles * progs - 1) * block_n >= n  # an empty last tile too
     L, R = _blocks(r, b), _blocks(r, b)
     x = torch.randn(n, r * b, dtype=torch.float64)
@@ -127,7 +137,7 @@ def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch):
     torch.testing.assert_close(dR, rR, rtol=1e-10, atol=1e-10)
 
 
-def test_onepass_non_contiguous_and_empty():
+def test_onepass_non_contiguous_and_empty(float64_big_tiles):
     from triton_kernels import gs_apply as G
 
     b, r = 8, 12
@@ -150,9 +160,9 @@ def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
     with pytest.raises(ValueError, match="ONEPASS_MAX_TILE"):
         G.gs_onepass(torch.randn(1, r * b), torch.randn(r, b, b), torch.randn(r, b, b))
     assert G.onepass_plan(48, 96) is None  # whole rows of 48 x 96 features, padded to 64 x 128: too big as well
-    monkeypatch.setattr(G, "ONEPASS_MAX_TILE", 64)  # the two-launch path, checked on a small shape
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 8, 64)  # the two-launch path, checked on a small float64 shape
     b, r = 8, 12
-    assert G.onepass_plan(r, b) is None
+    assert G.onepass_plan(r, b, 8) is None and G.onepass_plan(r, b) is not None
     x = torch.randn(2, r * b, dtype=torch.float64)
     L, R = _blocks(r, b), _blocks(r, b)
     A = gsoft_matrix(np64(L), np64(R))
@@ -165,8 +175,23 @@ def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
     torch.testing.assert_close(dL, rL, rtol=1e-10, atol=1e-10)
 
 
+def test_plan_limits_by_dot_input_size():
+    """Which shapes run in one pass on a GPU (compile-checked limits): half data up to 1024 padded
+    features, float32 up to 256, float64 up to 128; the backward splits above 256 (half, float32)."""
+    from triton_kernels.gs_apply import dot_bytes, onepass_plan
+
+    assert dot_bytes(torch.bfloat16, torch.float32) == 2 and dot_bytes(torch.float32, torch.float32) == 4
+    assert dot_bytes(torch.float16, torch.float64) == 8
+    assert onepass_plan(128, 32).band and not onepass_plan(128, 32).fused_backward  # d=4096, b=32
+    assert onepass_plan(256, 16).fused_backward                                   # d=4096, b=16
+    assert onepass_plan(32, 24) is not None and onepass_plan(24, 32) is not None   # d=768 whole rows
+    assert onepass_plan(64, 64) is None and onepass_plan(12, 64) is None           # b=64: two launches
+    assert onepass_plan(256, 16, 4).fused_backward and onepass_plan(128, 32, 4) is None
+    assert onepass_plan(256, 16, 8) is None and onepass_plan(24, 8, 8).fused_backward
+
+
 @pytest.mark.parametrize("m", [2, 3])
-def test_gs_chain_uses_onepass_pair(m):
+def test_gs_chain_uses_onepass_pair(m, float64_big_tiles):
     b, r, n = 8, 12, 5
     blocks = [_blocks(r, b) for _ in range(m)]
     x = torch.randn(n, r * b, dtype=torch.float64)

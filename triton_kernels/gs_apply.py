@@ -383,7 +383,7 @@ def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
     """
     blocks = list(blocks)
     r, b, _ = blocks[0].shape
-    if len(blocks) >= 2 and onepass_plan(r, b) is not None:
+    if len(blocks) >= 2 and onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is not None:
         y = gs_onepass(x, blocks[1], blocks[0], linear_out=True)
         for B in blocks[2:]:
             y = block_step(y, B, STRIDED, LINEAR)
@@ -394,7 +394,7 @@ def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
 def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
     blocks = list(blocks)
     r, b, _ = blocks[0].shape
-    if len(blocks) < 2 or onepass_plan(r, b) is None:
+    if len(blocks) < 2 or onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is None:
         return _backward(grad, x, blocks, False)
     acts = [gs_onepass(x, blocks[1], blocks[0], linear_out=True)] if len(blocks) > 2 else []
     for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
@@ -419,14 +419,14 @@ def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     r, b, _ = R.shape
     if _use_one_launch(b):
         return gs_apply_fused(x, L, R)
-    if onepass_plan(r, b) is not None:
+    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
         return gs_onepass(x, L, R)
     return _forward(x, [R, L], True)
 
 
 def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
     r, b, _ = R.shape
-    if onepass_plan(r, b) is not None:
+    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
         return gs_onepass_backward(grad, x, L, R)
     dx, (dR, dL) = _backward(grad, x, [R, L], True)
     return dx, dL, dR
@@ -566,12 +566,13 @@ def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
 # splits (deterministic, no atomics).
 
 # What a program holds on chip, bounded so that the kernels fit an sm_90 SM's 227 KiB of shared
-# memory (checked by compiling, tests/test_triton_compile.py): padded features of a super group,
-# block elements of one factor's blocks in it, and the tile size up to which the backward is one
-# kernel (above it, dx and the block gradients are two kernels: 4 activation passes instead of 3).
-ONEPASS_MAX_TILE = 1024
+# memory (checked by compiling, tests/test_triton_compile.py), per byte size of the dot inputs
+# (2: fp16/bf16 data, 4: float32, 8: float64): padded features of a super group, block elements of
+# one factor's blocks in it, and the tile up to which the backward is one kernel (above it, dx and
+# the block gradients are two kernels: 4 activation passes instead of 3).
+ONEPASS_MAX_TILE = {2: 1024, 4: 256, 8: 128}
 ONEPASS_MAX_BLOCK_ELEMS = 32768
-ONEPASS_FUSED_BWD_TILE = 256
+ONEPASS_FUSED_BWD_TILE = {2: 256, 4: 256, 8: 128}
 
 
 class _OnePassPlan(NamedTuple):
@@ -582,21 +583,29 @@ class _OnePassPlan(NamedTuple):
     n_super: int     # super groups
     nr: int          # padded n_rows
     bb: int          # padded b
+    esize: int = 2   # bytes of a dot input on a GPU
 
     @property
     def fused_backward(self) -> bool:
-        return self.nr * self.bb <= ONEPASS_FUSED_BWD_TILE
+        return self.nr * self.bb <= ONEPASS_FUSED_BWD_TILE[self.esize]
 
 
-def onepass_plan(r: int, b: int) -> _OnePassPlan | None:
-    """The one-pass tiling of ``perm(r, r*b)``-GS matrices, or None when a super group is too large to hold on chip
-    (then :func:`gs_apply` uses the two-launch path)."""
+def dot_bytes(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
+    """Bytes of a ``tl.dot`` input on a GPU for these activations and blocks (see :func:`_dot_config`)."""
+    if torch.float64 in (x_dtype, w_dtype):
+        return 8
+    return 2 if x_dtype in _HALF else 4
+
+
+def onepass_plan(r: int, b: int, esize: int = 2) -> _OnePassPlan | None:
+    """The one-pass tiling of ``perm(r, r*b)``-GS matrices for dot inputs of ``esize`` bytes, or None when a
+    super group is too large to hold on chip (then :func:`gs_apply` uses the two-launch path)."""
     bb = max(2, triton.next_power_of_2(b))
     if r % b == 0:
-        plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb)
+        plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb, esize)
     else:
-        plan = _OnePassPlan(False, r, 1, b, 1, max(2, triton.next_power_of_2(r)), bb)
-    fits = plan.nr * plan.bb <= ONEPASS_MAX_TILE and plan.nr * plan.bb * plan.bb <= ONEPASS_MAX_BLOCK_ELEMS
+        plan = _OnePassPlan(False, r, 1, b, 1, max(2, triton.next_power_of_2(r)), bb, esize)
+    fits = plan.nr * plan.bb <= ONEPASS_MAX_TILE[esize] and plan.nr * plan.bb * plan.bb <= ONEPASS_MAX_BLOCK_ELEMS
     return plan if fits else None
 
 
@@ -750,6 +759,8 @@ def _onepass_block_n(plan: _OnePassPlan, n_tok: int) -> int:
     if _interpreting():
         return max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
     feats = plan.nr * plan.bb
+    if plan.esize > 2:
+        return 16
     return 64 if feats <= 256 else (32 if feats <= 512 else 16)
 
 
@@ -779,10 +790,12 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
     picks the two-launch path for those before launching.
     """
     r, b, _ = R.shape
-    plan = onepass_plan(r, b)
+    plan_bytes = dot_bytes(x.dtype, L.dtype)
+    plan = onepass_plan(r, b, plan_bytes)
     if plan is None:
         raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on chip "
-                         f"(ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}, ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS});"
+                         f"(ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS}"
+                         f" for {plan_bytes}-byte dot inputs);"
                          f" use the two-launch path")
     d = r * b
     lead, x2, y2 = _tokens_and_output(x, d)
@@ -804,10 +817,10 @@ def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R:
     kernel) for tiles up to ``ONEPASS_FUSED_BWD_TILE`` features, else two kernels (dx from ``grad``; the
     block gradients from ``x`` and ``grad``)."""
     r, b, _ = R.shape
-    plan = onepass_plan(r, b)
+    plan = onepass_plan(r, b, dot_bytes(x.dtype, L.dtype))
     if plan is None:
-        raise ValueError(f"r={r}, b={b}: no one-pass plan (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE}, "
-                         f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS})")
+        raise ValueError(f"r={r}, b={b}: no one-pass plan for {dot_bytes(x.dtype, L.dtype)}-byte dot inputs "
+                         f"(ONEPASS_MAX_TILE, ONEPASS_MAX_BLOCK_ELEMS)")
     g2, x2 = _as_2d(grad), _as_2d(x)
     n_tok = x2.shape[0]
     dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
