@@ -22,7 +22,7 @@ def _configs():
     import triton_kernels.cayley as C
     import triton_kernels.gs_apply as G
 
-    ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+    ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
     out = []
     for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0)]:
         bb, g = G._tiling(b)
@@ -48,8 +48,9 @@ def _configs():
     # the fused backward and the two backward kernels of larger tiles
     for b, r, dt, kind in [(16, 32, tl.bfloat16, "fwd"), (16, 32, tl.bfloat16, "bwd"), (8, 16, tl.float16, "fwd"),
                            (32, 64, tl.bfloat16, "fwd"), (32, 64, tl.bfloat16, "dx"), (32, 64, tl.bfloat16, "grads"),
-                           (24, 32, tl.bfloat16, "fwd"), (24, 32, tl.bfloat16, "grads"), (24, 4, tl.float32, "bwd")]:
-        plan = G.onepass_plan(r, b)
+                           (24, 32, tl.bfloat16, "fwd"), (24, 32, tl.bfloat16, "grads"), (24, 8, tl.float32, "bwd"),
+                           (16, 32, tl.float32, "fwd"), (24, 4, tl.float64, "bwd")]:
+        plan = G.onepass_plan(r, b, {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}[dt])
         assert plan is not None and (kind != "bwd" or plan.fused_backward)
         old = G._interpreting
         G._interpreting = lambda: False
@@ -58,7 +59,8 @@ def _configs():
         finally:
             G._interpreting = old
         c = dict(TILES=4, BAND=plan.band, LINEAR_OUT=False, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=dt,
-                 IEEE=dt == tl.float32, ACC=tl.float32, USE_DOT=plan.bb >= 16)
+                 IEEE=dt in (tl.float32, tl.float64), ACC=tl.float64 if dt == tl.float64 else tl.float32,
+                 USE_DOT=plan.bb >= 16)
         name = f"gs_onepass {kind} b={b} r={r} {'band' if plan.band else 'rows'} {dt}"
         if kind == "fwd":
             out.append((name, G._onepass_fwd_kernel,
