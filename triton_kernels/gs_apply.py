@@ -1,6 +1,6 @@
 """Fused block-diagonal x permutation kernels for GS matrices (SPEC "GS matrices").
 
-One *step* computes ``y = P_out · diag(B_1..B_r) · P_in · x`` on the last
+The block steps below are the building block of the fallback paths.  One *step* computes ``y = P_out · diag(B_1..B_r) · P_in · x`` on the last
 dimension of ``x`` (``d = r*b``), where each of ``P_in`` / ``P_out`` is the
 identity or the GS permutation ``P = perm(r, d)``.  The permutations are never
 materialised: they are index arithmetic in the loads and stores.  With block
@@ -21,10 +21,14 @@ per token tile (programs = block groups x token splits; partial sums per split
 are added by torch, deterministically).  The backward recomputes the
 intermediate ``R x`` instead of saving it (activation memory).
 
-``gs_apply`` launches two steps (the intermediate ``R x`` makes one round trip
-through memory).  :func:`gs_apply_fused` does GSOFT in one launch, keeping the
-intermediate in a per-program slab sized for L2; it is opt-in
-(``GSOPS_TRITON_ONE_LAUNCH=1``) until timed on a GPU (``perf/bench_triton_kernels.py``).
+``gs_apply`` runs in one pass (:func:`gs_onepass`, at the end of this file: x read
+once, y written once, the permutation done on chip) whenever a super group fits on
+chip (:func:`onepass_plan`); otherwise, chosen before launch, it falls back to two
+steps (the intermediate ``R x`` makes one round trip through memory and the permuted
+side is strided: the slower path).  :func:`gs_apply_fused` (one launch, the
+intermediate in a per-program slab sized for L2, ``GSOPS_TRITON_ONE_LAUNCH=1``) is
+an older opt-in variant that the one-pass kernel supersedes; it moves the
+intermediate through the slab, so it is slower than :func:`gs_onepass` too.
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -504,9 +508,8 @@ SLAB_BUDGET_BYTES = 24 << 20  # all programs' slabs together, to stay inside a G
 def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``P^T L P R x`` in ONE launch (``b >= 16``); the intermediate lives in an L2-sized slab.
 
-    Same result as :func:`gs_apply` (``t`` is rounded to ``x``'s dtype in both).
-    Not the default yet: its speed against the two-launch path has not been
-    measured on a GPU (``perf/bench_triton_kernels.py`` times both).
+    Same result as :func:`gs_apply`. Opt-in only (``GSOPS_TRITON_ONE_LAUNCH=1``): the one-pass
+    kernel (:func:`gs_onepass`, the default) keeps the intermediate on chip instead.
     """
     r, b, _ = R.shape
     if b < 16:

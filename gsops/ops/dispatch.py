@@ -23,8 +23,9 @@ _warned: set = set()
 CHOICES = ("auto",) + backends.NAMES
 AUTO_ORDER = ("triton", "cuda", "torch")
 AUTO_ORDER_REASON = (
-    "triton before cuda: the one-pass Triton GS kernels move the minimal bytes in the CPU traffic "
-    "simulation (python -m perf.traffic) and the CUDA gs_apply is two passes; no GPU has timed both yet"
+    "triton before cuda: the one-pass Triton GS apply moves the minimal activation bytes (2T forward, "
+    "3-4T backward, python -m perf.traffic) where a super group fits on chip, the CUDA gs_apply is two "
+    "passes forward and five kernels backward (4T, 10T); no GPU has timed both yet"
 )
 
 
