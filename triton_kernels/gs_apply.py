@@ -351,7 +351,7 @@ def _forward(x, blocks, apply, keep=False):
     lay = _layouts(len(blocks), apply)
     acts = [x]
     for B, (ld, st) in zip(blocks, lay):
-        y = block_step(acts[-1], B, ld, st)
+        y = _step(acts[-1], B, ld, st)
         acts = acts + [y] if keep else [y]
     return acts if keep else acts[-1]
 
@@ -365,8 +365,23 @@ def _backward(grad, x, blocks, apply):
     g = grad
     for j in range(len(blocks) - 1, -1, -1):
         ld, st = lay[j]
-        g, grads[j] = block_grad(g, acts[j], r, b, st, ld, blocks[j].dtype, B=blocks[j])
+        g, grads[j] = _step_grad(g, acts[j], blocks[j], ld, st)
     return g, grads
+
+
+def _step(x, B, ld, st):
+    """One step; a permuted load goes through the coalesced :func:`strided_step`."""
+    if ld == STRIDED:
+        return strided_step(x, B, st == STRIDED)
+    return block_step(x, B, ld, st)
+
+
+def _step_grad(g, x, B, ld, st):
+    """``(dx, dB)`` of :func:`_step`."""
+    if ld == STRIDED:
+        return strided_step_grad(g, x, B, st == STRIDED)
+    r, b, _ = B.shape
+    return block_grad(g, x, r, b, st, ld, B.dtype, B=B)
 
 
 def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -390,7 +405,7 @@ def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
     if len(blocks) >= 2 and onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is not None:
         y = gs_onepass(x, blocks[1], blocks[0], linear_out=True)
         for B in blocks[2:]:
-            y = block_step(y, B, STRIDED, LINEAR)
+            y = _step(y, B, STRIDED, LINEAR)
         return y
     return _forward(x, blocks, False)
 
@@ -402,11 +417,11 @@ def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
         return _backward(grad, x, blocks, False)
     acts = [gs_onepass(x, blocks[1], blocks[0], linear_out=True)] if len(blocks) > 2 else []
     for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
-        acts.append(block_step(acts[-1], B, STRIDED, LINEAR))
+        acts.append(_step(acts[-1], B, STRIDED, LINEAR))
     grads = [None] * len(blocks)
     g = grad
     for j in range(len(blocks) - 1, 1, -1):
-        g, grads[j] = block_grad(g, acts[j - 2], r, b, LINEAR, STRIDED, blocks[j].dtype, B=blocks[j])
+        g, grads[j] = _step_grad(g, acts[j - 2], blocks[j], STRIDED, LINEAR)
     g, grads[1], grads[0] = gs_onepass_backward(g, x, blocks[1], blocks[0], linear_out=True)
     return g, grads
 
@@ -845,3 +860,144 @@ def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R:
         _onepass_bwd_kernel[grid](*args, WITH_DX=True, WITH_GRADS=False, **consts)
         _onepass_bwd_kernel[grid](*args, WITH_DX=False, WITH_GRADS=True, **consts)
     return dx2.reshape(x.shape), dl.sum(0).to(L.dtype), dr.sum(0).to(R.dtype)
+
+
+# ----------------------------------------------------------------------------- coalesced permuted step
+#
+# The fallback's permuted step (used where a super group does not fit on chip): block p of P t is
+# t[q*r + p] (q < b), so a program that owns G consecutive blocks p0..p0+G-1 reads, for each q, the
+# contiguous run t[q*r + p0 : q*r + p0 + G].  With G*element size >= 32 bytes every sector it
+# touches is fully used, where one block per program would touch one sector per element.
+
+@triton.jit
+def _strided_index(pg, r, b, G: tl.constexpr, BB: tl.constexpr, OUT_STRIDED: tl.constexpr):
+    g = tl.arange(0, G)
+    c = tl.arange(0, BB)
+    p = pg * G + g
+    m2 = (p < r)[:, None] & (c < b)[None, :]
+    fin = (c[None, :] * r + p[:, None]).to(tl.int64)          # feature of (block p, entry q) of P t
+    if OUT_STRIDED:
+        fout = fin                                            # y = P^T z
+    else:
+        fout = (p[:, None] * b + c[None, :]).to(tl.int64)     # y = z
+    return p.to(tl.int64), m2, fin, fout
+
+
+@triton.jit
+def _strided_step_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, r, b, n_pg,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, OUT_STRIDED: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = P_out^T diag(B) P x`` for G consecutive blocks x ``TILES`` token tiles (``P_out`` = P or I)."""
+    pid = tl.program_id(0)
+    pg = pid % n_pg
+    pid_n = pid // n_pg
+    p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
+    w = _onepass_blocks(w_ptr, p, b, m2, False, G, BB).to(DOT_DTYPE)   # [g, q, i] = B_p[i, q]
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (pid_n * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        z = _bmm(xt.to(DOT_DTYPE), w, USE_DOT, IEEE, ACC)                # [g, n, i]
+        tl.store(y_ptr + n64[None, :, None] * stride_yn + fout[:, None, :] * stride_yd,
+                 z.to(y_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def _strided_grad_kernel(
+    g_ptr, x_ptr, w_ptr, dx_ptr, db_ptr,
+    N, r, b, n_pg,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
+    TILES: tl.constexpr, OUT_STRIDED: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """Input gradient (stored under P, like the step's input) and this split's partial block gradients."""
+    pid = tl.program_id(0)
+    pg = pid % n_pg
+    split = pid // n_pg
+    p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
+    wt = _onepass_blocks(w_ptr, p, b, m2, True, G, BB).to(DOT_DTYPE)   # [g, i, q] = B_p[i, q]
+    acc = tl.zeros((G, BB, BB), dtype=ACC)
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (split * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fout[:, None, :] * stride_gd, mask=m3, other=0.0)
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        gz = gz.to(DOT_DTYPE)
+        acc += _bmm(tl.permute(gz, (0, 2, 1)), xt.to(DOT_DTYPE), USE_DOT, IEEE, ACC)   # [g, i, q]
+        dxt = _bmm(gz, wt, USE_DOT, IEEE, ACC)                                           # [g, n, q]
+        tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fin[:, None, :] * stride_dxd,
+                 dxt.to(dx_ptr.dtype.element_ty), mask=m3)
+    c = tl.arange(0, BB)
+    wm = m2[:, :, None] & (c < b)[None, None, :]
+    off = split.to(tl.int64) * r * b * b + p[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
+    tl.store(db_ptr + off, acc.to(db_ptr.dtype.element_ty), mask=wm)
+
+
+def _strided_plan(r: int, b: int, esize: int, n_tok: int):
+    """(G, BB, BN): blocks per program (runs of >= 32 bytes where the blocks' elements allow), padded b, tokens."""
+    bb = max(2, triton.next_power_of_2(b))
+    budget = ONEPASS_MAX_BLOCK_ELEMS * 2 // esize
+    g = max(1, min(max(1, 32 // esize), budget // (bb * bb), triton.next_power_of_2(r)))
+    g = 1 << (g.bit_length() - 1)
+    if _interpreting():
+        bn = max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
+    else:
+        bn = 16 if g * bb >= 512 or esize > 2 else (32 if g * bb >= 256 else 64)
+    return g, bb, bn
+
+
+def strided_step(x: torch.Tensor, B: torch.Tensor, out_strided: bool) -> torch.Tensor:
+    """``P_out^T diag(B) P x`` (``P_out = P`` when ``out_strided``, else I) with coalesced runs on the permuted side."""
+    r, b, _ = B.shape
+    d = r * b
+    lead, x2, y2 = _tokens_and_output(x, d)
+    n_tok = x2.shape[0]
+    if n_tok == 0:
+        return y2.reshape(*lead, d)
+    g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
+    n_pg = triton.cdiv(r, g)
+    n_tiles = triton.cdiv(n_tok, bn)
+    tiles = _loop_count(n_tiles, n_pg, 8 * _n_sm(x.device))
+    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
+    _strided_step_kernel[(n_pg * triton.cdiv(n_tiles, tiles),)](
+        x2, B.contiguous(), y2, n_tok, r, b, n_pg,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
+        num_warps=4 if g * bb * bn <= 8192 else 8,
+    )
+    return y2.reshape(*lead, d)
+
+
+def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_strided: bool):
+    """``(dx, dB)`` of :func:`strided_step` from one read of ``grad`` and ``x`` and one write of ``dx``."""
+    r, b, _ = B.shape
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n_tok = x2.shape[0]
+    dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
+    if n_tok == 0:
+        return dx2.reshape(x.shape), torch.zeros((r, b, b), dtype=B.dtype, device=x.device)
+    g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
+    n_pg = triton.cdiv(r, g)
+    n_tiles = triton.cdiv(n_tok, bn)
+    tiles = _loop_count(n_tiles, n_pg, 4 * _n_sm(x.device))
+    splits = triton.cdiv(n_tiles, tiles)
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    part = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
+    _strided_grad_kernel[(n_pg * splits,)](
+        g2, x2, B.contiguous(), dx2, part, n_tok, r, b, n_pg,
+        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1),
+        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
+        num_warps=4 if g * bb * bn <= 8192 else 8,
+    )
+    return dx2.reshape(x.shape), part.sum(0).to(B.dtype)
