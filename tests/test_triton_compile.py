@@ -71,6 +71,26 @@ def _configs():
             out.append((name, G._onepass_bwd_kernel,
                         {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "l_ptr": "*fp32", "r_ptr": "*fp32", "dx_ptr": ptr[dt],
                          "dl_ptr": "*fp32", "dr_ptr": "*fp32"}, c, G._onepass_warps(plan, bn)))
+    # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
+    esz = {tl.bfloat16: 2, tl.float32: 4}
+    for b, r, dt, grad in [(64, 64, tl.bfloat16, False), (64, 64, tl.bfloat16, True), (128, 32, tl.bfloat16, True),
+                           (64, 64, tl.float32, True), (8, 512, tl.bfloat16, True), (128, 128, tl.float32, True)]:
+        old = G._interpreting
+        G._interpreting = lambda: False
+        try:
+            g, bb, bn = G._strided_plan(r, b, esz[dt], 1 << 20)
+        finally:
+            G._interpreting = old
+        c = dict(TILES=4, OUT_STRIDED=True, G=g, BB=bb, BN=bn, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC=tl.float32,
+                 USE_DOT=bb >= 16)
+        name = f"strided_step{' grad' if grad else ''} b={b} G={g} {dt}"
+        if grad:
+            out.append((name, G._strided_grad_kernel, {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "w_ptr": "*fp32",
+                                                       "dx_ptr": ptr[dt], "db_ptr": "*fp32"},
+                        c, 4 if g * bb * bn <= 8192 else 8))
+        else:
+            out.append((name, G._strided_step_kernel, {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]},
+                        c, 4 if g * bb * bn <= 8192 else 8))
     for b in (3, 32):
         bb, bbd = C._pad(b, dot=False), C._pad(b, dot=True)
         out.append((f"cayley_exact b={b}", C._cayley_exact_kernel, {"k_ptr": "*fp32", "q_ptr": "*fp32"},

@@ -869,6 +869,10 @@ def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R:
 # contiguous run t[q*r + p0 : q*r + p0 + G].  With G*element size >= 32 bytes every sector it
 # touches is fully used, where one block per program would touch one sector per element.
 
+# block elements of the G blocks a program holds (sm_90 shared memory, checked by compiling)
+STRIDED_MAX_BLOCK_ELEMS = {2: 65536, 4: 16384, 8: 8192}
+
+
 @triton.jit
 def _strided_index(pg, r, b, G: tl.constexpr, BB: tl.constexpr, OUT_STRIDED: tl.constexpr):
     g = tl.arange(0, G)
@@ -944,7 +948,7 @@ def _strided_grad_kernel(
 def _strided_plan(r: int, b: int, esize: int, n_tok: int):
     """(G, BB, BN): blocks per program (runs of >= 32 bytes where the blocks' elements allow), padded b, tokens."""
     bb = max(2, triton.next_power_of_2(b))
-    budget = ONEPASS_MAX_BLOCK_ELEMS * 2 // esize
+    budget = STRIDED_MAX_BLOCK_ELEMS[esize]
     g = max(1, min(max(1, 32 // esize), budget // (bb * bb), triton.next_power_of_2(r)))
     g = 1 << (g.bit_length() - 1)
     if _interpreting():
