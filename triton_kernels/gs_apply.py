@@ -811,10 +811,10 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
     plan_bytes = dot_bytes(x.dtype, L.dtype)
     plan = onepass_plan(r, b, plan_bytes)
     if plan is None:
-        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on chip "
-                         f"(ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS}"
-                         f" for {plan_bytes}-byte dot inputs);"
-                         f" use the two-launch path")
+        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on "
+                         f"chip (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, "
+                         f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS} for {plan_bytes}-byte dot inputs); "
+                         f"use the two-launch path")
     d = r * b
     lead, x2, y2 = _tokens_and_output(x, d)
     n_tok = x2.shape[0]
