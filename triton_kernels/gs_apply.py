@@ -787,10 +787,21 @@ def _onepass_warps(plan: _OnePassPlan, block_n: int) -> int:
     return 4 if elems <= 8192 else (8 if elems <= 16384 else 16)
 
 
-def _onepass_launch_plan(plan: _OnePassPlan, n_tok: int, want_programs: int):
+def _min_tiles_for_partials(b: int, block_n: int, n_tiles: int, n_groups: int, n_sm: int) -> int:
+    """Token tiles per program of a block-gradient kernel: up to ``16 b`` tokens, so that the per-program
+    partial sums (one factor's blocks of the super group) stay small against the activations read, but
+    never so many that fewer programs than SMs remain."""
+    want = triton.next_power_of_2(triton.cdiv(16 * b, block_n))
+    fill = max(1, (n_groups * n_tiles) // max(n_sm, 1))
+    return min(triton.next_power_of_2(n_tiles), want, 1 << (fill.bit_length() - 1))
+
+
+def _onepass_launch_plan(plan: _OnePassPlan, n_tok: int, want_programs: int, n_sm: int = 1, grads: bool = False):
     block_n = _onepass_block_n(plan, n_tok)
     n_tiles = triton.cdiv(n_tok, block_n)
     per = _loop_count(n_tiles, plan.n_super, want_programs)
+    if grads and not _interpreting():
+        per = max(per, _min_tiles_for_partials(plan.bb, block_n, n_tiles, plan.n_super, n_sm))
     return block_n, per, triton.cdiv(n_tiles, per)
 
 
@@ -845,7 +856,7 @@ def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R:
     if n_tok == 0:
         z = torch.zeros((r, b, b), dtype=L.dtype, device=x.device)
         return dx2.reshape(x.shape), z, z.clone().to(R.dtype)
-    block_n, tiles, splits = _onepass_launch_plan(plan, n_tok, 4 * _n_sm(x.device))
+    block_n, tiles, splits = _onepass_launch_plan(plan, n_tok, 4 * _n_sm(x.device), _n_sm(x.device), grads=True)
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     dl = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
     dr = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
@@ -993,6 +1004,8 @@ def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_
     n_pg = triton.cdiv(r, g)
     n_tiles = triton.cdiv(n_tok, bn)
     tiles = _loop_count(n_tiles, n_pg, 4 * _n_sm(x.device))
+    if not _interpreting():
+        tiles = max(tiles, _min_tiles_for_partials(bb, bn, n_tiles, n_pg, _n_sm(x.device)))
     splits = triton.cdiv(n_tiles, tiles)
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     part = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
