@@ -9,6 +9,7 @@
 #include "include/gsops/block_math.cuh"
 #include "include/gsops/dtype.cuh"
 #include "include/gsops/kernels.h"
+#include "include/gsops/launch.cuh"
 
 namespace gsops {
 namespace {
@@ -72,7 +73,7 @@ cudaError_t cayley_forward(DType dt, const void* K, float* M, void* Q, int64_t n
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = cayley_forward_kernel<T>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t err = ensure_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     kernel<<<(unsigned)n_mats, threads_for(b), smem, stream>>>(static_cast<const T*>(K), M, static_cast<T*>(Q), b);
     return cudaGetLastError();
@@ -87,7 +88,7 @@ cudaError_t cayley_backward(DType dt, const float* M, const void* G, void* dK, i
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = cayley_backward_kernel<T>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t err = ensure_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     kernel<<<(unsigned)n_mats, threads_for(b), smem, stream>>>(M, static_cast<const T*>(G), static_cast<T*>(dK), b);
     return cudaGetLastError();

@@ -14,6 +14,7 @@
 #include "include/gsops/block_math.cuh"
 #include "include/gsops/dtype.cuh"
 #include "include/gsops/kernels.h"
+#include "include/gsops/launch.cuh"
 
 namespace gsops {
 namespace {
@@ -136,7 +137,7 @@ cudaError_t conv_exp_forward(DType dt, const void* x, const float* w, void* y, f
     if (fused) {
       const size_t smem = fused_smem(s);
       auto kernel = conv_exp_fused_kernel<T>;
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      cudaError_t err = ensure_dynamic_smem(kernel, smem);
       if (err != cudaSuccess) return err;
       kernel<<<(unsigned)(s.N * s.groups), kThreads, smem, stream>>>(
           static_cast<const T*>(x), w, static_cast<T*>(y), s.C, s.H, s.W, s.groups, s.kh, s.kw, terms, adjoint);

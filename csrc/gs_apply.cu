@@ -18,6 +18,7 @@
 #include "include/gsops/dtype.cuh"
 #include "include/gsops/gs_tiles.cuh"
 #include "include/gsops/kernels.h"
+#include "include/gsops/launch.cuh"
 
 namespace gsops {
 namespace {
@@ -134,10 +135,8 @@ bool mma_enabled(int b) {
     return v != nullptr && v[0] != '\0' && v[0] != '0';
   }();
   if (disabled || b % 16 != 0) return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  int major = 0;
+  return current_cc_major(&major) == cudaSuccess && major >= 8;
 }
 
 bool valid_modes(int in_mode, int out_mode) {
@@ -160,7 +159,7 @@ cudaError_t block_diag_perm(DType dt, const void* x, const float* blocks, void* 
       if (mma_enabled(b)) {
         auto kernel = block_diag_perm_mma_kernel<T>;
         const size_t smem_mma = sizeof(float) * kMmaTile * b + sizeof(T) * ((size_t)b * b + (size_t)kMmaTile * b);
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_mma);
+        cudaError_t err = ensure_dynamic_smem(kernel, smem_mma);
         if (err != cudaSuccess) return err;
         const int64_t grid_mma = ceil_div(n_tokens, kMmaTile) * r;
         kernel<<<(unsigned)grid_mma, kMmaWarps * 32, smem_mma, stream>>>(
@@ -169,7 +168,7 @@ cudaError_t block_diag_perm(DType dt, const void* x, const float* blocks, void* 
       }
     }
     auto kernel = block_diag_perm_kernel<T>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t err = ensure_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     kernel<<<(unsigned)grid, kThreads, smem, stream>>>(static_cast<const T*>(x), blocks, static_cast<T*>(y), n_tokens,
                                                        r, b, tile, in_mode, out_mode, transpose_blocks);
@@ -187,7 +186,7 @@ cudaError_t block_diag_perm_grad_blocks(DType dt, const void* dy, const void* x,
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = block_grad_kernel<T>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t err = ensure_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     kernel<<<(unsigned)grid, kThreads, smem, stream>>>(static_cast<const T*>(dy), static_cast<const T*>(x), dB_acc,
                                                        n_tokens, r, b, in_mode, out_mode);

@@ -22,6 +22,7 @@ def report() -> str:
     except ImportError:
         lines.append("triton: not installed")
     lines.append(f"GSOPS_BACKEND={dispatch.requested()}")
+    lines.append(f"auto on CUDA tensors: {' > '.join(dispatch.AUTO_ORDER)} ({dispatch.AUTO_ORDER_REASON})")
     lines.append("backends:")
     for name, (ok, reason) in backends.status().items():
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {reason}")

@@ -13,3 +13,11 @@ def test_info_reports_versions_and_backend_reasons():
     # the reference path is always there; an unavailable backend always says why
     assert backends.status()["torch"][0]
     assert all(reason for ok, reason in backends.status().values())
+
+
+def test_info_says_auto_order_and_why():
+    from gsops.ops import dispatch
+
+    out = subprocess.run([sys.executable, "-m", "gsops.info"], capture_output=True, text=True, check=True).stdout
+    assert dispatch.AUTO_ORDER.index("triton") < dispatch.AUTO_ORDER.index("cuda")
+    assert f"auto on CUDA tensors: triton > cuda > torch ({dispatch.AUTO_ORDER_REASON})" in out

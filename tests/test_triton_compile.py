@@ -22,7 +22,7 @@ def _configs():
     import triton_kernels.cayley as C
     import triton_kernels.gs_apply as G
 
-    ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+    ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
     out = []
     for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0)]:
         bb, g = G._tiling(b)
@@ -44,6 +44,53 @@ def _configs():
         out.append((f"gsoft_fused b={b} super={sup}", G._gsoft_fused_kernel,
                     {"x_ptr": "*bf16", "l_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*bf16", "scratch_ptr": "*bf16"},
                     c, 4))
+    # one-pass GS apply: band tilings (b | r), whole-row tilings (gather), b < 16 (no tensor-core dot),
+    # the fused backward and the two backward kernels of larger tiles
+    for b, r, dt, kind in [(16, 32, tl.bfloat16, "fwd"), (16, 32, tl.bfloat16, "bwd"), (8, 16, tl.float16, "fwd"),
+                           (32, 64, tl.bfloat16, "fwd"), (32, 64, tl.bfloat16, "dx"), (32, 64, tl.bfloat16, "grads"),
+                           (24, 32, tl.bfloat16, "fwd"), (24, 32, tl.bfloat16, "grads"), (24, 8, tl.float32, "bwd"),
+                           (16, 32, tl.float32, "fwd"), (24, 4, tl.float64, "bwd")]:
+        plan = G.onepass_plan(r, b, {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}[dt])
+        assert plan is not None and (kind != "bwd" or plan.fused_backward)
+        old = G._interpreting
+        G._interpreting = lambda: False
+        try:
+            bn = G._onepass_block_n(plan, 1 << 20)
+        finally:
+            G._interpreting = old
+        c = dict(TILES=4, BAND=plan.band, LINEAR_OUT=False, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=dt,
+                 IEEE=dt in (tl.float32, tl.float64), ACC=tl.float64 if dt == tl.float64 else tl.float32,
+                 USE_DOT=plan.bb >= 16)
+        name = f"gs_onepass {kind} b={b} r={r} {'band' if plan.band else 'rows'} {dt}"
+        if kind == "fwd":
+            out.append((name, G._onepass_fwd_kernel,
+                        {"x_ptr": ptr[dt], "l_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": ptr[dt]},
+                        c, G._onepass_warps(plan, bn)))
+        else:
+            c.update(WITH_DX=kind != "grads", WITH_GRADS=kind != "dx")
+            out.append((name, G._onepass_bwd_kernel,
+                        {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "l_ptr": "*fp32", "r_ptr": "*fp32", "dx_ptr": ptr[dt],
+                         "dl_ptr": "*fp32", "dr_ptr": "*fp32"}, c, G._onepass_warps(plan, bn)))
+    # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
+    esz = {tl.bfloat16: 2, tl.float32: 4}
+    for b, r, dt, grad in [(64, 64, tl.bfloat16, False), (64, 64, tl.bfloat16, True), (128, 32, tl.bfloat16, True),
+                           (64, 64, tl.float32, True), (8, 512, tl.bfloat16, True), (128, 128, tl.float32, True)]:
+        old = G._interpreting
+        G._interpreting = lambda: False
+        try:
+            g, bb, bn = G._strided_plan(r, b, esz[dt], 1 << 20)
+        finally:
+            G._interpreting = old
+        c = dict(TILES=4, OUT_STRIDED=True, G=g, BB=bb, BN=bn, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC=tl.float32,
+                 USE_DOT=bb >= 16)
+        name = f"strided_step{' grad' if grad else ''} b={b} G={g} {dt}"
+        if grad:
+            out.append((name, G._strided_grad_kernel, {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "w_ptr": "*fp32",
+                                                       "dx_ptr": ptr[dt], "db_ptr": "*fp32"},
+                        c, 4 if g * bb * bn <= 8192 else 8))
+        else:
+            out.append((name, G._strided_step_kernel, {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]},
+                        c, 4 if g * bb * bn <= 8192 else 8))
     for b in (3, 32):
         bb, bbd = C._pad(b, dot=False), C._pad(b, dot=True)
         out.append((f"cayley_exact b={b}", C._cayley_exact_kernel, {"k_ptr": "*fp32", "q_ptr": "*fp32"},

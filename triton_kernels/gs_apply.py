@@ -1,6 +1,6 @@
 """Fused block-diagonal x permutation kernels for GS matrices (SPEC "GS matrices").
 
-One *step* computes ``y = P_out · diag(B_1..B_r) · P_in · x`` on the last
+The block steps below are the building block of the fallback paths.  One *step* computes ``y = P_out · diag(B_1..B_r) · P_in · x`` on the last
 dimension of ``x`` (``d = r*b``), where each of ``P_in`` / ``P_out`` is the
 identity or the GS permutation ``P = perm(r, d)``.  The permutations are never
 materialised: they are index arithmetic in the loads and stores.  With block
@@ -21,10 +21,14 @@ per token tile (programs = block groups x token splits; partial sums per split
 are added by torch, deterministically).  The backward recomputes the
 intermediate ``R x`` instead of saving it (activation memory).
 
-``gs_apply`` launches two steps (the intermediate ``R x`` makes one round trip
-through memory).  :func:`gs_apply_fused` does GSOFT in one launch, keeping the
-intermediate in a per-program slab sized for L2; it is opt-in
-(``GSOPS_TRITON_ONE_LAUNCH=1``) until timed on a GPU (``perf/bench_triton_kernels.py``).
+``gs_apply`` runs in one pass (:func:`gs_onepass`, at the end of this file: x read
+once, y written once, the permutation done on chip) whenever a super group fits on
+chip (:func:`onepass_plan`); otherwise, chosen before launch, it falls back to two
+steps (the intermediate ``R x`` makes one round trip through memory and the permuted
+side is strided: the slower path).  :func:`gs_apply_fused` (one launch, the
+intermediate in a per-program slab sized for L2, ``GSOPS_TRITON_ONE_LAUNCH=1``) is
+an older opt-in variant that the one-pass kernel supersedes; it moves the
+intermediate through the slab, so it is slower than :func:`gs_onepass` too.
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -347,7 +351,7 @@ def _forward(x, blocks, apply, keep=False):
     lay = _layouts(len(blocks), apply)
     acts = [x]
     for B, (ld, st) in zip(blocks, lay):
-        y = block_step(acts[-1], B, ld, st)
+        y = _step(acts[-1], B, ld, st)
         acts = acts + [y] if keep else [y]
     return acts if keep else acts[-1]
 
@@ -361,8 +365,23 @@ def _backward(grad, x, blocks, apply):
     g = grad
     for j in range(len(blocks) - 1, -1, -1):
         ld, st = lay[j]
-        g, grads[j] = block_grad(g, acts[j], r, b, st, ld, blocks[j].dtype, B=blocks[j])
+        g, grads[j] = _step_grad(g, acts[j], blocks[j], ld, st)
     return g, grads
+
+
+def _step(x, B, ld, st):
+    """One step; a permuted load goes through the coalesced :func:`strided_step`."""
+    if ld == STRIDED:
+        return strided_step(x, B, st == STRIDED)
+    return block_step(x, B, ld, st)
+
+
+def _step_grad(g, x, B, ld, st):
+    """``(dx, dB)`` of :func:`_step`."""
+    if ld == STRIDED:
+        return strided_step_grad(g, x, B, st == STRIDED)
+    r, b, _ = B.shape
+    return block_grad(g, x, r, b, st, ld, B.dtype, B=B)
 
 
 def block_diag_mm(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -376,12 +395,35 @@ def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor)
 
 
 def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
-    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads."""
-    return _forward(x, list(blocks), False)
+    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads.
+
+    The first two factors run in one pass (:func:`gs_onepass` with ``linear_out``) when the shape
+    has a one-pass plan; each further factor is one block step (one more round trip).
+    """
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    if len(blocks) >= 2 and onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is not None:
+        y = gs_onepass(x, blocks[1], blocks[0], linear_out=True)
+        for B in blocks[2:]:
+            y = _step(y, B, STRIDED, LINEAR)
+        return y
+    return _forward(x, blocks, False)
 
 
 def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
-    return _backward(grad, x, list(blocks), False)
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    if len(blocks) < 2 or onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is None:
+        return _backward(grad, x, blocks, False)
+    acts = [gs_onepass(x, blocks[1], blocks[0], linear_out=True)] if len(blocks) > 2 else []
+    for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
+        acts.append(_step(acts[-1], B, STRIDED, LINEAR))
+    grads = [None] * len(blocks)
+    g = grad
+    for j in range(len(blocks) - 1, 1, -1):
+        g, grads[j] = _step_grad(g, acts[j - 2], blocks[j], STRIDED, LINEAR)
+    g, grads[1], grads[0] = gs_onepass_backward(g, x, blocks[1], blocks[0], linear_out=True)
+    return g, grads
 
 
 def _use_one_launch(b: int) -> bool:
@@ -390,13 +432,21 @@ def _use_one_launch(b: int) -> bool:
 
 
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """GSOFT's ``P^T L P R x``: two fused steps, P in the second step's loads and P^T in its stores."""
-    if _use_one_launch(R.shape[1]):
+    """GSOFT's ``P^T L P R x``: one pass (:func:`gs_onepass`) when the shape has a one-pass plan, else
+    two block steps (P in the second step's loads and P^T in its stores; the intermediate ``R x``
+    makes one round trip through memory)."""
+    r, b, _ = R.shape
+    if _use_one_launch(b):
         return gs_apply_fused(x, L, R)
+    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
+        return gs_onepass(x, L, R)
     return _forward(x, [R, L], True)
 
 
 def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
+    r, b, _ = R.shape
+    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
+        return gs_onepass_backward(grad, x, L, R)
     dx, (dR, dL) = _backward(grad, x, [R, L], True)
     return dx, dL, dR
 
@@ -473,9 +523,8 @@ SLAB_BUDGET_BYTES = 24 << 20  # all programs' slabs together, to stay inside a G
 def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``P^T L P R x`` in ONE launch (``b >= 16``); the intermediate lives in an L2-sized slab.
 
-    Same result as :func:`gs_apply` (``t`` is rounded to ``x``'s dtype in both).
-    Not the default yet: its speed against the two-launch path has not been
-    measured on a GPU (``perf/bench_triton_kernels.py`` times both).
+    Same result as :func:`gs_apply`. Opt-in only (``GSOPS_TRITON_ONE_LAUNCH=1``): the one-pass
+    kernel (:func:`gs_onepass`, the default) keeps the intermediate on chip instead.
     """
     r, b, _ = R.shape
     if b < 16:
@@ -514,3 +563,458 @@ def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.T
         DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=_num_warps(bb),
     )
     return y2.reshape(*lead, d)
+
+
+# ----------------------------------------------------------------------------- one-pass GS apply
+#
+# Structure of GSOFT's Q x = P^T L P R x with P = perm(r, d) (SPEC "Permutations"): write the
+# intermediate t = R x as a b x r matrix M[q, p] = t[q*r + p]; L-block p reads column p of M and
+# R-block j writes the run t[j*b : j*b + b], a run of b consecutive entries of M in row-major order.
+# * r % b == 0 ("band"): R-block j lies in row j // k, columns (j % k)*b ..+b (k = r/b), so the b
+#   R-blocks j = q*k + s (q < b) and the b L-blocks p = s*b + u (u < b) form a closed super group
+#   s whose input and output features are the same b runs of b: q*r + s*b + v.  On chip the
+#   permutation is a transpose of the (row, column) axes of the tile.
+# * otherwise the runs straddle rows and every R-block is connected to every L-block: a program
+#   owns all d features of its tokens and the permutation is a gather on chip.
+# A program loads a tile (rows, tokens, columns) of its super group (contiguous runs of b, or whole
+# token rows), applies the R-blocks (one batched dot over the rows), permutes on chip, applies the
+# L-blocks (one batched dot over the columns) and stores contiguous runs: x is read once and y
+# written once.  The backward recomputes R x the same way from one read of x and dy, writes dx
+# once, and accumulates the block gradients of L and R per program (token split); torch sums the
+# splits (deterministic, no atomics).
+
+# What a program holds on chip, bounded so that the kernels fit an sm_90 SM's 227 KiB of shared
+# memory (checked by compiling, tests/test_triton_compile.py), per byte size of the dot inputs
+# (2: fp16/bf16 data, 4: float32, 8: float64): padded features of a super group, block elements of
+# one factor's blocks in it, and the tile up to which the backward is one kernel (above it, dx and
+# the block gradients are two kernels: 4 activation passes instead of 3).
+ONEPASS_MAX_TILE = {2: 1024, 4: 256, 8: 128}
+ONEPASS_MAX_BLOCK_ELEMS = 32768
+ONEPASS_FUSED_BWD_TILE = {2: 256, 4: 256, 8: 128}
+
+
+class _OnePassPlan(NamedTuple):
+    band: bool       # closed b x b super groups (r % b == 0), else whole rows
+    n_rows: int      # R-blocks (= L-blocks) per super group
+    k: int           # r // b (band), 1 (whole rows)
+    row_stride: int  # feature distance of consecutive R-blocks of a super group: r (band), b (whole rows)
+    n_super: int     # super groups
+    nr: int          # padded n_rows
+    bb: int          # padded b
+    esize: int = 2   # bytes of a dot input on a GPU
+
+    @property
+    def fused_backward(self) -> bool:
+        return self.nr * self.bb <= ONEPASS_FUSED_BWD_TILE[self.esize]
+
+
+def dot_bytes(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
+    """Bytes of a ``tl.dot`` input on a GPU for these activations and blocks (see :func:`_dot_config`)."""
+    if torch.float64 in (x_dtype, w_dtype):
+        return 8
+    return 2 if x_dtype in _HALF else 4
+
+
+def onepass_plan(r: int, b: int, esize: int = 2) -> _OnePassPlan | None:
+    """The one-pass tiling of ``perm(r, r*b)``-GS matrices for dot inputs of ``esize`` bytes, or None when a
+    super group is too large to hold on chip (then :func:`gs_apply` uses the two-launch path)."""
+    bb = max(2, triton.next_power_of_2(b))
+    if r % b == 0:
+        plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb, esize)
+    else:
+        plan = _OnePassPlan(False, r, 1, b, 1, max(2, triton.next_power_of_2(r)), bb, esize)
+    fits = plan.nr * plan.bb <= ONEPASS_MAX_TILE[esize] and plan.nr * plan.bb * plan.bb <= ONEPASS_MAX_BLOCK_ELEMS
+    return plan if fits else None
+
+
+@triton.jit
+def _bmm(a, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Batched ``a @ w`` ([P, M, K] x [P, K, N] -> [P, M, N], ACC): tl.dot when all dims are >= 16, else FMAs."""
+    if USE_DOT:
+        out = _dot(a, w, IEEE, ACC)
+    else:
+        out = tl.sum(a[:, :, :, None].to(ACC) * w[:, None, :, :].to(ACC), axis=2)
+    return out
+
+
+@triton.jit
+def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+    """Per super group ``s``: rows ``j`` / in-block ``v`` aranges, input features ``fx[j, v]``, output features
+    ``fo[p, i]``, their masks, R-block ``rb[j]`` and L-block ``lb[p]`` indices, and the on-chip gathers
+    (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of ``(P t)_p[q]`` and ``to_rows[j*BB+u]``
+    = flat (p, q) position of ``t_j[u]``."""
+    j = tl.arange(0, NR)
+    v = tl.arange(0, BB)
+    rows_ok = j < n_rows
+    cols_ok = v < b
+    m2 = rows_ok[:, None] & cols_ok[None, :]
+    fx = (j[:, None] * row_stride + s * b + v[None, :]).to(tl.int64)          # x feature of (row j, entry v)
+    fo = (v[None, :] * r + s * b + j[:, None]).to(tl.int64)                   # y feature of (L-block p=j, entry i=v)
+    rb = (j * k + s).to(tl.int64)
+    lb = (s * b + j).to(tl.int64)
+    if BAND:
+        to_cols = j[:, None] * BB + v[None, :]
+        to_rows = to_cols
+    else:
+        f = v[None, :] * r + j[:, None]            # t position of (P t)_p[q] with p = j, q = v
+        to_cols = tl.where(m2, (f // b) * BB + f % b, 0)
+        f2 = j[:, None] * b + v[None, :]           # t position of t_j[u] with u = v
+        to_rows = tl.where(m2, (f2 % r) * BB + f2 // r, 0)
+    return j, v, m2, fx, fo, rb, lb, tl.reshape(to_cols, (NR * BB,)), tl.reshape(to_rows, (NR * BB,))
+
+
+@triton.jit
+def _onepass_blocks(w_ptr, blk, b, m2, TRANS: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+    """``W[j, c, e] = B_{blk[j]}[e, c]`` ([NR, BB, BB], zero outside the blocks): ``a @ W`` applies ``B`` per row;
+    with ``TRANS`` ``W[j, c, e] = B_{blk[j]}[c, e]`` (applies ``B^T``)."""
+    c = tl.arange(0, BB)
+    if TRANS:
+        off = blk[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
+    else:
+        off = blk[:, None, None] * b * b + c[None, None, :] * b + c[None, :, None]
+    msk = m2[:, :, None] & (c < b)[None, None, :]
+    return tl.load(w_ptr + off, mask=msk, other=0.0)
+
+
+@triton.jit
+def _onepass_move(t, idx, m2, BAND: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr):
+    """``t`` [NR, BN, BB] with (row, column) swapped: a transpose (band) or the gather ``idx`` (whole rows)."""
+    if BAND:
+        out = tl.permute(t, (2, 1, 0))
+    else:
+        flat = tl.reshape(tl.permute(t, (1, 0, 2)), (BN, NR * BB))
+        g = tl.gather(flat, tl.broadcast_to(idx[None, :], (BN, NR * BB)), axis=1)
+        out = tl.permute(tl.reshape(g, (BN, NR, BB)), (1, 0, 2))
+        out = tl.where(m2[:, None, :], out, 0.0)
+    return out
+
+
+@triton.jit
+def _onepass_fwd_kernel(
+    x_ptr, l_ptr, r_ptr, y_ptr,
+    N, r, b, k, row_stride, n_rows, n_super,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
+    NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = P^T L P R x`` (or ``L P R x`` with ``LINEAR_OUT``) for one super group x ``TILES`` token tiles."""
+    pid = tl.program_id(0)
+    s = pid % n_super
+    pid_n = pid // n_super
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
+    if LINEAR_OUT:
+        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w2 = _onepass_blocks(l_ptr, lb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (pid_n * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+        tt = _bmm(xt.to(DOT_DTYPE), w1, USE_DOT, IEEE, ACC)                      # [j, n, u]: R x
+        a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: P R x
+        z = _bmm(a, w2, USE_DOT, IEEE, ACC)                                       # [p, n, i]
+        tl.store(y_ptr + n64[None, :, None] * stride_yn + fo[:, None, :] * stride_yd,
+                 z.to(y_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def _onepass_bwd_kernel(
+    g_ptr, x_ptr, l_ptr, r_ptr, dx_ptr, dl_ptr, dr_ptr,
+    N, r, b, k, row_stride, n_rows, n_super,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
+    TILES: tl.constexpr, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
+    NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    WITH_DX: tl.constexpr = True, WITH_GRADS: tl.constexpr = True,
+):
+    """dx (``WITH_DX``) and this token split's partial dL, dR ([split, r, b, b], ``WITH_GRADS``) for one super
+    group.  Without ``WITH_GRADS`` it is the transposed one-pass apply ``dx = Q^T dy`` (x is not read)."""
+    pid = tl.program_id(0)
+    s = pid % n_super
+    split = pid // n_super
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
+    if LINEAR_OUT:
+        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
+    w1t = _onepass_blocks(r_ptr, rb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [j, u, v] = R_j[u, v]
+    w2t = _onepass_blocks(l_ptr, lb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [p, i, q] = L_p[i, q]
+    dl_acc = tl.zeros((NR, BB, BB), dtype=ACC)
+    dr_acc = tl.zeros((NR, BB, BB), dtype=ACC)
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (split * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fo[:, None, :] * stride_gd, mask=m3, other=0.0)
+        gz = gz.to(DOT_DTYPE)                                                     # [p, n, i]: dz = P dy
+        if WITH_GRADS:
+            xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+            xt = xt.to(DOT_DTYPE)
+            tt = _bmm(xt, w1, USE_DOT, IEEE, ACC)
+            a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)    # [p, n, q]: u = P R x
+            dl_acc += _bmm(tl.permute(gz, (0, 2, 1)), a, USE_DOT, IEEE, ACC)      # [p, i, q]
+        du = _bmm(gz, w2t, USE_DOT, IEEE, ACC)                                    # [p, n, q]: L^T dz
+        dt = _onepass_move(du.to(DOT_DTYPE), to_rows, m2, BAND, NR, BB, BN)       # [j, n, u]: P^T du
+        if WITH_GRADS:
+            dr_acc += _bmm(tl.permute(dt, (0, 2, 1)), xt, USE_DOT, IEEE, ACC)     # [j, u, v]
+        if WITH_DX:
+            dxt = _bmm(dt, w1t, USE_DOT, IEEE, ACC)                               # [j, n, v]: R^T dt
+            tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fx[:, None, :] * stride_dxd,
+                     dxt.to(dx_ptr.dtype.element_ty), mask=m3)
+    c = tl.arange(0, BB)
+    wm = m2[:, :, None] & (c < b)[None, None, :]
+    base = split.to(tl.int64) * r * b * b
+    inner = v[None, :, None] * b + c[None, None, :]
+    if WITH_GRADS:
+        tl.store(dl_ptr + base + lb[:, None, None] * b * b + inner, dl_acc.to(dl_ptr.dtype.element_ty), mask=wm)
+        tl.store(dr_ptr + base + rb[:, None, None] * b * b + inner, dr_acc.to(dr_ptr.dtype.element_ty), mask=wm)
+
+
+def _onepass_block_n(plan: _OnePassPlan, n_tok: int) -> int:
+    if _interpreting():
+        return max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
+    feats = plan.nr * plan.bb
+    if plan.esize > 2:
+        return 16
+    return 64 if feats <= 256 else (32 if feats <= 512 else 16)
+
+
+def _onepass_warps(plan: _OnePassPlan, block_n: int) -> int:
+    elems = plan.nr * plan.bb * block_n
+    return 4 if elems <= 8192 else (8 if elems <= 16384 else 16)
+
+
+def _min_tiles_for_partials(b: int, block_n: int, n_tiles: int, n_groups: int, n_sm: int) -> int:
+    """Token tiles per program of a block-gradient kernel: up to ``16 b`` tokens, so that the per-program
+    partial sums (one factor's blocks of the super group) stay small against the activations read, but
+    never so many that fewer programs than SMs remain."""
+    want = triton.next_power_of_2(triton.cdiv(16 * b, block_n))
+    fill = max(1, (n_groups * n_tiles) // max(n_sm, 1))
+    return min(triton.next_power_of_2(n_tiles), want, 1 << (fill.bit_length() - 1))
+
+
+def _onepass_launch_plan(plan: _OnePassPlan, n_tok: int, want_programs: int, n_sm: int = 1, grads: bool = False):
+    block_n = _onepass_block_n(plan, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    per = _loop_count(n_tiles, plan.n_super, want_programs)
+    if grads and not _interpreting():
+        per = max(per, _min_tiles_for_partials(plan.bb, block_n, n_tiles, plan.n_super, n_sm))
+    return block_n, per, triton.cdiv(n_tiles, per)
+
+
+def _onepass_consts(plan, x, w, linear_out, block_n, tiles):
+    dot_dtype, ieee = _dot_config(x.dtype, w.dtype)
+    return dict(TILES=tiles, BAND=plan.band, LINEAR_OUT=linear_out, NR=plan.nr, BB=plan.bb, BN=block_n,
+                DOT_DTYPE=dot_dtype, IEEE=ieee, ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32,
+                USE_DOT=plan.bb >= 16, num_warps=_onepass_warps(plan, block_n))
+
+
+def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bool = False) -> torch.Tensor:
+    """``P^T L P R x`` (``L P R x`` with ``linear_out``) in one pass: x read once, y written once.
+
+    Raises ValueError when the shape has no one-pass plan (:func:`onepass_plan`); :func:`gs_apply`
+    picks the two-launch path for those before launching.
+    """
+    r, b, _ = R.shape
+    plan_bytes = dot_bytes(x.dtype, L.dtype)
+    plan = onepass_plan(r, b, plan_bytes)
+    if plan is None:
+        raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on "
+                         f"chip (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, "
+                         f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS} for {plan_bytes}-byte dot inputs); "
+                         f"use the two-launch path")
+    d = r * b
+    lead, x2, y2 = _tokens_and_output(x, d)
+    n_tok = x2.shape[0]
+    if n_tok == 0:
+        return y2.reshape(*lead, d)
+    block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
+    _onepass_fwd_kernel[(plan.n_super * progs,)](
+        x2, L.contiguous(), R.contiguous(), y2, n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
+    )
+    return y2.reshape(*lead, d)
+
+
+def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                        linear_out: bool = False):
+    """``(dx, dL, dR)`` of :func:`gs_onepass`: one read of ``x`` and ``grad`` and one write of ``dx`` (one
+    kernel) for tiles up to ``ONEPASS_FUSED_BWD_TILE`` features, else two kernels (dx from ``grad``; the
+    block gradients from ``x`` and ``grad``)."""
+    r, b, _ = R.shape
+    plan = onepass_plan(r, b, dot_bytes(x.dtype, L.dtype))
+    if plan is None:
+        raise ValueError(f"r={r}, b={b}: no one-pass plan for {dot_bytes(x.dtype, L.dtype)}-byte dot inputs "
+                         f"(ONEPASS_MAX_TILE, ONEPASS_MAX_BLOCK_ELEMS)")
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n_tok = x2.shape[0]
+    dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
+    if n_tok == 0:
+        z = torch.zeros((r, b, b), dtype=L.dtype, device=x.device)
+        return dx2.reshape(x.shape), z, z.clone().to(R.dtype)
+    block_n, tiles, splits = _onepass_launch_plan(plan, n_tok, 4 * _n_sm(x.device), _n_sm(x.device), grads=True)
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    dl = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    dr = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    args = (g2, x2, L.contiguous(), R.contiguous(), dx2, dl, dr,
+            n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+            g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1))
+    consts = _onepass_consts(plan, x, L, linear_out, block_n, tiles)
+    grid = (plan.n_super * splits,)
+    if plan.fused_backward:
+        _onepass_bwd_kernel[grid](*args, **consts)
+    else:  # two kernels: dx = Q^T dy (reads dy), then the block gradients (read x and dy)
+        _onepass_bwd_kernel[grid](*args, WITH_DX=True, WITH_GRADS=False, **consts)
+        _onepass_bwd_kernel[grid](*args, WITH_DX=False, WITH_GRADS=True, **consts)
+    return dx2.reshape(x.shape), dl.sum(0).to(L.dtype), dr.sum(0).to(R.dtype)
+
+
+# ----------------------------------------------------------------------------- coalesced permuted step
+#
+# The fallback's permuted step (used where a super group does not fit on chip): block p of P t is
+# t[q*r + p] (q < b), so a program that owns G consecutive blocks p0..p0+G-1 reads, for each q, the
+# contiguous run t[q*r + p0 : q*r + p0 + G].  With G*element size >= 32 bytes every sector it
+# touches is fully used, where one block per program would touch one sector per element.
+
+# block elements of the G blocks a program holds (sm_90 shared memory, checked by compiling)
+STRIDED_MAX_BLOCK_ELEMS = {2: 65536, 4: 16384, 8: 8192}
+
+
+@triton.jit
+def _strided_index(pg, r, b, G: tl.constexpr, BB: tl.constexpr, OUT_STRIDED: tl.constexpr):
+    g = tl.arange(0, G)
+    c = tl.arange(0, BB)
+    p = pg * G + g
+    m2 = (p < r)[:, None] & (c < b)[None, :]
+    fin = (c[None, :] * r + p[:, None]).to(tl.int64)          # feature of (block p, entry q) of P t
+    if OUT_STRIDED:
+        fout = fin                                            # y = P^T z
+    else:
+        fout = (p[:, None] * b + c[None, :]).to(tl.int64)     # y = z
+    return p.to(tl.int64), m2, fin, fout
+
+
+@triton.jit
+def _strided_step_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, r, b, n_pg,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, OUT_STRIDED: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = P_out^T diag(B) P x`` for G consecutive blocks x ``TILES`` token tiles (``P_out`` = P or I)."""
+    pid = tl.program_id(0)
+    pg = pid % n_pg
+    pid_n = pid // n_pg
+    p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
+    w = _onepass_blocks(w_ptr, p, b, m2, False, G, BB).to(DOT_DTYPE)   # [g, q, i] = B_p[i, q]
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (pid_n * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        z = _bmm(xt.to(DOT_DTYPE), w, USE_DOT, IEEE, ACC)                # [g, n, i]
+        tl.store(y_ptr + n64[None, :, None] * stride_yn + fout[:, None, :] * stride_yd,
+                 z.to(y_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def _strided_grad_kernel(
+    g_ptr, x_ptr, w_ptr, dx_ptr, db_ptr,
+    N, r, b, n_pg,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
+    TILES: tl.constexpr, OUT_STRIDED: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """Input gradient (stored under P, like the step's input) and this split's partial block gradients."""
+    pid = tl.program_id(0)
+    pg = pid % n_pg
+    split = pid // n_pg
+    p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
+    wt = _onepass_blocks(w_ptr, p, b, m2, True, G, BB).to(DOT_DTYPE)   # [g, i, q] = B_p[i, q]
+    acc = tl.zeros((G, BB, BB), dtype=ACC)
+    nn = tl.arange(0, BN)
+    for t in range(0, TILES):
+        n = (split * TILES + t) * BN + nn
+        n64 = n.to(tl.int64)
+        m3 = m2[:, None, :] & (n < N)[None, :, None]
+        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fout[:, None, :] * stride_gd, mask=m3, other=0.0)
+        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        gz = gz.to(DOT_DTYPE)
+        acc += _bmm(tl.permute(gz, (0, 2, 1)), xt.to(DOT_DTYPE), USE_DOT, IEEE, ACC)   # [g, i, q]
+        dxt = _bmm(gz, wt, USE_DOT, IEEE, ACC)                                           # [g, n, q]
+        tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fin[:, None, :] * stride_dxd,
+                 dxt.to(dx_ptr.dtype.element_ty), mask=m3)
+    c = tl.arange(0, BB)
+    wm = m2[:, :, None] & (c < b)[None, None, :]
+    off = split.to(tl.int64) * r * b * b + p[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
+    tl.store(db_ptr + off, acc.to(db_ptr.dtype.element_ty), mask=wm)
+
+
+def _strided_plan(r: int, b: int, esize: int, n_tok: int):
+    """(G, BB, BN): blocks per program (runs of >= 32 bytes where the blocks' elements allow), padded b, tokens."""
+    bb = max(2, triton.next_power_of_2(b))
+    budget = STRIDED_MAX_BLOCK_ELEMS[esize]
+    g = max(1, min(max(1, 32 // esize), budget // (bb * bb), triton.next_power_of_2(r)))
+    g = 1 << (g.bit_length() - 1)
+    if _interpreting():
+        bn = max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
+    else:
+        bn = 16 if g * bb >= 512 or esize > 2 else (32 if g * bb >= 256 else 64)
+    return g, bb, bn
+
+
+def strided_step(x: torch.Tensor, B: torch.Tensor, out_strided: bool) -> torch.Tensor:
+    """``P_out^T diag(B) P x`` (``P_out = P`` when ``out_strided``, else I) with coalesced runs on the permuted side."""
+    r, b, _ = B.shape
+    d = r * b
+    lead, x2, y2 = _tokens_and_output(x, d)
+    n_tok = x2.shape[0]
+    if n_tok == 0:
+        return y2.reshape(*lead, d)
+    g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
+    n_pg = triton.cdiv(r, g)
+    n_tiles = triton.cdiv(n_tok, bn)
+    tiles = _loop_count(n_tiles, n_pg, 8 * _n_sm(x.device))
+    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
+    _strided_step_kernel[(n_pg * triton.cdiv(n_tiles, tiles),)](
+        x2, B.contiguous(), y2, n_tok, r, b, n_pg,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
+        num_warps=4 if g * bb * bn <= 8192 else 8,
+    )
+    return y2.reshape(*lead, d)
+
+
+def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_strided: bool):
+    """``(dx, dB)`` of :func:`strided_step` from one read of ``grad`` and ``x`` and one write of ``dx``."""
+    r, b, _ = B.shape
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n_tok = x2.shape[0]
+    dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
+    if n_tok == 0:
+        return dx2.reshape(x.shape), torch.zeros((r, b, b), dtype=B.dtype, device=x.device)
+    g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
+    n_pg = triton.cdiv(r, g)
+    n_tiles = triton.cdiv(n_tok, bn)
+    tiles = _loop_count(n_tiles, n_pg, 4 * _n_sm(x.device))
+    if not _interpreting():
+        tiles = max(tiles, _min_tiles_for_partials(bb, bn, n_tiles, n_pg, _n_sm(x.device)))
+    splits = triton.cdiv(n_tiles, tiles)
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    part = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
+    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
+    _strided_grad_kernel[(n_pg * splits,)](
+        g2, x2, B.contiguous(), dx2, part, n_tok, r, b, n_pg,
+        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1),
+        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
+        num_warps=4 if g * bb * bn <= 8192 else 8,
+    )
+    return dx2.reshape(x.shape), part.sum(0).to(B.dtype)

@@ -1,7 +1,8 @@
 """One dispatch: picks the backend for an op from ``GSOPS_BACKEND`` and the tensors' device.
 
 ``GSOPS_BACKEND=auto`` (default) takes the best backend that runs on the
-device (cuda > triton > torch on CUDA tensors, torch on CPU) and says once,
+device (triton > cuda > torch on CUDA tensors, torch on CPU; :data:`AUTO_ORDER_REASON`
+says why) and says once,
 with the reason, when a CUDA tensor falls back to the reference path. A forced
 backend that cannot run raises :class:`~gsops.backends.BackendUnavailable`.
 """
@@ -20,7 +21,12 @@ _override: list[str] = []
 _warned: set = set()
 
 CHOICES = ("auto",) + backends.NAMES
-AUTO_ORDER = ("cuda", "triton", "torch")
+AUTO_ORDER = ("triton", "cuda", "torch")
+AUTO_ORDER_REASON = (
+    "triton before cuda: the one-pass Triton GS apply moves the minimal activation bytes (2T forward, "
+    "3-4T backward, python -m perf.traffic) where a super group fits on chip, the CUDA gs_apply is two "
+    "passes forward and five kernels backward (4T, 10T); no GPU has timed both yet"
+)
 
 
 def register(backend: str, op: str, fn) -> None:

@@ -1,0 +1,91 @@
+"""Access shape of the Triton GS kernels, counted by perf.traffic under the Triton interpreter.
+
+A regression in how a kernel touches memory (a strided side, an intermediate round trip, a
+second pass) changes these counts, so it fails here without a GPU.  Targets per op, activations
+only, against the minimum (forward: read x, write y; backward: read x and dy, write dx):
+forward <= 1.25x the sectors and <= 1.1x the bytes, backward <= 1.5x and <= 1.4x.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from perf import traffic  # noqa: E402
+
+FWD = (1.25, 1.1)
+BWD = (1.5, 1.4)
+
+
+@triton.jit
+def copy_kernel(x_ptr, y_ptr, STRIDE: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    v = tl.load(x_ptr + i * STRIDE)
+    tl.store(y_ptr + i, v)
+
+
+def test_counter_counts_sectors_and_bytes_of_a_strided_load():
+    """The counter itself: a contiguous copy touches each sector once, a strided gather one sector per element."""
+    x = torch.zeros(64 * 16, dtype=torch.float16)
+    y = torch.empty(64, dtype=torch.float16)
+    with traffic.count() as tr:
+        copy_kernel[(1,)](x, y, STRIDE=1, N=64)
+        copy_kernel[(1,)](x, y, STRIDE=16, N=64)
+    assert tr.launches == ["copy_kernel", "copy_kernel"]
+    contiguous, strided = tr.accesses[0], tr.accesses[2]
+    assert (contiguous.kind, contiguous.arg, contiguous.activation) == ("load", "x_ptr", True)
+    assert (contiguous.sectors, contiguous.bytes) == (4, 128)
+    assert (strided.sectors, strided.bytes) == (64, 128)
+    assert [a.sectors for a in tr.accesses if a.kind == "store"] == [4, 4]
+
+
+# (d, b): band tilings (b divides r) and whole-row tilings (it does not)
+SHAPES = [(256, 16), (1024, 32), (768, 24), (384, 32), (192, 64), (768, 32)]
+
+
+@pytest.mark.parametrize("d,b", SHAPES)
+def test_gs_apply_one_pass_meets_targets(d, b):
+    from triton_kernels.gs_apply import onepass_plan
+
+    fused = onepass_plan(d // b, b).fused_backward
+    fwd, bwd = traffic.measure("gs_apply", d, b, n_tokens=3)
+    assert fwd.launches == 1 and bwd.launches == (1 if fused else 2)
+    assert fwd.sector_ratio <= FWD[0] and fwd.byte_ratio <= FWD[1], (fwd.sector_ratio, fwd.byte_ratio)
+    assert bwd.sector_ratio <= BWD[0] and bwd.byte_ratio <= BWD[1], (bwd.sector_ratio, bwd.byte_ratio)
+    # every activation byte is moved once (the two-kernel backward reads dy twice: 4 passes of 3)
+    assert fwd.bytes == fwd.min_bytes and fwd.sectors == fwd.min_sectors
+    assert 3 * bwd.bytes == (3 if fused else 4) * bwd.min_bytes and 3 * bwd.sectors == (3 if fused else 4) * bwd.min_sectors
+
+
+def test_block_diag_mm_is_at_the_minimum():
+    fwd, bwd = traffic.measure("block_diag_mm", 256, 16, n_tokens=3)
+    assert fwd.sector_ratio == fwd.byte_ratio == 1.0
+    assert bwd.sector_ratio == bwd.byte_ratio == 1.0
+
+
+def test_two_launch_fallback_is_coalesced(monkeypatch):
+    """The two-launch fallback (used where a super group does not fit on chip) moves 2x the bytes
+    (the intermediate R x through memory) but its permuted side reads and writes whole sectors
+    (runs of G consecutive blocks); the block-per-program step would touch one 32-byte sector per
+    2-byte element there, and the counts see that too."""
+    import triton_kernels.gs_apply as G
+
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 2, 16)
+    fwd, bwd = traffic.measure("gs_apply", 256, 16, n_tokens=3)
+    assert fwd.launches == 2 and fwd.byte_ratio == 2.0 and fwd.sector_ratio == 2.0
+    assert bwd.launches == 3 and bwd.byte_ratio == 8 / 3 and bwd.sector_ratio == 8 / 3
+    x = torch.randn(3, 256, dtype=torch.float16)
+    B = torch.randn(16, 16, 16, dtype=torch.float16)
+    with traffic.count() as tr:
+        G.block_step(x, B, G.STRIDED, G.STRIDED)
+    s, by = tr.total(True)
+    assert by == 2 * x.numel() * 2 and s == 16 * 2 * x.numel() * 2 // 32  # 16x the sectors
+
+
+def test_gs_chain_two_factors_one_pass():
+    fwd, bwd = traffic.measure("gs_chain", 256, 16, n_tokens=3, m=2)
+    assert fwd.launches == 1 and bwd.launches == 1
+    assert fwd.sector_ratio <= FWD[0] and fwd.byte_ratio <= FWD[1]
+    assert bwd.sector_ratio <= BWD[0] and bwd.byte_ratio <= BWD[1]

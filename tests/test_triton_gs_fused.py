@@ -1,0 +1,209 @@
+"""The one-pass Triton GS kernels (triton_kernels.gs_apply.gs_onepass and its backward).
+
+Both tilings are covered: closed b x b super groups (``r % b == 0``, the permutation a transpose
+on chip) and whole rows (``r % b != 0``, a gather on chip), with odd token counts, b < 16 (no
+tensor-core dot), b not a power of two, r not a power of two, several token tiles per program and
+token splits.  Oracles: dense float64 matrices (tests/dense.py) for values and input gradients,
+the reference differentiated by torch autograd in float64 for block gradients.
+"""
+import numpy as np
+import pytest
+import torch
+
+import gsops
+from gsops import reference as ref
+from gsops.tolerances import tol
+
+from dense import gs_chain_matrix, gsoft_matrix, np64
+
+pytest.importorskip("triton")
+
+# (b, r, tokens)
+SHAPES = [
+    (24, 48, 5),   # band, b not a power of two, r = 2b
+    (8, 24, 7),    # band, b < 16, r = 3b (not a power of two)
+    (16, 16, 3),   # band with one super group (r = b)
+    (4, 12, 33),   # band, k = 3 super groups, b < 16
+    (24, 4, 9),    # whole rows, r < b, b not a power of two
+    (8, 12, 11),   # whole rows, b does not divide r
+    (32, 6, 17),   # whole rows, r not a power of two
+    (5, 7, 3),     # whole rows, both odd
+]
+
+
+@pytest.fixture
+def float64_big_tiles(monkeypatch):
+    """float64 tiles as large as the half-precision ones: the on-chip limits are a GPU resource rule
+    (smaller for wider dot inputs); the arithmetic is checked in float64 on every tiling."""
+    from triton_kernels import gs_apply as G
+
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 8, G.ONEPASS_MAX_TILE[2])
+    monkeypatch.setitem(G.ONEPASS_FUSED_BWD_TILE, 8, G.ONEPASS_FUSED_BWD_TILE[2])
+
+
+def _blocks(r, b, dtype=torch.float64):
+    return torch.randn(r, b, b, dtype=torch.float64).to(dtype)
+
+
+def _grads_float64(fn, x, blocks, g):
+    leaves = [t.detach().double().requires_grad_() for t in (x, *blocks)]
+    fn(*leaves).backward(g.double())
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("b,r,n", SHAPES)
+def test_onepass_plan_covers_shape(b, r, n):
+    from triton_kernels.gs_apply import onepass_plan
+
+    plan = onepass_plan(r, b)  # 2-byte dot inputs
+    assert plan is not None and plan.band == (r % b == 0)
+    # every feature belongs to exactly one super group, on the input and on the output side
+    feats_in, feats_out = [], []
+    for s in range(plan.n_super):
+        for j in range(plan.n_rows):
+            for v in range(b):
+                feats_in.append(j * plan.row_stride + s * b + v)
+                feats_out.append(v * r + s * b + j)
+    assert sorted(feats_in) == list(range(r * b)) == sorted(feats_out)
+
+
+@pytest.mark.parametrize("b,r,n", SHAPES)
+def test_onepass_forward_backward_float64(b, r, n, float64_big_tiles):
+    from triton_kernels import gs_apply as G
+
+    L, R = _blocks(r, b), _blocks(r, b)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    g = torch.randn(n, r * b, dtype=torch.float64)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(G.gs_onepass(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
+    dx, dL, dR = G.gs_onepass_backward(g, x, L, R)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
+    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
+    torch.testing.assert_close(dL, rL, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(dR, rR, rtol=1e-11, atol=1e-11)
+    # linear output layout: the two-factor chain L P R x
+    C = gs_chain_matrix([np64(R), np64(L)])
+    torch.testing.assert_close(G.gs_onepass(x, L, R, linear_out=True), torch.from_numpy(np64(x) @ C.T),
+                               rtol=1e-11, atol=1e-11)
+    dx, dL, dR = G.gs_onepass_backward(g, x, L, R, linear_out=True)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ C), rtol=1e-11, atol=1e-11)
+    _, rR, rL = _grads_float64(lambda x, a, c: ref.gs_chain(x, [a, c]), x, (R, L), g)
+    torch.testing.assert_close(dL, rL, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(dR, rR, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,r", [(24, 48), (8, 12), (16, 2)])
+def test_onepass_dtypes_through_public_ops(dtype, b, r):
+    """gs_apply on the triton backend (the one-pass kernel) in each dtype against the float32 reference."""
+    torch.manual_seed(1)
+    L = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
+    R = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
+    x = torch.randn(13, r * b).to(dtype)
+    g = torch.randn(13, r * b).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_apply(*leaves)
+    y.backward(g)
+    assert y.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
+    ref_leaves = [t.float().requires_grad_() for t in (x, L, R)]
+    y_ref = ref.gs_apply(*ref_leaves)
+    y_ref.backward(g.float())
+    torch.testing.assert_close(y.float(), y_ref.detach(), **tol(dtype))
+    for mine, theirs in zip(leaves, ref_leaves):
+        scale = theirs.grad.abs().max()
+        torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+
+
+def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles):
+    """The GPU launch plan (several token tiles per program, token splits of the block gradients,
+    a ragged last tile) run under the interpreter by pretending not to interpret."""
+    import triton_kernels.gs_apply as G
+
+    monkeypatch.setattr(G, "_interpreting", lambda: False)
+    monkeypatch.setattr(G, "_n_sm", lambda device: 1)
+    b, r, n = 8, 16, 700  # band, 2 super groups; 11 token tiles of 64
+    block_n, tiles, progs = G._onepass_launch_plan(G.onepass_plan(r, b, 8), n, 4)
+    assert tiles > 1 and progs > 1 and n % block_n and (tiles * progs - 1) * block_n >= n  # an empty last tile too
+    L, R = _blocks(r, b), _blocks(r, b)
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    g = torch.randn(n, r * b, dtype=torch.float64)
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(G.gs_onepass(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
+    dx, dL, dR = G.gs_onepass_backward(g, x, L, R)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
+    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
+    torch.testing.assert_close(dL, rL, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dR, rR, rtol=1e-10, atol=1e-10)
+
+
+def test_onepass_non_contiguous_and_empty(float64_big_tiles):
+    from triton_kernels import gs_apply as G
+
+    b, r = 8, 12
+    L, R = _blocks(r, b), _blocks(r, b)
+    base = torch.randn(r * b, 10, dtype=torch.float64)
+    x = base.t()[::2]  # (5, 96) with strides (2, 10): features not contiguous
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(G.gs_onepass(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
+    e = torch.empty(0, r * b, dtype=torch.float64)
+    assert G.gs_onepass(e, L, R).shape == (0, r * b)
+    dx, dL, dR = G.gs_onepass_backward(e, e, L, R)
+    assert dx.shape == (0, r * b) and not dL.any() and not dR.any()
+
+
+def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
+    from triton_kernels import gs_apply as G
+
+    b, r = 128, 128  # a 128 x 128 super group does not fit on chip
+    assert G.onepass_plan(r, b) is None
+    with pytest.raises(ValueError, match="ONEPASS_MAX_TILE"):
+        G.gs_onepass(torch.randn(1, r * b), torch.randn(r, b, b), torch.randn(r, b, b))
+    assert G.onepass_plan(48, 96) is None  # whole rows of 48 x 96 features, padded to 64 x 128: too big as well
+    monkeypatch.setitem(G.ONEPASS_MAX_TILE, 8, 64)  # the two-launch path, checked on a small float64 shape
+    b, r = 8, 12
+    assert G.onepass_plan(r, b, 8) is None and G.onepass_plan(r, b) is not None
+    x = torch.randn(2, r * b, dtype=torch.float64)
+    L, R = _blocks(r, b), _blocks(r, b)
+    A = gsoft_matrix(np64(L), np64(R))
+    g = torch.randn(2, r * b, dtype=torch.float64)
+    with gsops.use_backend("triton"):
+        torch.testing.assert_close(G.gs_apply(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-10, atol=1e-10)
+        dx, dL, dR = G.gs_apply_backward(g, x, L, R)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-10, atol=1e-10)
+    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
+    torch.testing.assert_close(dL, rL, rtol=1e-10, atol=1e-10)
+
+
+def test_plan_limits_by_dot_input_size():
+    """Which shapes run in one pass on a GPU (compile-checked limits): half data up to 1024 padded
+    features, float32 up to 256, float64 up to 128; the backward splits above 256 (half, float32)."""
+    from triton_kernels.gs_apply import dot_bytes, onepass_plan
+
+    assert dot_bytes(torch.bfloat16, torch.float32) == 2 and dot_bytes(torch.float32, torch.float32) == 4
+    assert dot_bytes(torch.float16, torch.float64) == 8
+    assert onepass_plan(128, 32).band and not onepass_plan(128, 32).fused_backward  # d=4096, b=32
+    assert onepass_plan(256, 16).fused_backward                                   # d=4096, b=16
+    assert onepass_plan(32, 24) is not None and onepass_plan(24, 32) is not None   # d=768 whole rows
+    assert onepass_plan(64, 64) is None and onepass_plan(12, 64) is None           # b=64: two launches
+    assert onepass_plan(256, 16, 4).fused_backward and onepass_plan(128, 32, 4) is None
+    assert onepass_plan(256, 16, 8) is None and onepass_plan(24, 8, 8).fused_backward
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_gs_chain_uses_onepass_pair(m, float64_big_tiles):
+    b, r, n = 8, 12, 5
+    blocks = [_blocks(r, b) for _ in range(m)]
+    x = torch.randn(n, r * b, dtype=torch.float64)
+    g = torch.randn(n, r * b, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, *blocks)]
+    with gsops.use_backend("triton"):
+        y = gsops.gs_chain(leaves[0], leaves[1:])
+    y.backward(g)
+    C = gs_chain_matrix([np64(B) for B in blocks])
+    torch.testing.assert_close(y.detach(), torch.from_numpy(np64(x) @ C.T), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(leaves[0].grad, torch.from_numpy(np64(g) @ C), rtol=1e-11, atol=1e-11)
+    theirs = _grads_float64(lambda x, *bl: ref.gs_chain(x, list(bl)), x, blocks, g)
+    for mine, t in zip(leaves[1:], theirs[1:]):
+        torch.testing.assert_close(mine.grad, t, rtol=1e-11, atol=1e-11)
+    assert np.isfinite(C).all()
