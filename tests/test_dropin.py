@@ -103,23 +103,34 @@ def test_transformer_encoder_fast_path_keeps_the_adapter(method):
     mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
     gsops.apply_(enc, config_for(method, target_modules=["linear1", "linear2"]), verbose=False)
     perturb_(enc)
-    enc.eval()
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return fused(*args, **kw)
+
     for kw in ({}, {"src_key_padding_mask": mask}):
-        with torch.enable_grad():
-            y_grad = enc(x, **kw)
-        with torch.no_grad():
-            y_nograd = enc(x, **kw)
-        keep = ~mask[..., None].expand_as(y_grad) if kw else torch.ones_like(y_grad, dtype=torch.bool)
-        torch.testing.assert_close(y_nograd[keep], y_grad.detach()[keep], **tol(torch.float32))
-        with torch.no_grad():  # the layer alone too (its own fast path)
-            torch.testing.assert_close(enc.layers[0](x), layer_forward_slow(enc.layers[0], x), **tol(torch.float32))
+        enc.train()  # dropout is 0: train mode is the reference, never the fused path
+        want = enc(x, **kw).detach()
+        enc.eval()
+        torch._transformer_encoder_layer_fwd = spy
+        try:
+            with torch.no_grad():
+                y_nograd = enc(x, **kw)
+            y_grad = enc(x, **kw)  # every base weight is frozen: eval with grad could fuse too
+            with torch.no_grad():
+                y_layer = enc.layers[0](x)
+        finally:
+            torch._transformer_encoder_layer_fwd = fused
+        keep = ~mask[..., None].expand_as(want) if kw else torch.ones_like(want, dtype=torch.bool)
+        torch.testing.assert_close(y_nograd[keep], want[keep], **tol(torch.float32))
+        torch.testing.assert_close(y_grad.detach()[keep], want[keep], **tol(torch.float32))
+        enc.train()
+        torch.testing.assert_close(y_layer, enc.layers[0](x).detach(), **tol(torch.float32))
+    assert not calls  # the fused path (which multiplies by linear1.weight itself) was never taken
     gsops.revert_(enc)
     assert enc.use_nested_tensor  # restored
-
-
-def layer_forward_slow(layer, x):
-    with torch.enable_grad():
-        return layer(x).detach()
 
 
 # ------------------------------------------------------------------ Conv1D and grouped Conv2d
