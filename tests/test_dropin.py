@@ -414,3 +414,11 @@ def test_torch_compile_adapted_model():
     torch.testing.assert_close(compiled(x), model(x), **tol(torch.float32))
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in gsops.trainable_parameters(model))
+
+
+def test_config_dict_with_search_pattern_list_still_reads():
+    """A config dict whose target list holds re.search patterns (an older format) reads as one fullmatch regex."""
+    cfg = gsops.AdapterConfig.from_dict({"method": "gsoft", "block_size": 4, "target_modules": ["^fc1$", r"\.q$"]})
+    assert isinstance(cfg.target_modules, str)
+    for name in ("fc1", "enc.q", "fc2", "enc.qq"):
+        assert bool(re.fullmatch(cfg.target_modules, name)) == bool(re.search("^fc1$", name) or re.search(r"\.q$", name))

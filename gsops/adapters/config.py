@@ -9,7 +9,7 @@ from torch import nn
 
 from ..checks import FLOAT_DTYPES, check_int
 from ..nn.adapters import CAYLEY_METHODS
-from .targets import ALL_LINEAR, normalise_targets, rule_matches
+from .targets import _NOT_IN_NAMES as _NOT_A_NAME, ALL_LINEAR, normalise_targets, rule_matches
 
 METHODS = ("gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu")
 ORTHOGONAL = ("gsoft", "double_gsoft", "oft", "boft")
@@ -131,6 +131,10 @@ class AdapterConfig:
                 continue
             if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
                 raise TypeError(f"{key} must be a string or a list of strings in a config dict, got {targets!r:.200}")
+            if any(_NOT_A_NAME.search(t) for t in targets) and not any(t.startswith("type:") for t in targets):
+                # written when list entries were re.search patterns: the same rule as one fullmatch regex
+                d[key] = "|".join(f"(?:.*(?:{t}).*)" for t in targets)
+                continue
             d[key] = [_type_from_string(t) if t.startswith("type:") else t for t in targets]
         return cls(**d)
 
