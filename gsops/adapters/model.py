@@ -186,6 +186,8 @@ def _apply(model, config=None, *, verbose=True, overrides=None):
         warnings.simplefilter("always")
         for name, _, _, layer, _ in targets:
             settings[name] = _layer_settings(name, layer, config, overrides.get(name))
+    for w in fitted:  # before any change: a warning turned into an error leaves the model as it was
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     model._gsops_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -206,8 +208,6 @@ def _apply(model, config=None, *, verbose=True, overrides=None):
             nested.append(enc)
             enc.use_nested_tensor = False  # its nested fast path would hand adapters nested tensors
     model._gsops_nested_off = nested
-    for w in fitted:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if skipped:
         warnings.warn("gsops.apply_ left matched layers alone: " + "; ".join(f"{n}: {w}" for n, w in skipped))
     model._gsops_skipped = skipped
