@@ -108,7 +108,7 @@ def pretrain(data, seed):
 def gsops_method(method, targets=TARGETS, **kw):
     def build(base):
         m = copy.deepcopy(base)
-        gsops.apply_(m, gsops.AdapterConfig(method=method, target_modules=[f"^{t}$" for t in targets], **kw),
+        gsops.apply_(m, gsops.AdapterConfig(method=method, target_modules=list(targets), **kw),
                      verbose=False)
         return m
 

@@ -43,7 +43,7 @@ def build():
     cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=32, num_labels=3)
     base = BertForSequenceClassification(cfg)
-    config = gsops.AdapterConfig(method="gsoft", block_size=16, target_modules=[r"\.query$", r"\.value$"],
+    config = gsops.AdapterConfig(method="gsoft", block_size=16, target_modules=["query", "value"],
                                  modules_to_save=["classifier"])
     return gsops.apply_(base, config, verbose=False)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import gsops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TARGET_REGEX = r"(q|k|v|o|gate|up|down)_proj$"
+TARGET_REGEX = r".*\.(q|k|v|o|gate|up|down)_proj"  # one regex, re.fullmatch on the full name
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -122,7 +122,7 @@ def adapt(base, method: str, block_size: int = 8, rank: int = 4):
         kw = dict(rank=rank) if name in ("sorsa", "loldu") else dict(block_size=block_size)
         if name == "boft":
             kw["n_factors"] = 2
-        gsops.apply_(m, gsops.AdapterConfig(method=name, target_modules=[TARGET_REGEX], **kw), verbose=False)
+        gsops.apply_(m, gsops.AdapterConfig(method=name, target_modules=TARGET_REGEX, **kw), verbose=False)
         return m
     import peft
 

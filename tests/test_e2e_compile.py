@@ -24,7 +24,7 @@ METHODS = [
 def _model(cfg):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4)).double()
-    gsops.apply_(m, gsops.AdapterConfig(target_modules=[r"^0$"], **cfg), verbose=False)
+    gsops.apply_(m, gsops.AdapterConfig(target_modules=["0"], **cfg), verbose=False)
     with torch.no_grad():  # move away from Q = I so a wrong rotation would show
         for p in gsops.trainable_parameters(m):
             p.add_(0.2 * torch.randn_like(p))

@@ -170,6 +170,8 @@ def _config_errors(method, block_size, n_factors, neumann_terms, rank, cayley, s
         bad.add("n_factors")
     if method == "boft" and int_ok(n_factors) and n_factors > 1 and int_ok(block_size) and block_size % 2:
         bad.add("block_size")
+    if method in ("gsoft", "double_gsoft", "oft", "boft") and int_ok(block_size) and block_size < 2:
+        bad.add("block_size")  # 1x1 Cayley blocks: no trainable parameter
     if method in ("sorsa", "loldu"):
         if not int_ok(rank):
             bad.add("rank")
@@ -211,7 +213,9 @@ def test_fuzz_adapter_config(kw):
 def _ortho_layer_errors(method, d_in, d_out, b, m, what_in="in_features", what_out="out_features"):
     """Messages of every rule (b, m) break for this layer; the constructor must name one of them."""
     errs = []
-    if d_in % b:
+    if b < 2:
+        errs.append(f"block_size={b} gives 1x1 Cayley blocks")
+    elif d_in % b:
         errs.append(f"block_size={b} must divide {what_in}={d_in}")
     if method == "double_gsoft" and d_out % b:
         errs.append(f"block_size={b} must divide {what_out}={d_out}")
@@ -416,7 +420,7 @@ def _same(a, b):
 
 @SETTINGS
 @given(st.lists(st.integers(1, 16), min_size=2, max_size=4), st.sampled_from(gsops.adapters.METHODS),
-       st.integers(1, 8), st.integers(1, 3), st.integers(1, 6), st.booleans(), st.integers(0, 2 ** 16))
+       st.integers(2, 8), st.integers(1, 3), st.integers(1, 6), st.booleans(), st.integers(0, 2 ** 16))
 def test_fuzz_apply(dims, method, b, m, rank, conv_first, seed):
     torch.manual_seed(seed)
     if method in ("sorsa", "loldu"):
@@ -434,7 +438,7 @@ def test_fuzz_apply(dims, method, b, m, rank, conv_first, seed):
     for i in range(len(dims) - 1):
         layers += [nn.Linear(dims[i], dims[i + 1]), nn.Tanh()]
     model = nn.Sequential(*layers).double()
-    cfg = gsops.AdapterConfig(method=method, target_modules=[nn.Linear, nn.Conv2d], **kw)
+    cfg = gsops.AdapterConfig(method=method, target_modules=[nn.Linear, nn.Conv2d], strict=True, **kw)
     x = torch.randn(5, 1, 1, 1, dtype=torch.float64) if conv_first else torch.randn(5, dims[0], dtype=torch.float64)
     y0 = model(x)
     before = _hash(model)

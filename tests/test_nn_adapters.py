@@ -268,11 +268,13 @@ def test_layer_errors_name_layer_and_numbers():
         OrthogonalAdapter(nn.Linear(24, 10), "double_gsoft", block_size=4)
     with pytest.raises(ValueError, match=r"block_size\*2\*\*\(n_factors-1\)=16 to divide in_features=24"):
         OrthogonalAdapter(nn.Linear(24, 10), "boft", block_size=4, n_factors=3)
-    with pytest.raises(ValueError, match="groups=2"):
-        OrthogonalAdapter(nn.Conv2d(4, 4, 1, groups=2), "oft", block_size=2)
+    with pytest.raises(ValueError, match="double_gsoft cannot wrap a Conv2d with groups=2"):
+        OrthogonalAdapter(nn.Conv2d(4, 4, 1, groups=2), "double_gsoft", block_size=2)
+    with pytest.raises(ValueError, match=r"block_size=4 must divide in_channels/groups\*kh\*kw=2"):
+        OrthogonalAdapter(nn.Conv2d(4, 4, 1, groups=2), "oft", block_size=4)
     with pytest.raises(ValueError, match="rank=9 must be <= min"):
         SORSAAdapter(nn.Linear(8, 6), 9)
-    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv2d or transformers' Conv1D"):
         LoLDUAdapter(nn.Conv1d(4, 4, 1), 2)
 
 

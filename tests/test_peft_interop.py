@@ -169,7 +169,7 @@ def _gs(base, **kw):
 def test_save_peft_adapter_loads_in_peft_to_the_same_outputs(kw, tmp_path):
     peft = peft_or_skip()
     base = tiny_bert()
-    ours = _gs(base, block_size=8, target_modules=[r"\.query$", r"\.value$", r"output\.dense$"],
+    ours = _gs(base, block_size=8, target_modules=["query", "value", "output.dense"],
                modules_to_save=["classifier"], **kw)
     x = ids()
     want = outputs(ours, x)
@@ -213,7 +213,7 @@ def test_save_peft_adapter_refusals(tmp_path):
                       (dict(method="oft"), "scale=True"),
                       (dict(method="oft", scale=False, cayley="neumann"), "OFTv2"),
                       (dict(method="boft", cayley="neumann"), "exact Cayley")]:
-        model = _gs(base, block_size=8, target_modules=[r"\.query$"], **kw)
+        model = _gs(base, block_size=8, target_modules=["query"], **kw)
         with pytest.raises(ValueError, match=match):
             gsops.save_peft_adapter(model, tmp_path / "x")
         assert not os.path.exists(tmp_path / "x")
@@ -288,7 +288,7 @@ def test_other_refusals(peft_folder, tmp_path):
     torch.save({"x": torch.zeros(3)}, bad / "adapter_model.safetensors")
     assert_refused_unchanged(model, lambda: gsops.load_peft_adapter(model, bad), "safetensors")
     # a gsops folder
-    gs = gsops.apply_(tiny_bert(), gsops.AdapterConfig(block_size=8, target_modules=[r"\.query$"]), verbose=False)
+    gs = gsops.apply_(tiny_bert(), gsops.AdapterConfig(block_size=8, target_modules=["query"]), verbose=False)
     gsops.save_adapter(gs, tmp_path / "gs")
     assert_refused_unchanged(model, lambda: gsops.load_peft_adapter(model, tmp_path / "gs"), "gsops.load_adapter")
     # another base model (different width)

@@ -280,12 +280,13 @@ def test_config_names_another_block_size_or_rank(saved, tmp_path):
     method, base, good = saved
     bad = _copy(good, tmp_path)
     meta = _meta(good)
-    if method == "gsoft":
-        meta["config"]["block_size"] = 8
+    if method == "gsoft":  # the per-layer block size recorded in the file is what a load builds
+        for info in meta["layers"].values():
+            info["block_size"] = 8
     else:
         meta["config"]["rank"] = 3  # sorsa: apply_ rewrites base weights before the shapes disagree
     _write_meta(bad, meta)
-    _refused(method, base, bad, "config differs|has shape|does not fit the model: conv: block_size=8 must divide")
+    _refused(method, base, bad, "config differs|has shape|in the file but|does not fit the model: conv: block_size=8 must divide")
 
 
 @pytest.mark.parametrize("text, match", [
@@ -310,7 +311,7 @@ def test_non_json_or_wrong_json_config(saved, tmp_path, text, match):
     ("config.block_size", "4", "invalid adapter config: block_size must be an int"),
     ("config.method", "lora", "invalid adapter config: method='lora'"),
     ("config.unknown", 1, "unknown AdapterConfig field"),
-    ("config.target_modules", "fc1", "target_modules must be a list"),
+    ("config.target_modules", 7, "target_modules must be a string or a list"),
     ("config.target_modules", ["type:antigravity.Thing"], "not imported"),
     ("config.target_modules", ["type:os.system"], "invalid adapter config"),
 ])

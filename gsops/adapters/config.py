@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from typing import Any
 
 from torch import nn
 
-from ..checks import check_int
+from ..checks import FLOAT_DTYPES, check_int
 from ..nn.adapters import CAYLEY_METHODS
+from .targets import _NOT_IN_NAMES as _NOT_A_NAME, ALL_LINEAR, normalise_targets, rule_matches
 
 METHODS = ("gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu")
 ORTHOGONAL = ("gsoft", "double_gsoft", "oft", "boft")
 LOW_RANK = ("sorsa", "loldu")
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+ADAPTER_DTYPES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 
 
 @dataclasses.dataclass
@@ -24,8 +25,10 @@ class AdapterConfig:
     method: ``"gsoft"`` (Q = P^T L P R), ``"double_gsoft"`` (Q_out W Q_in), ``"oft"``
         (one block-diagonal factor), ``"boft"`` (``n_factors`` butterfly factors),
         ``"sorsa"`` or ``"loldu"`` (low-rank baselines, need ``rank``).
-    block_size: Cayley block size ``b`` (orthogonal methods); must divide every
-        targeted layer's input dimension (``in_features``, or ``in_channels*kh*kw`` for Conv2d).
+    block_size: Cayley block size ``b >= 2`` (orthogonal methods). A layer whose input
+        dimension (``in_features``, or ``in_channels/groups*kh*kw`` for Conv2d) it does not
+        divide gets the nearest size that fits (ties: the smaller), with a warning naming
+        the layer and both sizes, as PEFT's OFT does; ``strict=True`` refuses instead.
     n_factors: number of butterfly factors for ``boft``. ``gsoft``/``double_gsoft``
         always have 2 factors (L and R) and require ``n_factors == 2``; ``oft``,
         ``sorsa`` and ``loldu`` do not read it.
@@ -38,9 +41,14 @@ class AdapterConfig:
         :func:`gsops.load_peft_adapter` sets for PEFT OFT adapters trained with
         ``use_cayley_neumann=True``; see :mod:`gsops.reference.peft_cayley`).
     rank: rank of ``sorsa`` / ``loldu``; must be None for the orthogonal methods.
-    target_modules: None (every ``nn.Linear``), or a list of regular expressions
-        (``re.search`` on the module's qualified name, e.g. ``"attention"`` or
-        ``r"\\.query$"``) and/or module types (``nn.Linear``, ``nn.Conv2d``).
+    target_modules: PEFT's rules (see :mod:`gsops.adapters.targets`): ``"all-linear"``
+        (default; every ``nn.Linear`` / ``Conv1D`` but the output layer), a list of module
+        names (exact or ``"." + name`` suffix, e.g. ``["q", "v"]``) and/or module types,
+        or a single regular expression matched with ``re.fullmatch`` on the full name.
+    exclude_modules: None, a list of names or a regex, as ``target_modules``; wins over it.
+    strict: refuse (ValueError naming the layer) instead of adjusting ``block_size``.
+    adapter_dtype: dtype of the adapter parameters (``"float32"``, ``torch.float32``, ...);
+        None gives float32 on a float16/bfloat16 base and the base dtype otherwise.
     modules_to_save: None, or a list of module names trained in full (PEFT's
         ``modules_to_save`` and its rule: a module is selected when its qualified
         name equals an entry or ends with ``"." + entry``, e.g. ``"classifier"``).
@@ -58,7 +66,10 @@ class AdapterConfig:
     cayley: str = "exact"
     neumann_terms: int = 5
     rank: int | None = None
-    target_modules: Any = None
+    target_modules: Any = ALL_LINEAR
+    exclude_modules: Any = None
+    strict: bool = False
+    adapter_dtype: Any = None
     modules_to_save: Any = None
 
     def __post_init__(self):
@@ -67,7 +78,12 @@ class AdapterConfig:
         self.block_size = check_int("block_size", self.block_size)
         self.n_factors = check_int("n_factors", self.n_factors)
         self.neumann_terms = check_int("neumann_terms", self.neumann_terms)
-        for flag in ("scale", "packed"):
+        if self.method in ORTHOGONAL and self.block_size < 2:
+            raise ValueError(
+                f"block_size={self.block_size} gives 1x1 Cayley blocks, which are always 1: Q = I has no "
+                "trainable parameter (use block_size >= 2)"
+            )
+        for flag in ("scale", "packed", "strict"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.cayley not in CAYLEY_METHODS:
@@ -87,30 +103,34 @@ class AdapterConfig:
             self.rank = check_int("rank", self.rank)
         elif self.rank is not None:
             raise ValueError(f"rank={self.rank!r} is only used by {LOW_RANK}; method={self.method!r} needs rank=None")
-        self.target_modules = _normalise_targets(self.target_modules)
+        self.target_modules = normalise_targets(self.target_modules, "target_modules")
+        self.exclude_modules = normalise_targets(self.exclude_modules, "exclude_modules")
         self.modules_to_save = _normalise_modules_to_save(self.modules_to_save)
+        if self.adapter_dtype is not None:
+            name = self.adapter_dtype if isinstance(self.adapter_dtype, str) else str(self.adapter_dtype).replace("torch.", "")
+            if name not in ADAPTER_DTYPES:
+                raise ValueError(f"adapter_dtype={self.adapter_dtype!r} must be None or one of {sorted(ADAPTER_DTYPES)}")
+            self.adapter_dtype = name
+
+    @property
+    def adapter_torch_dtype(self):
+        """``adapter_dtype`` as a torch.dtype (None: chosen per layer, float32 on half-precision layers)."""
+        return None if self.adapter_dtype is None else ADAPTER_DTYPES[self.adapter_dtype]
 
     # ---- matching
     def matches(self, name: str, module: nn.Module) -> bool:
-        if self.target_modules is None:
-            return type(module) is nn.Linear or isinstance(module, nn.Linear)
-        for t in self.target_modules:
-            if isinstance(t, str):
-                if re.search(t, name):
-                    return True
-            elif isinstance(module, t):
-                return True
-        return False
+        """The name/type rule alone (``"all-linear"``'s output-layer exclusion needs the model; see apply_)."""
+        return rule_matches(self.target_modules, name, module) and not rule_matches(self.exclude_modules, name, module)
 
     # ---- serialisation (JSON-safe)
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if self.modules_to_save is None:
             del d["modules_to_save"]  # files without saved modules stay readable by gsops versions before the field
-        if self.target_modules is not None:
-            d["target_modules"] = [
-                t if isinstance(t, str) else f"type:{t.__module__}.{t.__qualname__}" for t in self.target_modules
-            ]
+        for key in ("target_modules", "exclude_modules"):
+            v = getattr(self, key)
+            if isinstance(v, list):
+                d[key] = [t if isinstance(t, str) else f"type:{t.__module__}.{t.__qualname__}" for t in v]
         return d
 
     @classmethod
@@ -122,41 +142,18 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown AdapterConfig field(s) {unknown}; known: {sorted(fields)}")
         d = dict(d)
-        targets = d.get("target_modules")
-        if targets is not None:
+        for key in ("target_modules", "exclude_modules"):
+            targets = d.get(key)
+            if targets is None or isinstance(targets, str):
+                continue
             if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise TypeError(f"target_modules must be a list of strings in a config dict, got {targets!r:.200}")
-            d["target_modules"] = [_type_from_string(t) if t.startswith("type:") else t for t in targets]
+                raise TypeError(f"{key} must be a string or a list of strings in a config dict, got {targets!r:.200}")
+            if any(_NOT_A_NAME.search(t) for t in targets) and not any(t.startswith("type:") for t in targets):
+                # written when list entries were re.search patterns: the same rule as one fullmatch regex
+                d[key] = "|".join(f"(?:.*(?:{t}).*)" for t in targets)
+                continue
+            d[key] = [_type_from_string(t) if t.startswith("type:") else t for t in targets]
         return cls(**d)
-
-
-def _normalise_targets(targets):
-    if targets is None:
-        return None
-    if isinstance(targets, (str, type)):
-        targets = [targets]
-    try:
-        targets = list(targets)
-    except TypeError:
-        raise TypeError(
-            f"target_modules must be None, a list of regex strings and/or nn.Module types, got {targets!r}"
-        ) from None
-    if not targets:
-        raise ValueError("target_modules must not be empty (use None for every nn.Linear)")
-    for t in targets:
-        if isinstance(t, str):
-            try:
-                re.compile(t)
-            except re.error as e:
-                raise ValueError(f"target_modules: {t!r} is not a valid regular expression ({e})") from None
-        elif isinstance(t, type) and issubclass(t, nn.Module):
-            if not issubclass(t, SUPPORTED_TYPES):
-                raise ValueError(
-                    f"target_modules: type {t.__name__} is not supported; adapters wrap nn.Linear and nn.Conv2d"
-                )
-        else:
-            raise TypeError(f"target_modules entries must be regex strings or nn.Module types, got {t!r}")
-    return targets
 
 
 def _normalise_modules_to_save(entries):

@@ -36,9 +36,10 @@ import re
 import torch
 
 from .. import __version__
+from ..baselines.loldu import check_row_order
 from .config import AdapterConfig, ORTHOGONAL
 from . import saved_modules
-from .model import adapter_layers, adapter_parameters, apply_, revert_
+from .model import _apply, adapter_layers, adapter_parameters, layer_settings, revert_
 
 FORMAT = "gsops-adapter"
 FORMAT_VERSION = 1
@@ -49,14 +50,23 @@ TENSOR_FILE = "adapter_model.safetensors"
 def _layer_info(model) -> dict:
     return {
         name: {"base": type(m.base_layer).__name__, "weight_shape": list(m.base_layer.weight.shape),
-               "adapter": type(m).__name__}
+               "adapter": type(m).__name__, **layer_settings(m)}
         for name, m in adapter_layers(model)
     }
 
 
+def _adapter_state(model) -> list:
+    """``(qualified name, tensor)`` saved for the adapter: its parameters, then buffers its output depends on
+    (``saved_buffers`` of the adapter class, e.g. LoLDU's LU row order ``perm``)."""
+    state = adapter_parameters(model)
+    for lname, m in adapter_layers(model):
+        state += [(f"{lname}.{b}", getattr(m, b)) for b in getattr(type(m), "saved_buffers", ())]
+    return state
+
+
 def _saved_tensors(model) -> dict:
-    """Adapter parameters and the ``modules_to_save`` state, by qualified name: what the tensor file holds."""
-    out = dict(adapter_parameters(model))
+    """What the tensor file holds, by qualified name: the adapter state and the ``modules_to_save`` state."""
+    out = dict(_adapter_state(model))
     out.update(saved_modules.state(model, saved_modules.selected_names(model)))
     return out
 
@@ -109,8 +119,8 @@ def save_adapter(model: torch.nn.Module, path) -> str:
 
 MAX_CONFIG_BYTES = 16 * 2 ** 20   # adapter_config.json larger than this is refused
 MAX_HEADER_BYTES = 16 * 2 ** 20   # safetensors JSON header larger than this is refused
-SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8}  # I64: index buffers (LoLDU's perm)
+TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64"}
 
 
 def _regular_file(p: str) -> None:
@@ -140,8 +150,11 @@ def _check_meta(meta, cfg_path) -> None:
         raise ValueError(f"{cfg_path}: field 'layers' must be a non-empty object")
     for name, info in layers.items():
         if not (isinstance(info, dict) and isinstance(info.get("base"), str) and isinstance(info.get("adapter"), str)
-                and _is_int_list(info.get("weight_shape"))):
-            raise ValueError(f"{cfg_path}: layers[{name!r}] must be {{base: str, adapter: str, weight_shape: [int]}}")
+                and _is_int_list(info.get("weight_shape"))
+                and ("block_size" not in info or _is_int_list([info["block_size"]]))):
+            raise ValueError(
+                f"{cfg_path}: layers[{name!r}] must be {{base: str, adapter: str, weight_shape: [int], block_size: int}}"
+            )
     if not isinstance(tensors, dict):
         raise ValueError(f"{cfg_path}: field 'tensors' must be an object")
     for name, info in tensors.items():
@@ -264,8 +277,11 @@ def _check_against(model, meta, config, tensors, path) -> None:
         extra = sorted(set(layers) - set(meta["layers"]))[:5]
         raise ValueError(f"{path}: wrapped layers differ; in the file only: {missing}, in the model only: {extra}")
     for name, info in layers.items():
-        if info != meta["layers"][name]:
-            raise ValueError(f"{path}: layer {name} is {meta['layers'][name]} in the file but {info} in the model")
+        want = dict(meta["layers"][name])
+        if "block_size" in info:
+            want.setdefault("block_size", config.block_size)  # a file without per-layer sizes: the config's
+        if info != want:
+            raise ValueError(f"{path}: layer {name} is {want} in the file but {info} in the model")
     params = _saved_tensors(model)
     if set(params) != set(tensors):
         missing = sorted(set(params) - set(tensors))[:5]
@@ -275,15 +291,24 @@ def _check_against(model, meta, config, tensors, path) -> None:
         t = tensors[name]
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)} in the file, {tuple(p.shape)} in the model")
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{path}: tensor {name} is not a finite floating-point tensor")
+        if t.is_floating_point() != p.is_floating_point() or (not p.is_floating_point() and t.dtype != p.dtype):
+            raise ValueError(f"{path}: tensor {name} is {t.dtype} in the file, {p.dtype} in the model")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name} is not finite")
     merged = [n for n, m in adapter_layers(model) if m.merged]
     if merged:
         raise ValueError(f"{path}: cannot load into merged layers {merged[:3]}; call gsops.unmerge_(model) first")
+    for name, m in adapter_layers(model):
+        if f"{name}.perm" in tensors:
+            try:
+                check_row_order(name, tensors[f"{name}.perm"], m.d_out)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
 
 
-def _exact_names(names) -> list:
-    return [f"^{re.escape(n)}$" for n in sorted(names)]
+def _exact_names(names) -> str:
+    """One regular expression (``re.fullmatch``) matching exactly these qualified names."""
+    return "|".join(re.escape(n) for n in sorted(names))
 
 
 def _precheck_bare(model, meta, config, tensors, path):
@@ -294,21 +319,28 @@ def _precheck_bare(model, meta, config, tensors, path):
     """
     from .model import _targets
 
-    load_config = dataclasses.replace(config, target_modules=_exact_names(meta["layers"]))
+    load_config = dataclasses.replace(config, target_modules=_exact_names(meta["layers"]), exclude_modules=None)
     targets, skipped = _targets(model, load_config)
     names = {t[0] for t in targets}
     if names != set(meta["layers"]):
         missing = sorted(set(meta["layers"]) - names)[:5]
         why = f" (skipped: {skipped[:3]})" if skipped else ""
         raise ValueError(f"{path}: wrapped layers differ; in the file but not an adaptable layer of the model: {missing}{why}")
-    for name, _, _, layer in targets:
+    overrides = {}
+    for name, _, _, layer, _ in targets:
         want = meta["layers"][name]
         if type(layer).__name__ != want["base"] or list(layer.weight.shape) != want["weight_shape"]:
             raise ValueError(
                 f"{path}: layer {name} is {want['base']} {want['weight_shape']} in the file but "
                 f"{type(layer).__name__} {list(layer.weight.shape)} in the model"
             )
-    return load_config, targets
+        o = {}
+        if config.method in ORTHOGONAL:
+            o["block_size"] = want.get("block_size", config.block_size)
+        if config.method == "loldu" and f"{name}.perm" in tensors:
+            o["perm"] = tensors[f"{name}.perm"]
+        overrides[name] = o
+    return load_config, targets, overrides
 
 
 def load_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
@@ -327,11 +359,12 @@ def load_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
     applied_here = False
     saved_weights = []
     if not adapter_layers(model):
-        load_config, targets = _precheck_bare(model, meta, config, tensors, path)
+        load_config, targets, overrides = _precheck_bare(model, meta, config, tensors, path)
         if config.method not in ORTHOGONAL:  # sorsa / loldu rewrite the base weight: keep an exact copy
-            saved_weights = [(layer.weight, layer.weight.detach().clone()) for _, _, _, layer in targets]
+            saved_weights = [(layer.weight, layer.weight.detach().clone()) for _, _, _, layer, _ in targets]
         try:
-            apply_(model, load_config, verbose=False)  # validates every layer before changing any
+            # validates every layer before changing any; each layer gets the file's own settings
+            _apply(model, load_config, verbose=False, overrides=overrides)
         except ValueError as e:
             raise ValueError(f"{path}: the file's adapter config does not fit the model: {e}") from None
         for _, m in adapter_layers(model):
@@ -346,6 +379,9 @@ def load_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
                 for w, copy in saved_weights:
                     w.copy_(copy)
         raise
+    for name, m in adapter_layers(model):
+        if hasattr(m, "set_row_order") and f"{name}.perm" in tensors:
+            m.set_row_order(tensors[f"{name}.perm"])  # LoLDU adapters already in the model: the file's row order
     with torch.no_grad():
         for name, p in _saved_tensors(model).items():
             p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))

@@ -4,15 +4,19 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
 from torch import nn
 
 from ..baselines._lowrank import check_low_rank_layer
-from ..baselines.loldu import LoLDUAdapter
+from ..baselines.loldu import LoLDUAdapter, check_row_order
 from ..baselines.sorsa import SORSAAdapter
-from ..nn.adapters import MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer
+from ..nn.adapters import (
+    MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer, fit_block_size, layer_dims, supported_layer,
+)
 from .. import logs
 from . import saved_modules
 from .config import AdapterConfig, ORTHOGONAL
+from .targets import ALL_LINEAR, describe_no_match, output_layer_names, rule_matches
 
 ADAPTER_TYPES = (OrthogonalAdapter, SORSAAdapter, LoLDUAdapter)
 
@@ -48,28 +52,46 @@ def adapter_layers(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
 
 
-def _targets(model: nn.Module, config: AdapterConfig):
-    targets, skipped = [], []
+def _targets(model: nn.Module, config: AdapterConfig, report: dict | None = None):
+    """``(targets, skipped)``: ``(name, parent, child name, layer, explicit)`` of the layers to wrap.
+
+    ``explicit`` is False for layers matched only by ``"all-linear"``. ``report``
+    (when given) receives ``"unsupported"``: matched modules of another type.
+    """
+    targets, skipped, unsupported = [], [], []
+    rule, exclude = config.target_modules, config.exclude_modules
+    explicit = rule != ALL_LINEAR
+    outputs = output_layer_names(model) if not explicit else set()
+    shared = _shared_weights(model)
     for parent_name, parent in model.named_modules():
         if isinstance(parent, ADAPTER_TYPES):
             continue
         # parent._modules, not named_children(): a module registered twice must be seen twice
         for child_name, child in [(k, v) for k, v in parent._modules.items() if v is not None]:
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not config.matches(name, child):
+            if not rule_matches(rule, name, child) or rule_matches(exclude, name, child) or name in outputs:
                 continue
             if isinstance(child, ADAPTER_TYPES):
                 raise ValueError(f"{name} is already an adapter layer; call gsops.revert_(model) first")
+            if not supported_layer(child):
+                unsupported.append((name, child))  # a name rule also matches blocks, norms, dropouts
+                continue
             if isinstance(parent, nn.MultiheadAttention):
                 # MultiheadAttention reads out_proj.weight directly and never calls its forward
                 skipped.append((name, "inside nn.MultiheadAttention, which bypasses the module's forward"))
                 continue
-            if isinstance(child, nn.Conv2d) and child.groups != 1:
-                skipped.append((name, f"Conv2d groups={child.groups}; adapters need groups=1"))
+            if id(child.weight) in shared:
+                if explicit:
+                    raise ValueError(
+                        f"{name}: its weight is shared with another module (tied weights, e.g. tie_word_embeddings); "
+                        "an adapter would change or half-merge the other module. Remove it from target_modules "
+                        "(or add it to exclude_modules), or untie the weights"
+                    )
+                skipped.append((name, "its weight is shared with another module (tied weights)"))
                 continue
-            if not isinstance(child, (nn.Linear, nn.Conv2d)):
-                continue  # a name regex also matches containers, norms, dropouts: only Linear/Conv2d are wrapped
-            targets.append((name, parent, child_name, child))
+            targets.append((name, parent, child_name, child, explicit))
+    if report is not None:
+        report["unsupported"] = unsupported
     return targets, skipped
 
 
@@ -82,56 +104,96 @@ def _shared_weights(model) -> set:
     return {pid for pid, mods in owners.items() if len(mods) > 1}
 
 
-def _validate(name, layer, config):
+def _layer_settings(name, layer, config, overrides):
+    """Validate ``layer`` for ``config`` (naming it); the per-layer settings the adapter is built with.
+
+    An orthogonal layer gets ``block_size``: the config's when it fits, else the
+    nearest that does (a warning), unless ``config.strict`` (then ValueError).
+    ``overrides`` (from a saved adapter) are used exactly.
+    """
+    settings = dict(overrides or {})
     if config.method in ORTHOGONAL:
-        check_orthogonal_layer(name, layer, config.method, config.block_size, config.n_factors)
+        b = settings.get("block_size", config.block_size)
+        if "block_size" not in settings and not config.strict:
+            try:
+                check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
+            except ValueError:
+                b = fit_block_size(name, layer, config.method, b, config.n_factors)
+                if b != config.block_size:
+                    check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
+                    warnings.warn(
+                        f"{name}: block_size={config.block_size} does not fit this layer; using block_size={b} "
+                        "(the nearest that does). Pass strict=True to refuse instead"
+                    )
+        check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
+        settings["block_size"] = b
     else:
         check_low_rank_layer(name, layer, config.rank)
+        if "perm" in settings:
+            check_row_order(name, settings["perm"], layer_dims(layer)[1])
+    return settings
 
 
-def _make(name, layer, config):
+def _make(name, layer, config, settings):
+    dt = config.adapter_torch_dtype
     if config.method in ORTHOGONAL:
         return OrthogonalAdapter(
-            layer, method=config.method, block_size=config.block_size, n_factors=config.n_factors,
+            layer, method=config.method, block_size=settings["block_size"], n_factors=config.n_factors,
             scale=config.scale, packed=config.packed, cayley=config.cayley,
-            neumann_terms=config.neumann_terms, name=name,
+            neumann_terms=config.neumann_terms, name=name, adapter_dtype=dt,
         )
     if config.method == "sorsa":
-        return SORSAAdapter(layer, config.rank, name=name)
-    return LoLDUAdapter(layer, config.rank, name=name)
+        return SORSAAdapter(layer, config.rank, name=name, adapter_dtype=dt)
+    return LoLDUAdapter(layer, config.rank, name=name, adapter_dtype=dt, perm=settings.get("perm"))
+
+
+def layer_settings(adapter: nn.Module) -> dict:
+    """The per-layer settings an adapter was built with (what save_adapter records for each layer)."""
+    if isinstance(adapter, OrthogonalAdapter):
+        return {"block_size": adapter.rotation.b}
+    return {}
 
 
 def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bool = True) -> nn.Module:
-    """Wrap every targeted ``nn.Linear`` / ``nn.Conv2d`` of ``model`` in place and freeze everything else.
+    """Wrap every targeted ``nn.Linear`` / ``nn.Conv2d`` / ``Conv1D`` of ``model`` in place, freeze the rest.
 
-    All targeted layers are validated before any is changed: an invalid layer
-    raises a ValueError naming it and the numbers, and leaves ``model`` as it was.
-    Logs a one-line summary (``logging`` logger ``"gsops"``, INFO, rank 0 only) when
-    ``verbose``; :func:`adapter_summary` returns it. ``config.modules_to_save``
-    modules are left unwrapped and made trainable.
-    Returns ``model``.
+    Targets follow PEFT's rules (see :class:`AdapterConfig` and
+    :mod:`gsops.adapters.targets`); the default ``"all-linear"`` leaves the output
+    layer alone. All targeted layers are validated before any is changed: an
+    invalid layer raises a ValueError naming it and the numbers, and leaves
+    ``model`` as it was. A layer whose weight is shared with another module (tied
+    weights) is refused when targeted by name, regex or type, and skipped with a
+    warning when matched only by ``"all-linear"``. Inside ``nn.TransformerEncoder``
+    with adapters, nested-tensor inference is switched off (``use_nested_tensor``;
+    :func:`revert_` restores it). ``config.modules_to_save`` modules are left
+    unwrapped and made trainable. Logs a one-line summary (``logging`` logger
+    ``"gsops"``, INFO, rank 0 only) when ``verbose``; :func:`adapter_summary`
+    returns it. Returns ``model``.
     """
+    return _apply(model, config, verbose=verbose)
+
+
+def _apply(model, config=None, *, verbose=True, overrides=None):
     _check_model(model)
     config = AdapterConfig() if config is None else config
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a gsops.AdapterConfig, got {type(config).__name__}")
     if adapter_layers(model):
         raise ValueError("model already has gsops adapters; call gsops.revert_(model) before applying again")
-    targets, skipped = _targets(model, config)
+    report = {}
+    targets, skipped = _targets(model, config, report)
     to_save = saved_modules.select(model, config.modules_to_save)  # trained in full: never wrapped
     targets = [t for t in targets if not saved_modules.covers(t[0], to_save)]
     if not targets:
-        why = f"; skipped: {skipped}" if skipped else ""
-        raise ValueError(f"no nn.Linear / nn.Conv2d layer of the model matched target_modules={config.target_modules!r}{why}")
-    shared = _shared_weights(model)
-    for name, _, _, layer in targets:
-        _validate(name, layer, config)
-        if config.method not in ORTHOGONAL and id(layer.weight) in shared:
-            raise ValueError(
-                f"{name}: its weight is shared with another module (tied weights); method={config.method!r} "
-                "rewrites the base weight into a residual, which would change the other module. "
-                "Exclude this layer via target_modules"
-            )
+        raise ValueError(describe_no_match(model, config, report["unsupported"], skipped))
+    overrides = overrides or {}
+    settings = {}
+    with warnings.catch_warnings(record=True) as fitted:
+        warnings.simplefilter("always")
+        for name, _, _, layer, _ in targets:
+            settings[name] = _layer_settings(name, layer, config, overrides.get(name))
+    for w in fitted:  # before any change: a warning turned into an error leaves the model as it was
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     model._gsops_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -140,16 +202,22 @@ def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bo
     for n in to_save:
         modules[n].requires_grad_(True)
     made = {}  # a module registered under several names gets one adapter, shared the same way
-    for name, parent, child_name, layer in targets:
+    for name, parent, child_name, layer, _ in targets:
         if id(layer) not in made:
-            adapter = _make(name, layer, config)
+            adapter = _make(name, layer, config, settings[name])
             adapter.gsops_config = config
-            adapter.weight_is_shared = id(layer.weight) in shared
             made[id(layer)] = adapter
         setattr(parent, child_name, made[id(layer)])
     for _, m in adapter_layers(model):
         for _, p in m.adapter_named_parameters():
             p.requires_grad_(True)
+    nested = []
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False) and any(
+                isinstance(m, ADAPTER_TYPES) for m in enc.modules()):
+            nested.append(enc)
+            enc.use_nested_tensor = False  # its nested fast path would hand adapters nested tensors
+    model._gsops_nested_off = nested
     if skipped:
         warnings.warn("gsops.apply_ left matched layers alone: " + "; ".join(f"{n}: {w}" for n, w in skipped))
     model._gsops_skipped = skipped
@@ -189,41 +257,70 @@ def trainable_parameters(model: nn.Module) -> list:
 def merge_(model: nn.Module) -> nn.Module:
     """Write every adapter into its base layer's weight (``W' = diag(s) Q_out W Q_in``, float64).
 
-    Already-merged layers are left alone with a warning (never merged twice).
+    All or nothing: every layer is checked first (tied weights, finite
+    parameters, a merged weight finite in the base dtype); a problem raises
+    ValueError naming the layer and changes nothing. Already-merged layers are
+    left alone with a warning (never merged twice).
     """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no gsops adapters to merge")
+    todo = _unique([(n, m) for n, m in layers if not m.merged])
     already = [n for n, m in layers if m.merged]
+    for n, m in todo:
+        try:
+            m.check_merge()
+        except ValueError as e:
+            raise ValueError(f"gsops.merge_: {n}: {e} (no layer was merged)") from None
     if already:
         warnings.warn(f"gsops.merge_: {len(already)} layer(s) already merged, left as they are: {already[:3]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _, m in layers:
-            if not m.merged:
+    done = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for n, m in todo:
                 m.merge()
+                done.append(m)
+    except BaseException:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for m in reversed(done):
+                m.unmerge()
+        raise
     return model
 
 
+def _unique(layers):
+    seen, out = set(), []
+    for n, m in layers:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((n, m))
+    return out
+
+
 def unmerge_(model: nn.Module) -> nn.Module:
-    """Restore every merged layer's frozen weight (``Q^{-1} = Q^T``, float64). Unmerged layers: warning, no-op."""
+    """Restore every merged layer's frozen weight (``Q^{-1} = Q^T``, float64). Unmerged layers: warning, no-op.
+
+    Every merged layer is checked first (e.g. a zero scale, which has no
+    inverse); a problem raises ValueError naming the layer and changes nothing.
+    """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no gsops adapters to unmerge")
-    for n, m in layers:  # refuse before changing anything (e.g. a zero scale)
-        if m.merged:
-            try:
-                m._check_unmergeable()
-            except ValueError as e:
-                raise ValueError(f"{n}: {e}") from None
+    todo = _unique([(n, m) for n, m in layers if m.merged])
+    for n, m in todo:  # refuse before changing anything
+        try:
+            m._check_unmergeable()
+        except ValueError as e:
+            raise ValueError(f"gsops.unmerge_: {n}: {e} (no layer was unmerged)") from None
     not_merged = [n for n, m in layers if not m.merged]
     if not_merged:
         warnings.warn(f"gsops.unmerge_: {len(not_merged)} layer(s) were not merged, left as they are: {not_merged[:3]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _, m in layers:
-            if m.merged:
-                m.unmerge()
+        for _, m in todo:
+            m.unmerge()
     return model
 
 
@@ -248,7 +345,9 @@ def revert_(model: nn.Module) -> nn.Module:
     saved_modules.forget(model)
     for p, flag in getattr(model, "_gsops_requires_grad", [(p, True) for p in model.parameters()]):
         p.requires_grad_(flag)
-    for attr in ("_gsops_skipped", "_gsops_requires_grad"):
+    for enc in getattr(model, "_gsops_nested_off", []):
+        enc.use_nested_tensor = True
+    for attr in ("_gsops_skipped", "_gsops_requires_grad", "_gsops_nested_off"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -256,5 +355,5 @@ def revert_(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "apply_", "merge_", "unmerge_", "revert_", "trainable_parameters", "adapter_layers", "adapter_parameters",
-    "adapter_summary", "AdapterSummary", "MergeableAdapter",
+    "adapter_summary", "AdapterSummary", "MergeableAdapter", "layer_settings",
 ]

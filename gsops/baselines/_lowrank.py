@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int
-from ..nn.adapters import MergeableAdapter, check_base_layer, layer_dims
+from ..nn.adapters import MergeableAdapter, adapter_param_dtype, check_base_layer, is_linear_like, layer_dims
 
 
 def check_low_rank_layer(name: str, base: nn.Module, rank: int) -> int:
@@ -27,20 +27,24 @@ def check_low_rank_layer(name: str, base: nn.Module, rank: int) -> int:
 
 
 class LowRankAdapter(MergeableAdapter):
-    def _init_low_rank(self, base: nn.Module, rank: int, name: str) -> torch.Tensor:
-        """Check ``base`` and ``rank`` (naming the layer), record them; the weight as ``m x n`` float64."""
+    def _init_low_rank(self, base: nn.Module, rank: int, name: str, adapter_dtype=None) -> torch.Tensor:
+        """Check ``base`` and ``rank`` (naming the layer), record them; the weight as ``m x n`` float64.
+
+        Sets ``self.param_dtype``: ``adapter_dtype``, else float32 on a half-precision base.
+        """
         rank = check_low_rank_layer(name, base, rank)
         n, m = layer_dims(base)
         self.base_layer = base
         self.rank = rank
         self.d_in, self.d_out = n, m
-        return base.weight.detach().reshape(m, n).to(torch.float64)
+        self.param_dtype = adapter_param_dtype(base.weight.dtype, adapter_dtype)
+        return self._flat_weight(torch.float64).detach().clone()
 
     def _store_residual(self, W64: torch.Tensor, name: str) -> None:
         """Write the frozen residual ``W - delta`` (delta from the stored, rounded factors) into the base weight."""
         W = self.base_layer.weight
         with torch.no_grad():
-            W.copy_((W64 - self._delta(torch.float64)).reshape(W.shape).to(W.dtype))
+            W.copy_(self._to_base_layout(W64 - self._delta(torch.float64)).to(W.dtype))
         self.merged = False
         self.name = name
         self._guard_key()
@@ -49,8 +53,8 @@ class LowRankAdapter(MergeableAdapter):
         """The ``m x n`` low-rank term (from the factors kept at initialisation when ``initial``)."""
         raise NotImplementedError
 
-    def _linear_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``delta x`` for a Linear input, applied factor by factor (never forming ``delta``)."""
+    def _linear_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``delta x`` for a Linear input in ``dtype`` (the base output's), factor by factor (never forming ``delta``)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +62,12 @@ class LowRankAdapter(MergeableAdapter):
         if self.merged:
             return self.base_layer(x)
         self.check_parameters_finite()
-        if isinstance(self.base_layer, nn.Linear):
-            return self.base_layer(x) + self._linear_delta(x)
-        return self._base_forward(x, self._flat_weight() + self._delta())
+        if is_linear_like(self.base_layer):
+            y = self.base_layer(x)
+            return y + self._linear_delta(x, y.dtype)
+        W = self.base_layer.weight
+        dt = torch.promote_types(W.dtype, self.param_dtype)
+        return self._base_forward(x, (self._flat_weight(dt) + self._delta(dt)).to(W.dtype))
 
     def _merged_weight(self):
         return self._flat_weight(torch.float64) + self._delta(torch.float64)
@@ -75,7 +82,7 @@ class LowRankAdapter(MergeableAdapter):
         with torch.no_grad():
             W = self.base_layer.weight
             W0 = self._flat_weight(torch.float64) + self._delta(torch.float64, initial=True)
-            W.copy_(W0.reshape(W.shape).to(W.dtype))
+            W.copy_(self._to_base_layout(W0).to(W.dtype))
         return self.base_layer
 
     def extra_repr(self) -> str:

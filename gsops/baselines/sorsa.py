@@ -23,16 +23,16 @@ from ._lowrank import LowRankAdapter
 
 
 class SORSAAdapter(LowRankAdapter):
-    def __init__(self, base: nn.Module, rank: int, name: str = "layer"):
+    def __init__(self, base: nn.Module, rank: int, name: str = "layer", adapter_dtype: torch.dtype | None = None):
         super().__init__()
-        W64 = self._init_low_rank(base, rank, name)
+        W64 = self._init_low_rank(base, rank, name, adapter_dtype)
         rank = self.rank
-        W = base.weight
+        pdt = self.param_dtype
         U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
         Up, Sp, Vhp = U[:, :rank], S[:rank], Vh[:rank]
-        self.U = nn.Parameter(Up.to(W.dtype).clone())
-        self.S = nn.Parameter(Sp.to(W.dtype).clone())
-        self.Vh = nn.Parameter(Vhp.to(W.dtype).clone())
+        self.U = nn.Parameter(Up.to(pdt).clone())
+        self.S = nn.Parameter(Sp.to(pdt).clone())
+        self.Vh = nn.Parameter(Vhp.to(pdt).clone())
         for key, t in (("U0", self.U), ("S0", self.S), ("Vh0", self.Vh)):
             self.register_buffer(key, t.detach().clone(), persistent=False)
         self._store_residual(W64, name)  # W_r = W - W_p from the stored (rounded) factors
@@ -46,8 +46,10 @@ class SORSAAdapter(LowRankAdapter):
     def _delta(self, dtype=None, initial: bool = False) -> torch.Tensor:
         return self._principal(dtype, (self.U0, self.S0, self.Vh0) if initial else None)
 
-    def _linear_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.Vh) * self.S, self.U)
+    def _linear_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        F = torch.nn.functional
+        cd = self._compute_dtype(x)
+        return F.linear(F.linear(x, self.Vh.to(cd)) * self.S.to(cd), self.U.to(cd)).to(dtype)
 
     def regularizer(self) -> torch.Tensor:
         """``||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F`` (SORSA eq. 8; ``V_p^T`` is stored as ``Vh``)."""

@@ -17,9 +17,10 @@ orthogonal ``Q`` built from Cayley blocks ``(I + K)(I - K)^{-1}`` (SPEC
   (PEFT writes its Cayley as ``(I - K)(I + K)^{-1}`` and multiplies row vectors
   on the right, which is the transpose; a test loads the same numbers into both).
 
-Data flow (SPEC): for ``nn.Linear`` the input is rotated, ``y = s * (W (Q x)) + c``,
+Data flow (SPEC): for ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is
+stored transposed as ``in x out``) the input is rotated, ``y = s * (W (Q x)) + c``,
 and the dense ``W Q`` is never built while training. For ``nn.Conv2d`` ``Q`` acts
-on the flattened ``in_channels * kh * kw`` dimension of the weight (OFT's rule),
+on the flattened ``in_channels/groups * kh * kw`` dimension of the weight (OFT's rule),
 and the rotation is applied on the weight side: ``W' = diag(s) W Q`` is built for
 each forward (``out x d`` times the structured ``Q``, cost ``out * d * b``) and
 the base layer's own convolution (stride, padding, dilation, padding mode) runs
@@ -78,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -218,6 +220,10 @@ class CayleyBlocks(nn.Module):
         return f"n={self.n}, r={self.r}, b={self.b}, packed={self.packed}, cayley={self.cayley!r}"
 
 
+def _in_dtype(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return blocks if blocks.dtype == dtype else blocks.to(dtype)
+
+
 def _blocks_batched(stacks: list) -> list:
     """``blocks_and_error()`` of several CayleyBlocks, with one Cayley call for all exact ones of one block size."""
     exact = [f for f in stacks if f.exact]
@@ -236,7 +242,10 @@ def _bmm_blocks(x: torch.Tensor, C: torch.Tensor, transpose: bool) -> torch.Tens
 
 # --------------------------------------------------------------------------- rotations
 class Rotation(nn.Module):
-    """A structured orthogonal ``d x d`` matrix ``Q``; ``apply(x)`` is ``Q x`` on the last dim of ``x``."""
+    """A structured orthogonal ``d x d`` matrix ``Q``; ``rotate(x)`` is ``Q x`` on the last dim of ``x``.
+
+    (The method is ``rotate``, not ``apply``: ``nn.Module.apply(fn)`` must keep working on models.)
+    """
 
     d: int
 
@@ -247,21 +256,23 @@ class Rotation(nn.Module):
         self.r = d // block_size
         self.factors = CayleyBlocks(n_factors, self.r, block_size, **cayley_kw)
 
-    def apply(self, x: torch.Tensor, blocks: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def blocks(self, dtype=None) -> torch.Tensor:
         return self.factors(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x)
+        # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
+        blocks = self.factors()
+        return self.rotate(x, blocks if blocks.dtype == x.dtype else blocks.to(x.dtype))
 
     def dense(self, dtype=torch.float64) -> torch.Tensor:
         """The dense ``Q`` (for tests, merging and inspection), computed in ``dtype``."""
         blocks = self.blocks(dtype)
         eye = torch.eye(self.d, dtype=dtype, device=blocks.device)
         # applying Q to the rows of I gives the rows (Q e_i)^T, i.e. Q^T
-        return self.apply(eye, blocks).transpose(0, 1).contiguous()
+        return self.rotate(eye, blocks).transpose(0, 1).contiguous()
 
 
 class GSRotation(Rotation):
@@ -270,7 +281,7 @@ class GSRotation(Rotation):
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 2, **cayley_kw)
 
-    def apply(self, x, blocks=None, transpose=False):
+    def rotate(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
         R, L = B[0], B[1]
         if not transpose:
@@ -288,7 +299,7 @@ class BlockDiagRotation(Rotation):
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 1, **cayley_kw)
 
-    def apply(self, x, blocks=None, transpose=False):
+    def rotate(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
         return _bmm_blocks(x, B[0], transpose)
 
@@ -342,7 +353,7 @@ class ButterflyRotation(Rotation):
         y = _bmm_blocks(y, C, transpose)    # C (or C^T)
         return y.index_select(-1, g)        # B y
 
-    def apply(self, x, blocks=None, transpose=False):
+    def rotate(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
         levels = range(self.m) if transpose else reversed(range(self.m))
         y = x
@@ -362,21 +373,58 @@ def make_rotation(method: str, d: int, block_size: int, n_factors: int = 2, **ca
 
 
 # --------------------------------------------------------------------------- layer rules
+def conv1d_type():
+    """transformers' ``pytorch_utils.Conv1D`` (GPT-2's linear layer, weight stored ``(in, out)``) if imported.
+
+    Only looked up among imported modules: a model holding a Conv1D has imported it already.
+    """
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_conv1d(base: nn.Module) -> bool:
+    t = conv1d_type()
+    return t is not None and isinstance(base, t)
+
+
+def is_linear_like(base: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D``: ``y = W x + c`` on the last dimension."""
+    return isinstance(base, nn.Linear) or is_conv1d(base)
+
+
+def supported_layer(base: nn.Module) -> bool:
+    return isinstance(base, (nn.Linear, nn.Conv2d)) or is_conv1d(base)
+
+
+SUPPORTED_LAYERS = "nn.Linear, nn.Conv2d or transformers' Conv1D"
+
+
 def layer_dims(base: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` that an adapter sees: Linear (in, out); Conv2d (in_channels*kh*kw, out_channels)."""
+    """``(d_in, d_out)`` that an adapter sees.
+
+    Linear (in, out); Conv1D (weight rows, weight columns) = (in, out);
+    Conv2d (in_channels/groups*kh*kw, out_channels): the flattened weight is
+    ``out x (in_channels/groups*kh*kw)`` whatever ``groups`` is.
+    """
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if isinstance(base, nn.Conv2d):
         kh, kw = base.kernel_size
-        return base.in_channels * kh * kw, base.out_channels
-    raise TypeError(f"adapters wrap nn.Linear or nn.Conv2d, got {type(base).__name__}")
+        return base.in_channels // base.groups * kh * kw, base.out_channels
+    if is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"adapters wrap {SUPPORTED_LAYERS}, got {type(base).__name__}")
+
+
+def _in_what(base) -> str:
+    if is_linear_like(base):
+        return "in_features"
+    return "in_channels*kh*kw" if base.groups == 1 else "in_channels/groups*kh*kw"
 
 
 def check_base_layer(base: nn.Module, name: str = "layer") -> None:
-    if not isinstance(base, (nn.Linear, nn.Conv2d)):
-        raise TypeError(f"{name}: adapters wrap nn.Linear or nn.Conv2d, got {type(base).__name__}")
-    if isinstance(base, nn.Conv2d) and base.groups != 1:
-        raise ValueError(f"{name}: Conv2d groups={base.groups} is not supported (adapters need groups=1)")
+    if not supported_layer(base):
+        raise TypeError(f"{name}: adapters wrap {SUPPORTED_LAYERS}, got {type(base).__name__}")
     if base.weight.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: the layer's weight must have a floating dtype (float16, bfloat16, float32, float64), "
@@ -384,38 +432,118 @@ def check_base_layer(base: nn.Module, name: str = "layer") -> None:
         )
 
 
+def _block_size_problem(base: nn.Module, method: str, block_size: int, n_factors: int) -> str | None:
+    """Why ``block_size`` does not fit ``base`` for ``method`` (None when it fits)."""
+    d_in, d_out = layer_dims(base)
+    what = _in_what(base)
+    if block_size < 2:
+        return (f"block_size={block_size} gives 1x1 Cayley blocks, which are always 1: "
+                "Q = I has no trainable parameter (use block_size >= 2)")
+    if d_in % block_size:
+        return f"block_size={block_size} must divide {what}={d_in}"
+    if method == "double_gsoft" and d_out % block_size:
+        what_out = "out_features" if is_linear_like(base) else "out_channels"
+        return f"block_size={block_size} must divide {what_out}={d_out} (double_gsoft rotates outputs)"
+    if method == "boft" and n_factors > 1:
+        if block_size % 2:
+            return f"boft with n_factors={n_factors} > 1 needs an even block_size, got {block_size}"
+        span = block_size * 2 ** (n_factors - 1)
+        if d_in % span:
+            return f"boft with n_factors={n_factors} needs block_size*2**(n_factors-1)={span} to divide {what}={d_in}"
+    return None
+
+
 def check_orthogonal_layer(name: str, base: nn.Module, method: str, block_size: int, n_factors: int) -> None:
     """Raise, naming the layer and the numbers, when ``method`` cannot wrap ``base``."""
     check_base_layer(base, name)
-    d_in, d_out = layer_dims(base)
-    what = "in_features" if isinstance(base, nn.Linear) else "in_channels*kh*kw"
-    if d_in % block_size:
-        raise ValueError(f"{name}: block_size={block_size} must divide {what}={d_in}")
     if method in ("gsoft", "double_gsoft") and n_factors != 2:
         raise ValueError(
             f"{name}: n_factors={n_factors}: method={method!r} has exactly 2 factors (L and R); use method='boft' for more"
         )
-    if method == "double_gsoft" and d_out % block_size:
-        what_out = "out_features" if isinstance(base, nn.Linear) else "out_channels"
-        raise ValueError(f"{name}: block_size={block_size} must divide {what_out}={d_out} (double_gsoft rotates outputs)")
-    if method == "boft" and n_factors > 1:
-        if block_size % 2:
-            raise ValueError(f"{name}: boft with n_factors={n_factors} > 1 needs an even block_size, got {block_size}")
-        span = block_size * 2 ** (n_factors - 1)
-        if d_in % span:
-            raise ValueError(
-                f"{name}: boft with n_factors={n_factors} needs block_size*2**(n_factors-1)={span} "
-                f"to divide {what}={d_in}"
-            )
+    if method == "double_gsoft" and isinstance(base, nn.Conv2d) and base.groups != 1:
+        raise ValueError(
+            f"{name}: double_gsoft cannot wrap a Conv2d with groups={base.groups}: its output rotation mixes "
+            "output channels of different groups, which a grouped convolution cannot hold"
+        )
+    why = _block_size_problem(base, method, block_size, n_factors)
+    if why:
+        raise ValueError(f"{name}: {why}")
+
+
+def fit_block_size(name: str, base: nn.Module, method: str, block_size: int, n_factors: int) -> int:
+    """The block size nearest to ``block_size`` that fits ``base`` (ties: the smaller; PEFT OFT's rule).
+
+    Returns ``block_size`` itself when it fits; raises ValueError naming the
+    layer when no size >= 2 fits.
+    """
+    if _block_size_problem(base, method, block_size, n_factors) is None:
+        return block_size
+    d_in, _ = layer_dims(base)
+    fits = [b for b in range(2, d_in + 1) if _block_size_problem(base, method, b, n_factors) is None]
+    if not fits:
+        raise ValueError(
+            f"{name}: no block size fits this layer for method={method!r} (n_factors={n_factors}): "
+            f"{_block_size_problem(base, method, block_size, n_factors)}, and no size in [2, {d_in}] divides it"
+        )
+    return min(fits, key=lambda b: (abs(b - block_size), b))
 
 
 # --------------------------------------------------------------------------- merge bookkeeping
+def _fused_paths_off(module, args):
+    """A no-op forward pre-hook: its presence keeps torch's fused encoder fast path off (see MergeableAdapter)."""
+    return None
+
+
+def adapter_param_dtype(weight_dtype: torch.dtype, adapter_dtype=None) -> torch.dtype:
+    """The dtype of an adapter's own parameters: ``adapter_dtype``, else float32 on a half-precision base."""
+    if adapter_dtype is not None:
+        if adapter_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"adapter_dtype must be one of {FLOAT_DTYPES} or None, got {adapter_dtype!r}")
+        return adapter_dtype
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 class MergeableAdapter(nn.Module):
-    """Shared merge/unmerge state and input/parameter checks of every adapter layer."""
+    """Shared merge/unmerge state and input/parameter checks of every adapter layer.
+
+    Drop-in: attributes the adapter does not have are read from the base layer
+    (``weight``, ``bias``, ``in_features``, ``out_features``, ``kernel_size``,
+    ...), as PEFT's tuner layers do; ``weight`` is the frozen base weight, not
+    the adapted one. Code that reads ``weight`` to compute instead of calling
+    the layer is kept off: torch's ``nn.TransformerEncoderLayer`` fused
+    inference path (eval + no_grad) multiplies by ``linear1.weight`` itself, and
+    it is not taken while a module inside the layer has a forward hook, so every
+    adapter registers a no-op forward pre-hook.
+    """
 
     base_layer: nn.Module
     merged: bool
     name: str = "layer"
+
+    def __init__(self):
+        super().__init__()
+        self.register_forward_pre_hook(_fused_paths_off)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            base = modules.get("base_layer") if modules is not None else None
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base layer alone would compute in: the autocast dtype when autocast is on, else x's."""
+        dev = x.device.type
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
+    def _param_dtype(self) -> torch.dtype:
+        named = self.adapter_named_parameters()
+        return named[0][1].dtype if named else self.base_layer.weight.dtype
 
     # ---- checks shared by every adapter's forward
     def adapter_named_parameters(self) -> list:
@@ -530,10 +658,13 @@ class MergeableAdapter(nn.Module):
             )
         if x.device != W.device:
             raise ValueError(f"{self.name}: input x is on {x.device} but the layer's weights are on {W.device}")
-        if isinstance(base, nn.Linear):
-            if x.dim() < 1 or x.shape[-1] != base.in_features:
+        if x.is_nested:
+            raise ValueError(f"{self.name}: nested tensors are not supported as input; pass a padded tensor")
+        if is_linear_like(base):
+            d_in = layer_dims(base)[0]
+            if x.dim() < 1 or x.shape[-1] != d_in:
                 raise ValueError(
-                    f"{self.name}: input x.shape[-1] must equal in_features={base.in_features}, got shape {tuple(x.shape)}"
+                    f"{self.name}: input x.shape[-1] must equal in_features={d_in}, got shape {tuple(x.shape)}"
                 )
         else:
             if x.dim() not in (3, 4) or x.shape[-3] != base.in_channels:
@@ -558,15 +689,10 @@ class MergeableAdapter(nn.Module):
         if self.merged:
             warnings.warn(f"{self.name} ({type(self).__name__}): already merged; merge() did nothing (no double apply)")
             return False
-        self._check_mergeable()
-        self.check_parameters_finite(force=True)
+        new = self.check_merge()
         with torch.no_grad():
-            W = self.base_layer.weight
-            new = self._merged_weight().reshape(W.shape).to(W.dtype)
-            if not bool(torch.isfinite(new).all()):
-                raise ValueError(f"{self.name}: the merged weight is not finite in {W.dtype}; merge refused, layer unchanged")
             snapshot = self._param_snapshot()
-            W.copy_(new)
+            self.base_layer.weight.copy_(new)
         self._merged_params = snapshot
         self.merged = True
         return True
@@ -596,7 +722,7 @@ class MergeableAdapter(nn.Module):
             try:
                 self._check_unmergeable()
                 W = self.base_layer.weight
-                new = self._unmerged_weight().reshape(W.shape).to(W.dtype)
+                new = self._to_base_layout(self._unmerged_weight()).to(W.dtype)
                 if not bool(torch.isfinite(new).all()):
                     raise ValueError(f"{self.name}: the unmerged weight is not finite; unmerge refused, layer unchanged")
             finally:
@@ -608,10 +734,26 @@ class MergeableAdapter(nn.Module):
         self.merged = False
         return True
 
+    def check_merge(self) -> torch.Tensor:
+        """Every check :meth:`merge` makes, without changing anything; returns the weight merge would write.
+
+        Raises ValueError naming the layer when the weight is shared (tied), an
+        adapter parameter is not finite, or the merged weight is not finite in
+        the base weight's dtype.
+        """
+        self._check_mergeable()
+        self.check_parameters_finite(force=True)
+        with torch.no_grad():
+            W = self.base_layer.weight
+            new = self._to_base_layout(self._merged_weight()).to(W.dtype)
+            if not bool(torch.isfinite(new).all()):
+                raise ValueError(f"{self.name}: the merged weight is not finite in {W.dtype}; merge refused, layer unchanged")
+        return new
+
     def _check_mergeable(self):
-        if getattr(self, "weight_is_shared", False):
+        if self.__dict__.get("weight_is_shared", False):
             raise ValueError(
-                f"{type(self).__name__}: the base weight is shared with another module (tied weights); "
+                f"{self.name}: the base weight is shared with another module (tied weights); "
                 "merging would change that module too. Exclude this layer via target_modules, or untie the weights"
             )
 
@@ -619,14 +761,20 @@ class MergeableAdapter(nn.Module):
         pass
 
     def _flat_weight(self, dtype=None) -> torch.Tensor:
+        """The base weight as ``d_out x d_in`` (Conv2d flattened, Conv1D transposed), in ``dtype`` when given."""
         W = self.base_layer.weight
-        W = W.reshape(W.shape[0], -1)
+        W = W.transpose(0, 1) if is_conv1d(self.base_layer) else W.reshape(W.shape[0], -1)
         return W if dtype is None else W.to(dtype)
+
+    def _to_base_layout(self, M: torch.Tensor) -> torch.Tensor:
+        """A ``d_out x d_in`` matrix in the base weight's own layout (inverse of :meth:`_flat_weight`)."""
+        W = self.base_layer.weight
+        return M.transpose(0, 1) if is_conv1d(self.base_layer) else M.reshape(W.shape)
 
     def _base_forward(self, x, weight_flat, with_bias=True):
         base = self.base_layer
         bias = base.bias if with_bias else None
-        if isinstance(base, nn.Linear):
+        if is_linear_like(base):
             return F.linear(x, weight_flat, bias)
         return base._conv_forward(x, weight_flat.reshape(base.weight.shape), bias)
 
@@ -638,11 +786,17 @@ class MergeableAdapter(nn.Module):
 
 
 class OrthogonalAdapter(MergeableAdapter):
-    """``nn.Linear`` / ``nn.Conv2d`` wrapped with a learned orthogonal rotation (see module docstring)."""
+    """``nn.Linear`` / ``nn.Conv2d`` / transformers ``Conv1D`` wrapped with a learned orthogonal rotation.
+
+    See the module docstring. ``adapter_dtype``: dtype of the rotation and scale
+    parameters; None gives float32 on a float16/bfloat16 base (the optimizer
+    then updates float32 numbers) and the base dtype otherwise. The output has
+    the dtype the base layer alone would give (the autocast dtype under autocast).
+    """
 
     def __init__(self, base: nn.Module, method: str = "gsoft", block_size: int = 32, n_factors: int = 2,
                  scale: bool = True, packed: bool = True, cayley: str = "exact", neumann_terms: int = 5,
-                 name: str = "layer"):
+                 name: str = "layer", adapter_dtype: torch.dtype | None = None):
         super().__init__()
         if method not in ORTHOGONAL_METHODS:
             raise ValueError(f"method={method!r} must be one of {ORTHOGONAL_METHODS}")
@@ -655,10 +809,11 @@ class OrthogonalAdapter(MergeableAdapter):
         self.method = method
         self.d_in, self.d_out = layer_dims(base)
         W = base.weight
-        kw = dict(packed=packed, cayley=cayley, neumann_terms=neumann_terms, dtype=W.dtype, device=W.device)
+        pdt = adapter_param_dtype(W.dtype, adapter_dtype)
+        kw = dict(packed=packed, cayley=cayley, neumann_terms=neumann_terms, dtype=pdt, device=W.device)
         self.rotation = make_rotation(method, self.d_in, block_size, n_factors, **kw)
         self.rotation_out = GSRotation(self.d_out, block_size, **kw) if method == "double_gsoft" else None
-        self.scale = nn.Parameter(torch.ones(self.d_out, dtype=W.dtype, device=W.device)) if scale else None
+        self.scale = nn.Parameter(torch.ones(self.d_out, dtype=pdt, device=W.device)) if scale else None
         self.merged = False
         self.name = name
         self._guard_key()
@@ -683,23 +838,33 @@ class OrthogonalAdapter(MergeableAdapter):
             return self.base_layer(x)
         B_in, B_out = self._training_blocks()
         base = self.base_layer
-        if isinstance(base, nn.Linear):
-            y = F.linear(self.rotation.apply(x, B_in), base.weight)
+        if is_linear_like(base):
+            # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
+            y = F.linear(self.rotation.rotate(x, _in_dtype(B_in, x.dtype)), self._flat_weight())
             if self.rotation_out is not None:
-                y = self.rotation_out.apply(y, B_out)
+                y = self.rotation_out.rotate(y, _in_dtype(B_out, y.dtype))
             if self.scale is not None:
-                y = y * self.scale
-            return y if base.bias is None else y + base.bias
-        return self._base_forward(x, self.adapted_weight(blocks=(B_in, B_out)))
+                y = y * self.scale.to(y.dtype)
+            return y if base.bias is None else y + base.bias.to(y.dtype)
+        return self._base_forward(x, self.adapted_weight(blocks=(B_in, B_out)).to(base.weight.dtype))
 
     def adapted_weight(self, dtype=None, blocks=None) -> torch.Tensor:
-        """``diag(s) Q_out W Q_in`` with W flattened to (out, d_in); in ``dtype`` when given (e.g. float64)."""
+        """``diag(s) Q_out W Q_in`` with W flattened to (out, d_in); in ``dtype`` when given (e.g. float64).
+
+        Without ``dtype`` it is computed in the wider of the base weight's and the parameters' dtypes.
+        ``blocks=(B_in, B_out)``: the rotations' blocks already computed for this forward.
+        """
+        if dtype is None:
+            dtype = torch.promote_types(self.base_layer.weight.dtype, self._param_dtype())
         W = self._flat_weight(dtype)
-        B_in, B_out = blocks if blocks is not None else (self.rotation.blocks(dtype), None)
-        M = self.rotation.apply(W, B_in, transpose=True)  # rows of W Q = (Q^T w_i)^T
+        if blocks is None:
+            B_in = self.rotation.blocks(dtype)
+            B_out = self.rotation_out.blocks(dtype) if self.rotation_out is not None else None
+        else:
+            B_in, B_out = (None if B is None else _in_dtype(B, dtype) for B in blocks)
+        M = self.rotation.rotate(W, B_in, transpose=True)  # rows of W Q = (Q^T w_i)^T
         if self.rotation_out is not None:
-            Bo = B_out if blocks is not None else self.rotation_out.blocks(dtype)
-            M = self.rotation_out.apply(M.transpose(0, 1), Bo).transpose(0, 1)  # Q_out M
+            M = self.rotation_out.rotate(M.transpose(0, 1), B_out).transpose(0, 1)  # Q_out M
         if self.scale is not None:
             s = self.scale if dtype is None else self.scale.to(dtype)
             M = M * s[:, None]
@@ -726,10 +891,10 @@ class OrthogonalAdapter(MergeableAdapter):
             M = M / self.scale.to(f64)[:, None]
         if self.rotation_out is not None:
             Bo = self.rotation_out.blocks(f64)
-            M = self.rotation_out.apply(M.transpose(0, 1), Bo, transpose=True).transpose(0, 1)  # Q_out^T M
+            M = self.rotation_out.rotate(M.transpose(0, 1), Bo, transpose=True).transpose(0, 1)  # Q_out^T M
         if self.rotation.factors.cayley == "peft_neumann":  # PEFT's series is not orthogonal: undo W Q with Q^{-1}
-            return self.rotation.apply(M, torch.linalg.inv(self.rotation.blocks(f64)), transpose=True)
-        return self.rotation.apply(M, self.rotation.blocks(f64))  # rows of M Q^T = (Q m_i)^T
+            return self.rotation.rotate(M, torch.linalg.inv(self.rotation.blocks(f64)), transpose=True)
+        return self.rotation.rotate(M, self.rotation.blocks(f64))  # rows of M Q^T = (Q m_i)^T
 
     def orthogonal_matrices(self, dtype=torch.float64) -> dict:
         """The dense learned ``Q`` matrices by name (``in`` and, for double_gsoft, ``out``)."""
@@ -745,5 +910,6 @@ class OrthogonalAdapter(MergeableAdapter):
 __all__ = [
     "CayleyBlocks", "Rotation", "GSRotation", "BlockDiagRotation", "ButterflyRotation", "butterfly_index",
     "make_rotation", "OrthogonalAdapter", "MergeableAdapter", "layer_dims", "check_base_layer",
-    "check_orthogonal_layer", "ORTHOGONAL_METHODS",
+    "check_orthogonal_layer", "fit_block_size", "adapter_param_dtype", "conv1d_type", "is_linear_like",
+    "supported_layer", "ORTHOGONAL_METHODS",
 ]
