@@ -45,3 +45,46 @@ def test_triton_conv_exp_through_dispatch_when_backend_loads(device):
     with gsops.use_backend("triton"):
         y = gsops.conv_exp(x, L, 3, 2)
     torch.testing.assert_close(y, cref.conv_exp(x, L, 3, 2), **tol(torch.float32))
+
+
+_TTIR_CHILD = r"""
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_kernels.conv_exp import _conv_exp_step_kernel as k
+sig = {"z_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "acc_ptr": "*fp32", "C": "i32", "H": "i32", "W": "i32",
+       "scale": "fp32", "CG": "constexpr", "K": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"}
+c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=dict(CG=2, K=3, BLOCK=256, ACC=tl.float32)),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print(json.dumps({"ttir": c.asm["ttir"]}))
+"""
+
+
+def test_conv_exp_activation_offsets_are_64_bit():
+    """N*C*H*W >= 2^31 elements must not wrap: every pointer offset into the activations (z, out,
+    acc) is int64 in the compiled kernel (its TTIR, compiled for sm_90 without a GPU: a 2^31-element
+    launch is beyond what the interpreter can run)."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TTIR_CHILD], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines and ("ptxas" in proc.stderr or "libcuda" in proc.stderr):
+        pytest.skip(f"the CUDA tool chain bundled with triton is unusable here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and lines, proc.stderr[-2000:]
+    ttir = json.loads(lines[-1])["ttir"]
+    # the first offset added to each activation pointer (the compiler may add a small int32 column
+    # offset after it): %p = tt.splat %z_ptr ...; %q = tt.addptr %p, %off : ..., tensor<256xi64>
+    splats = set(re.findall(r"%([\w.]+) = tt\.splat %(?:z_ptr|out_ptr|acc_ptr) ", ttir))
+    first = [(m.group(1), m.group(2)) for m in re.finditer(r"tt\.addptr %([\w.]+), %[\w.]+ : [^,]+, tensor<\d+x(i\d+)>", ttir)
+             if m.group(1) in splats]
+    assert len(splats) >= 3 and len(first) >= 3, ttir[-3000:]
+    assert all(t == "i64" for _, t in first), first
