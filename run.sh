@@ -73,6 +73,11 @@ if [ "$job" = gpu ]; then
   run_direct "$gpy" "$@"
 fi
 
+if [ -x "$VENV/bin/python" ] && ! has_torch "$VENV/bin/python" && has_torch "$PY"; then
+  # e.g. made with --system-site-packages from a Python that is itself a venv: it cannot see that torch
+  echo "run.sh: $VENV cannot import torch but $PY can: recreating $VENV on $PY's packages"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ] && has_torch "$PY"; then
   miss=$(missing_reqs "$PY")
   if [ -z "$miss" ]; then
