@@ -49,7 +49,8 @@ TEST_DEPS = ("pytest", "numpy", "safetensors")  # what the pytest step needs bey
 GPU_TEST_FILES = (
     ["tests/test_cuda_kernels.py"],
     ["tests/test_triton_gs_apply.py"],
-    ["tests/test_triton_cayley.py", "tests/test_triton_conv_exp.py", "tests/test_triton_device_guard.py"],
+    ["tests/test_triton_cayley.py", "tests/test_triton_conv_exp.py", "tests/test_triton_device_guard.py",
+     "tests/test_ops_custom.py"],
 )
 # the dry run's subset (the emulator and the interpreter are slow): every file, a few tests each
 DRY_RUN_SELECT = {
@@ -58,6 +59,7 @@ DRY_RUN_SELECT = {
     "tests/test_triton_cayley.py": "identity_at_zero or half_inputs",
     "tests/test_triton_conv_exp.py": "dispatch",
     "tests/test_triton_device_guard.py": "mixed",
+    "tests/test_ops_custom.py": "opcheck_cayley_ops and triton",
 }
 HARNESS_METHODS = ["base", "full", "lora", "peft_oft", "gsoft", "oft"]
 NCU_METRICS = "dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_op_read.sum,lts__t_sectors_op_write.sum"
@@ -603,6 +605,10 @@ def summarize(R: Runner, meta: dict, corr, timings, bench_rows, harness_csv) -> 
                  f"{_fmt(max((r.get('max_ratio') or 0) for r in corr))}; pass <= 1).")
         races = [r for r in corr if r.get("repeat_bitwise_y") is False or r.get("repeat_bitwise_dx") is False]
         L.append(f"Runs differing bit for bit between the two runs (forward or input gradient): {len(races)}.")
+        warned = [r for r in corr if r.get("warnings")]
+        if warned:
+            L.append(f"Cases where the backend warned (e.g. used the reference path): {len(warned)}; first: "
+                     f"{warned[0]['backend']} {warned[0]['dtype']} b={warned[0]['b']}: {warned[0]['warnings'][0][:200]}")
         for r in bad[:20]:
             L.append(f"- FAIL {r['op']} {r['backend']} {r['dtype']} b={r['b']} tokens={r['tokens']} d={r.get('d')}: "
                      f"ratio {_fmt(r.get('max_ratio'))} {r.get('error', '')}")
