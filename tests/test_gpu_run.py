@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # perf/ lives at the repo root, beside tests/
 from perf import gpu_checks, gpu_run  # noqa: E402
 
-DRY_STEPS = 11  # build, info, 2 driver modes, tests, correctness, timings, C++ bench, harness, racecheck, ncu
+# build, info, 2 driver modes, tests, correctness, past 2^31, timings, C++ bench, harness, racecheck, ncu
+DRY_STEPS = 12
 
 
 def test_a_failed_and_a_hung_step_are_recorded_and_later_steps_run(tmp_path):
