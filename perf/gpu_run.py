@@ -312,7 +312,7 @@ def _driver_check(res):
     r = res[0]
     m = re.search(r"(\d+) checks, (\d+) failures", r["output"])
     if not m:
-        return False, f"exit {r['rc']}, no summary line"
+        return False, f"exit {r['rc']}, no summary line: {_tail(r['output'], 1)[:200]}"
     return r["rc"] == 0 and m.group(2) == "0", f"{m.group(1)} checks, {m.group(2)} failures, exit {r['rc']}"
 
 
@@ -465,6 +465,8 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
             ok = all(r["rc"] == 0 for r in res) and every and not bad
             crashed = [f"{r['label']} exit {r['rc']}: {_tail(r['output'], 1)[:150]}" for r in res
                        if r["rc"] not in (0, 1)]
+            if not every:
+                crashed += [f"{r['label']}: {_tail(r['output'], 1)[:150]}" for r in res[:1]]
             counts = f"{len(rows) - len(bad)} of {len(rows)} cases passed" + (
                 f", {len(skipped)} skipped ({skipped[0]['skipped']})" if skipped else "")
             return bool(ok), "; ".join(crashed + [counts]) + (
