@@ -374,6 +374,9 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
             env["GSOPS_CUDA_EMULATOR"] = emu_paths["extension"]
     else:
         def build_cmds():
+            # what an earlier run built must not stand in for a build that fails now
+            for old in [*ROOT.glob("gsops/_C*.so"), gpu_build / "gsops_gpu_test", gpu_build / "gsops_gpu_bench"]:
+                old.unlink(missing_ok=True)
             nv = nvcc_path()
             # ninja builds with MAX_JOBS processes; without it setuptools' own -j parallelises the build
             ninja = shutil.which("ninja") or importlib.util.find_spec("ninja")
@@ -395,6 +398,9 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
                           "echo built the GPU test driver and bench"]
                 script.write_text("\n".join(lines) + "\n")
                 cmds.append(("build-driver-bench", ["bash", script]))
+            else:
+                cmds.append(("build-driver-bench", [PY, "-c", "raise SystemExit('nvcc not found (CUDA_HOME, PATH, "
+                                                              "/usr/local/cuda): the driver and bench are not built')"]))
             return cmds
         R.step("build (gsops._C for sm_90, in place; GPU test driver and bench)", 240, build_cmds,
                env=child_env(False, {"GSOPS_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0",
