@@ -41,7 +41,7 @@ EOF
 }
 log=$(mktemp)
 pip_install() {  # quiet unless it fails
-  if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -40 >&2; echo "run.sh: pip install $* failed" >&2; exit 1
   fi
 }
@@ -85,12 +85,14 @@ if [ ! -x "$VENV/bin/python" ] && has_torch "$PY"; then
   fi
   echo "run.sh: $PY has torch $("$PY" -c 'import torch; print(torch.__version__)') but lacks $miss:" \
        "creating $VENV on its packages and installing those"
-  "$PY" -m venv "$VENV"
   # a venv made from a venv does not see the parent's site-packages (--system-site-packages reaches only
-  # the base interpreter's): a .pth file adds every site directory of $PY, so its torch is the one used
+  # the base interpreter's): a .pth file adds every site directory of $PY, so its torch is the one used.
+  # No pip or setuptools of its own either: older bundled copies would shadow $PY's (torch may pin them).
+  "$PY" -m venv --without-pip "$VENV"
   sitedir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   "$PY" -c 'import site, sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
     >"$sitedir/gsops-parent-site.pth"
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip -q
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "run.sh: creating $VENV with torch==2.13.0 triton==3.6.0 (about a minute)"
