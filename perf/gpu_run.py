@@ -601,6 +601,31 @@ def write_results(outdir: Path, logdir: Path, R: Runner, meta: dict, corr_files,
     return 0 if all(s.ok for s in R.steps) else 1
 
 
+def headline(corr, timings, harness_csv) -> list[str]:
+    """A few bullets: correctness count, GS forward at b = 32 against copy and GEMM, Cayley against
+    solve, GSOFT in the harness against the frozen layer."""
+    out = []
+    ran = [r for r in corr if not r.get("skipped")]
+    if ran:
+        out.append(f"- correctness: {sum(bool(r.get('passed')) for r in ran)} of {len(ran)} cases passed")
+    rows = [r for r in timings.get("rows", []) if "ms" in r]
+    bs = sorted({r["b"] for r in rows if r["op"] == "gs_apply fwd"})
+    b = 32 if 32 in bs else (bs[len(bs) // 2] if bs else None)
+    for r in rows:
+        if r["op"] in ("gs_apply fwd", "gs_apply bwd") and r["b"] == b:
+            out.append(f"- {r['op']} {r['backend']} b={b}: {r['ms']:.4f} ms, {r['copy_pct']:.0f}% of copy bandwidth, "
+                       f"{r['x_dense_gemm']:.2f}x the dense GEMM" + (" pair" if "bwd" in r["op"] else ""))
+        if r["op"].startswith("cayley") and r.get("x_solve") and r.get("dtype") == "float32":
+            out.append(f"- {r['op']} b={r['b']} fp32 {r['backend']}: {r['ms']:.4f} ms, {r['x_solve']:.2f}x "
+                       f"torch.linalg.solve")
+    if harness_csv:
+        with open(harness_csv) as f:
+            for r in csv.DictReader(f):
+                if r["method"].startswith("gsoft") and r["ratio_to_base"]:
+                    out.append(f"- harness {r['method']} d={r['d']}: {float(r['ratio_to_base']):.2f}x the frozen layer")
+    return (["", "## Headline", ""] + out) if out else []
+
+
 def summarize(R: Runner, meta: dict, corr, timings, bench_rows, harness_csv) -> str:
     v = meta["versions"]
     n_pass = sum(s.status == "passed" for s in R.steps)
@@ -612,7 +637,9 @@ def summarize(R: Runner, meta: dict, corr, timings, bench_rows, harness_csv) -> 
          f"{meta['cores']} cores, budget {meta['budget_s']:.0f} s, total {sum(s.seconds for s in R.steps):.0f} s",
          f"- python {v['python']} ({v['python_executable']}), torch {v['torch']} (CUDA {v['torch_cuda']}), "
          f"triton {v.get('triton')}, nvcc {v.get('nvcc')}, peft {v.get('peft')}, transformers {v.get('transformers')}",
-         "", "## Steps", "", "| step | status | s | limit | detail |", "|---|---|---|---|---|"]
+         ]
+    L += headline(corr, timings, harness_csv)
+    L += ["", "## Steps", "", "| step | status | s | limit | detail |", "|---|---|---|---|---|"]
     for s in R.steps:
         L.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.limit:.0f} | {s.detail.replace('|', '/')[:300]} |")
     if failed:
