@@ -4,7 +4,9 @@ Forward ops keep the dispatch contract of the reference (``x, ... -> y``).
 Backward ops (names ``<op>_backward``, contract in :mod:`gsops.ops.custom`)
 let the custom ops run the whole training step on this backend.  Runs on CUDA
 tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-set before this module is first imported).
+set before this module is first imported). Every op checks that its tensors share one
+device (``ValueError`` naming the arguments otherwise) and launches with that CUDA device
+current: Triton launches on the current device, not the tensors'.
 """
 from __future__ import annotations
 
