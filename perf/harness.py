@@ -94,7 +94,7 @@ def git_commit() -> tuple[str, bool]:
                                     capture_output=True, text=True).stdout.strip())
         return sha, dirty
     except (OSError, subprocess.CalledProcessError):
-        return "nogit", False
+        return os.environ.get("GSOPS_COMMIT", "").strip() or "nogit", False
 
 
 def device_name(device: torch.device) -> str:
@@ -421,6 +421,7 @@ def format_micro(rows: list[dict]) -> str:
     lines = ["\n== micro-benchmarks"]
     for r in rows:
         extra = f"  {r['gbps']:.2f} GB/s ({100 * r['copy_fraction']:.0f}% of copy)" if "gbps" in r else ""
+        extra += f"  [{r['note']}]" if r.get("note") else ""
         lines.append(f"{r['benchmark']:15s} {r['shape']:26s} {r['impl']:20s} {r['ms']:9.3f} ms{extra}")
     return "\n".join(lines)
 
@@ -471,7 +472,7 @@ def write_outputs(out_dir: Path, stem: str, records, micro, meta) -> dict:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
     if micro:
         paths["micro_csv"] = out_dir / f"micro_{stem.split('_', 1)[1]}.csv"
-        keys = ["benchmark", "shape", "impl", "ms", "reps", "gbps", "copy_fraction"]
+        keys = ["benchmark", "shape", "impl", "ms", "reps", "gbps", "copy_fraction", "note"]
         with open(paths["micro_csv"], "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()

@@ -14,12 +14,29 @@ import gsops
 from gsops.reference import gs_dense
 
 
+# torch.linalg.solve has no float16/bfloat16 kernel (CPU or CUDA): its baseline runs in float32 then
+HALF = (torch.float16, torch.bfloat16)
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ``torch.linalg.solve`` baseline computes in for inputs of ``dtype``."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def solve_note(dtype: torch.dtype) -> str:
+    return (f"computed in float32 (torch.linalg.solve has no {str(dtype).replace('torch.', '')} kernel)"
+            if dtype in HALF else "")
+
+
 def cayley_setup(r: int, b: int, device, dtype, backward: bool = True) -> dict:
-    """Cayley of ``r`` skew ``b x b`` blocks: gsops.cayley vs ``torch.linalg.solve`` (``Q = (I + K)(I - K)^{-1}``)."""
+    """Cayley of ``r`` skew ``b x b`` blocks: gsops.cayley vs ``torch.linalg.solve`` (``Q = (I + K)(I - K)^{-1}``).
+
+    For float16/bfloat16 ``K`` the solve baseline upcasts to float32 (see :func:`solve_note`)."""
     g = torch.Generator().manual_seed(0)
     A = (0.1 * torch.randn(r, b, b, generator=g)).to(device=device, dtype=dtype)
     A = (A - A.transpose(-1, -2)).requires_grad_(backward)
-    eye = torch.eye(b, device=device, dtype=dtype)
+    sdt = solve_dtype(dtype)
+    eye = torch.eye(b, device=device, dtype=sdt)
     gQ = torch.randn(r, b, b, generator=g).to(device=device, dtype=dtype)
 
     def run_gsops():
@@ -30,7 +47,8 @@ def cayley_setup(r: int, b: int, device, dtype, backward: bool = True) -> dict:
 
     def run_solve():
         # X (I - K) = (I + K)  =>  X = (I + K)(I - K)^{-1}
-        Q = torch.linalg.solve(eye - A, eye + A, left=False)
+        K = A.to(sdt)
+        Q = torch.linalg.solve(eye - K, eye + K, left=False).to(dtype)
         if backward:
             Q.backward(gQ)
             A.grad = None
@@ -88,7 +106,8 @@ def run_micro(device, dtype, quick: bool = False, sizes=None) -> list[dict]:
     for r, b in cay:
         for name, fn in cayley_setup(r, b, device, dtype).items():
             t, n = _time(fn, device, min_time)
-            rows.append(dict(benchmark="cayley fwd+bwd", shape=f"r={r} b={b}", impl=name, ms=1e3 * t, reps=n))
+            rows.append(dict(benchmark="cayley fwd+bwd", shape=f"r={r} b={b}", impl=name, ms=1e3 * t, reps=n,
+                             note=solve_note(dtype) if name == "torch.linalg.solve" else ""))
     gsz = sizes.get("gs_apply") if sizes else None
     gsz = gsz or ([(4096, 1024, 32)] if quick else [(4096, 1024, 32), (1024, 4096, 64)])
     for tokens, d, b in gsz:

@@ -202,6 +202,26 @@ def test_gpu_test_module_passes_on_the_emulated_extension():
     assert "skipped" not in out and "failed" not in out, out[-3000:]
 
 
+BENCH_TINY = ("--tokens", "64", "--d", "128", "--blocks", "16", "--reps", "1", "--conv-batch", "1", "--cayley-mats", "2")
+
+
+def test_gpu_bench_checks_its_launches_and_outputs(tmp_path):
+    """csrc/bench/gpu_bench.cu on tiny shapes under the emulator: random inputs give finite, nonzero
+    outputs and it finishes; a launcher that refuses its arguments (b=256 > 128) stops it with the
+    launcher's error instead of a timing."""
+    _require_sanitizers(tmp_path)
+    exe = emu.build(build_dir=BUILD, sources=sorted(CSRC.glob("*.cu")) + [CSRC / "bench" / "gpu_bench.cu"],
+                    exe_name="gsops_emu_bench")
+    ok = emu.run(exe, "mma", BENCH_TINY, 600)
+    assert ok.returncode == 0 and "gsops GPU bench: done" in ok.stdout, ok.stdout[-3000:]
+    rows = [ln.split(",") for ln in ok.stdout.splitlines() if ln.startswith("csv,")]
+    assert {r[1] for r in rows} >= {"copy", "block_diag (no permutation)", "block gradient (P P^T)"}, rows
+    bad = emu.run(exe, "mma", ("--tokens", "8", "--d", "512", "--blocks", "256", "--reps", "1"), 600)
+    assert bad.returncode == 1, bad.stdout[-3000:]
+    assert "FAIL: block_diag_perm -> invalid argument" in bad.stdout, bad.stdout[-3000:]
+    assert "csv,block_diag" not in bad.stdout
+
+
 def test_a_bad_emulator_path_makes_the_cuda_backend_unavailable_with_the_reason(tmp_path):
     bad = tmp_path / "nothing_here.so"
     env = dict(os.environ, GSOPS_CUDA_EMULATOR=str(bad))

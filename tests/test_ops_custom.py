@@ -12,10 +12,14 @@ from gsops.tolerances import tol
 BACKENDS = ["torch", "triton"]
 
 
-def _available(backend):
-    ok, reason = backends.runs_on(backend, torch.device("cpu"))
+def _available(backend, device=torch.device("cpu")):
+    ok, reason = backends.runs_on(backend, device)
     if not ok:
         pytest.skip(f"{backend} backend unavailable: {reason}")
+
+
+def _leaf(t, device):
+    return t.to(device).requires_grad_()
 
 
 def _skew(n, b, scale=0.3):
@@ -29,13 +33,13 @@ def _opcheck(op, args):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_gs_ops(backend):
-    _available(backend)
+def test_opcheck_gs_ops(backend, device):
+    _available(backend, device)
     r, b = 3, 2
-    x = torch.randn(2, r * b, dtype=torch.float64, requires_grad=True)
-    L = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
-    R = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, r * b, dtype=torch.float64)
+    x = _leaf(torch.randn(2, r * b, dtype=torch.float64), device)
+    L = _leaf(torch.randn(r, b, b, dtype=torch.float64), device)
+    R = _leaf(torch.randn(r, b, b, dtype=torch.float64), device)
+    g = torch.randn(2, r * b, dtype=torch.float64).to(device)
     _opcheck(torch.ops.gsops.block_diag_mm.default, (x, R, backend))
     _opcheck(torch.ops.gsops.gs_chain.default, (x, [R, L], backend))
     _opcheck(torch.ops.gsops.gs_apply.default, (x, L, R, backend))
@@ -45,10 +49,10 @@ def test_opcheck_gs_ops(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_cayley_ops(backend):
-    _available(backend)
-    K = _skew(2, 3).requires_grad_()
-    G = torch.randn(2, 3, 3, dtype=torch.float64)
+def test_opcheck_cayley_ops(backend, device):
+    _available(backend, device)
+    K = _leaf(_skew(2, 3), device)
+    G = torch.randn(2, 3, 3, dtype=torch.float64).to(device)
     _opcheck(torch.ops.gsops.cayley_exact.default, (K, backend))
     _opcheck(torch.ops.gsops.cayley_neumann.default, (K, 3, backend))
     Q = custom.cayley_exact(K.detach(), backend)
@@ -122,12 +126,12 @@ def _compiler_or_skip(fn, *args, backend="inductor"):
 # inductor (generated C++) once; the Triton backend's kernels run opaque inside the custom ops either
 # way, so its graph is only traced (aot_eager) to keep the CPU suite short
 @pytest.mark.parametrize("backend,compiler", [("torch", "inductor"), ("triton", "aot_eager")])
-def test_torch_compile_matches_eager(backend, compiler):
-    _available(backend)
+def test_torch_compile_matches_eager(backend, compiler, device):
+    _available(backend, device)
     r, b = 2, 4
-    x = torch.randn(3, r * b)
-    pL = torch.randn(r, b * (b - 1) // 2) * 0.1
-    pR = torch.randn(r, b * (b - 1) // 2) * 0.1
+    x = torch.randn(3, r * b).to(device)
+    pL = (torch.randn(r, b * (b - 1) // 2) * 0.1).to(device)
+    pR = (torch.randn(r, b * (b - 1) // 2) * 0.1).to(device)
 
     def gsoft(x, pL, pR):
         L = gsops.cayley(gsops.skew(pL, b))
@@ -147,14 +151,14 @@ def test_torch_compile_matches_eager(backend, compiler):
         torch.testing.assert_close(a.grad, c.grad, **tol(torch.float32))
 
 
-def test_compiled_function_follows_a_backend_switch(monkeypatch):
+def test_compiled_function_follows_a_backend_switch(monkeypatch, device):
     """torch.compile bakes the chosen backend into its graph; its guards must notice a switch
     (use_backend or GSOPS_BACKEND) so a compiled function never silently keeps the old backend."""
-    _available("triton")
+    _available("triton", device)
     calls = []
     real = dispatch.impl("gs_apply", "triton")
     monkeypatch.setitem(dispatch._IMPLS["gs_apply"], "triton", lambda *a: calls.append(1) or real(*a))
-    x, L, R = torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    x, L, R = (t.to(device) for t in (torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)))
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, L, R: gsops.gs_apply(x, L, R) * 2, backend="aot_eager")
     with gsops.use_backend("torch"):

@@ -115,3 +115,19 @@ def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         harness.parse_methods(["base,nope"])
     assert harness.parse_methods(["peft", "gsoft"]) == ["lora", "peft_oft", "peft_boft", "peft_boft_m2", "gsoft"]
+
+
+def test_bf16_micro_rows_all_run_with_the_solve_baseline_in_float32():
+    """torch.linalg.solve has no bfloat16 kernel: the bf16 micro run keeps every row (the GS-apply-vs-copy
+    row included), its solve baseline computed in float32 and saying so."""
+    import torch
+
+    from perf.micro import run_micro
+
+    rows = run_micro("cpu", torch.bfloat16, quick=True, sizes={"cayley": [(4, 4)], "gs_apply": [(8, 16, 4)]})
+    impls = {r["impl"]: r for r in rows}
+    assert set(impls) == {"gsops.cayley", "torch.linalg.solve", "gsops.gs_apply", "dense x @ Q^T", "copy x.clone()"}
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
+    assert "float32" in impls["torch.linalg.solve"]["note"] and "bfloat16" in impls["torch.linalg.solve"]["note"]
+    assert impls["gsops.cayley"]["note"] == ""
+    assert math.isfinite(impls["gsops.gs_apply"]["copy_fraction"])

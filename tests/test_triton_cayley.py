@@ -31,50 +31,55 @@ def _numpy_grad(K, G):
     return torch.from_numpy(2 * Mt @ np64(G) @ Mt)
 
 
+def _dense_cayley(K):
+    return torch.from_numpy(dense_cayley(np64(K)))
+
+
 @pytest.mark.parametrize("b", BLOCK_SIZES)
-def test_cayley_exact_float64_forward_backward(b):
-    K = _skew((3,), b)
-    G = torch.randn(3, b, b, dtype=torch.float64)
+def test_cayley_exact_float64_forward_backward(b, device):
+    K = _skew((3,), b).to(device)
+    G = torch.randn(3, b, b, dtype=torch.float64).to(device)
     Kl = K.clone().requires_grad_()
     with gsops.use_backend("triton"):
         Q = gsops.cayley(Kl)
     Q.backward(G)
-    torch.testing.assert_close(Q.detach(), torch.from_numpy(dense_cayley(np64(K))), rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(Kl.grad, _numpy_grad(K, G), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Q.detach().cpu(), _dense_cayley(K), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(Kl.grad.cpu(), _numpy_grad(K, G), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("b", [3, 16, 32])
-def test_cayley_exact_float32_orthogonal_and_batched(b):
-    K = _skew((2, 2), b, scale=2.0, dtype=torch.float32)  # leading batch shape, ||K|| > 1
-    G = torch.randn(2, 2, b, b)
+def test_cayley_exact_float32_orthogonal_and_batched(b, device):
+    K = _skew((2, 2), b, scale=2.0, dtype=torch.float32).to(device)  # leading batch shape, ||K|| > 1
+    G = torch.randn(2, 2, b, b).to(device)
     Kl = K.clone().requires_grad_()
     with gsops.use_backend("triton"):
         Q = gsops.cayley(Kl)
     Q.backward(G)
     assert Q.shape == K.shape and Q.dtype == torch.float32
-    torch.testing.assert_close(Q.detach().double(), torch.from_numpy(dense_cayley(np64(K))), rtol=1e-4, atol=1e-4)
+    Q = Q.detach().cpu()
+    torch.testing.assert_close(Q.double(), _dense_cayley(K), rtol=1e-4, atol=1e-4)
     eye = torch.eye(b, dtype=torch.float64)
-    err = (Q.detach().double().transpose(-1, -2) @ Q.detach().double() - eye).abs().max()
+    err = (Q.double().transpose(-1, -2) @ Q.double() - eye).abs().max()
     assert err < ORTHO_TOL[torch.float32]
     expected = _numpy_grad(K, G)
     scale = expected.abs().max()
-    torch.testing.assert_close(Kl.grad.double() / scale, expected / scale, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(Kl.grad.cpu().double() / scale, expected / scale, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cayley_exact_half_inputs(dtype):
+def test_cayley_exact_half_inputs(dtype, device):
     b = 8
-    K = _skew((4,), b, scale=0.3, dtype=dtype)
-    G = torch.randn(4, b, b).to(dtype)
+    K = _skew((4,), b, scale=0.3, dtype=dtype).to(device)
+    G = torch.randn(4, b, b).to(dtype).to(device)
     Kl = K.clone().requires_grad_()
     with gsops.use_backend("triton"):
         Q = gsops.cayley(Kl)
     Q.backward(G)
     assert Q.dtype == dtype and Kl.grad.dtype == dtype
-    torch.testing.assert_close(Q.double(), torch.from_numpy(dense_cayley(np64(K))), **tol(dtype))
+    torch.testing.assert_close(Q.detach().cpu().double(), _dense_cayley(K), **tol(dtype))
     expected = _numpy_grad(K, G)
     scale = expected.abs().max()
-    torch.testing.assert_close(Kl.grad.double() / scale, expected / scale, **tol(dtype))
+    torch.testing.assert_close(Kl.grad.cpu().double() / scale, expected / scale, **tol(dtype))
 
 
 def _neumann_numpy(K, terms):
@@ -90,22 +95,22 @@ def _neumann_numpy(K, terms):
 @pytest.mark.filterwarnings("ignore:cayley\\(method='neumann'")  # few terms: the op warns (once)
 @pytest.mark.parametrize("b", [1, 3, 16, 32])
 @pytest.mark.parametrize("terms", [1, 4])
-def test_cayley_neumann_forward_backward(b, terms):
+def test_cayley_neumann_forward_backward(b, terms, device):
     K = _skew((3,), b)
-    K = 0.4 * K / torch.linalg.matrix_norm(K, 2).clamp_min(1e-9)[:, None, None]  # ||K|| < 1
-    G = torch.randn(3, b, b, dtype=torch.float64)
+    K = (0.4 * K / torch.linalg.matrix_norm(K, 2).clamp_min(1e-9)[:, None, None]).to(device)  # ||K|| < 1
+    G = torch.randn(3, b, b, dtype=torch.float64).to(device)
     Kl = K.clone().requires_grad_()
-    # the kernel itself, through the unchecked internal op (gsops.cayley refuses terms=1 at this norm)
+    # the kernel itself, through the unchecked internal op (gsops.cayley may refuse terms=1 at this norm)
     Q = gsops.ops.custom.cayley_neumann(Kl, terms, "triton")
     Q.backward(G)
-    torch.testing.assert_close(Q.detach(), _neumann_numpy(K, terms), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Q.detach().cpu(), _neumann_numpy(K, terms), rtol=1e-12, atol=1e-12)
     Kr = K.clone().requires_grad_()  # torch autograd through the reference series
     ref.cayley_neumann(Kr, terms).backward(G)
     torch.testing.assert_close(Kl.grad, Kr.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_cayley_gradcheck_float64():
-    K = _skew((2,), 3, scale=0.2).requires_grad_()
+def test_cayley_gradcheck_float64(device):
+    K = _skew((2,), 3, scale=0.2).to(device).requires_grad_()
     with gsops.use_backend("triton"):
         assert torch.autograd.gradcheck(lambda K: gsops.cayley(K - K.transpose(-1, -2)), (K,), fast_mode=True)
         assert torch.autograd.gradcheck(
@@ -113,27 +118,33 @@ def test_cayley_gradcheck_float64():
         )
 
 
-def test_cayley_identity_at_zero():
-    K = torch.zeros(5, 4, 4)
+def test_cayley_identity_at_zero(device):
+    K = torch.zeros(5, 4, 4, device=device)
     with gsops.use_backend("triton"):
         Q = gsops.cayley(K)
-    torch.testing.assert_close(Q, torch.eye(4).expand(5, 4, 4), rtol=0, atol=0)
+    torch.testing.assert_close(Q.cpu(), torch.eye(4).expand(5, 4, 4), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:cayley\\(method='neumann'")
-def test_largest_block_and_non_contiguous_input():
-    """b = 128 (the largest block the kernels target); K given as a transposed (non-contiguous) view."""
+def test_largest_block_and_non_contiguous_input(device):
+    """b = 128 (the largest block the kernels target); K given as a transposed (non-contiguous) view.
+    float64 on the CPU; float32 on a GPU (float64 blocks of b > 64 exceed its shared memory)."""
     b = 128
-    K = _skew((1,), b, scale=0.05)
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    t = tol(dtype) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    K = _skew((1,), b, scale=0.05).to(device, dtype)
     Kt = K.transpose(-1, -2)  # = -K, skew, non-contiguous
     assert not Kt.is_contiguous()
-    G = torch.randn(1, b, b, dtype=torch.float64)
+    G = torch.randn(1, b, b, dtype=torch.float64).to(device, dtype)
     Kl = Kt.detach().requires_grad_()  # still the non-contiguous view
     with gsops.use_backend("triton"):
         Q = gsops.cayley(Kl)
         Q.backward(G)
         Qn = gsops.cayley(0.25 * Kt.to(torch.bfloat16), method="neumann", terms=6)
-    torch.testing.assert_close(Q.detach(), torch.from_numpy(dense_cayley(np64(Kt))), rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(Kl.grad, _numpy_grad(Kt, G), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Q.detach().cpu().double(), _dense_cayley(Kt), **t)
+    expected = _numpy_grad(Kt, G)
+    scale = expected.abs().max()
+    torch.testing.assert_close(Kl.grad.cpu().double() / scale, expected / scale,
+                               **(t if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)))
     assert Qn.dtype == torch.bfloat16
-    torch.testing.assert_close(Qn.double(), _neumann_numpy(0.25 * Kt.to(torch.bfloat16), 6), **tol(torch.bfloat16))
+    torch.testing.assert_close(Qn.cpu().double(), _neumann_numpy(0.25 * Kt.to(torch.bfloat16), 6), **tol(torch.bfloat16))

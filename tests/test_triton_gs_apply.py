@@ -26,13 +26,19 @@ def _orth_blocks(r, b, dtype=torch.float64):
 
 
 def _dense_apply(A, x):
-    return torch.from_numpy(np64(x) @ A.T)
+    """``x @ A^T`` in float64 on x's device (A a numpy matrix)."""
+    return torch.from_numpy(np64(x) @ A.T).to(x.device)
+
+
+def _on(device, *ts):
+    return [t.to(device) for t in ts]
 
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
-def test_gs_apply_matches_dense_float64(b, r, n):
+def test_gs_apply_matches_dense_float64(b, r, n, device):
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
+    x, L, R = _on(device, x, L, R)
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(x, L, R)
     A = gsoft_matrix(np64(L), np64(R))
@@ -40,10 +46,11 @@ def test_gs_apply_matches_dense_float64(b, r, n):
 
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
-def test_gs_apply_backward_float32(b, r, n):
+def test_gs_apply_backward_float32(b, r, n, device):
     L, R = _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
     x = torch.randn(n, r * b)
     g = torch.randn(n, r * b)
+    x, g, L, R = _on(device, x, g, L, R)
     leaves = [t.clone().requires_grad_() for t in (x, L, R)]
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(*leaves)
@@ -51,7 +58,7 @@ def test_gs_apply_backward_float32(b, r, n):
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(y.detach(), _dense_apply(A, x).float(), **tol(torch.float32))
     # dx = A^T g (dense float64 oracle)
-    torch.testing.assert_close(leaves[0].grad, torch.from_numpy(np64(g) @ A).float(), **tol(torch.float32))
+    torch.testing.assert_close(leaves[0].grad, _dense_apply(A.T, g).float(), **tol(torch.float32))
     ref_leaves = [t.clone().requires_grad_() for t in (x, L, R)]
     ref.gs_apply(*ref_leaves).backward(g)
     for mine, theirs in zip(leaves[1:], ref_leaves[1:]):
@@ -59,17 +66,17 @@ def test_gs_apply_backward_float32(b, r, n):
 
 
 @pytest.mark.parametrize("b,r,n", [(1, 4, 5), (3, 2, 7), (16, 2, 19), (32, 2, 3)])
-def test_gs_chain_three_factors(b, r, n):
-    blocks = [torch.randn(r, b, b, dtype=torch.float64) for _ in range(3)]
-    x = torch.randn(n, r * b, dtype=torch.float64)
-    g = torch.randn(n, r * b, dtype=torch.float64)
+def test_gs_chain_three_factors(b, r, n, device):
+    blocks = _on(device, *[torch.randn(r, b, b, dtype=torch.float64) for _ in range(3)])
+    x = torch.randn(n, r * b, dtype=torch.float64).to(device)
+    g = torch.randn(n, r * b, dtype=torch.float64).to(device)
     leaves = [x.clone().requires_grad_()] + [B.clone().requires_grad_() for B in blocks]
     with gsops.use_backend("triton"):
         y = gsops.gs_chain(leaves[0], leaves[1:])
     y.backward(g)
     A = gs_chain_matrix([np64(B) for B in blocks])
     torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(leaves[0].grad, torch.from_numpy(np64(g) @ A), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaves[0].grad, _dense_apply(A.T, g), rtol=1e-12, atol=1e-12)
     ref_leaves = [t.clone().requires_grad_() for t in [x] + blocks]
     ref.gs_chain(ref_leaves[0], ref_leaves[1:]).backward(g)
     for mine, theirs in zip(leaves[1:], ref_leaves[1:]):
@@ -77,31 +84,32 @@ def test_gs_chain_three_factors(b, r, n):
 
 
 @pytest.mark.parametrize("b,r", [(1, 6), (3, 5), (8, 2), (32, 1)])
-def test_block_diag_mm_forward_backward(b, r):
-    B = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, r * b, dtype=torch.float64, requires_grad=True)  # leading batch shape
-    g = torch.randn(2, 3, r * b, dtype=torch.float64)
+def test_block_diag_mm_forward_backward(b, r, device):
+    B = torch.randn(r, b, b, dtype=torch.float64).to(device).requires_grad_()
+    x = torch.randn(2, 3, r * b, dtype=torch.float64).to(device).requires_grad_()  # leading batch shape
+    g = torch.randn(2, 3, r * b, dtype=torch.float64).to(device)
     with gsops.use_backend("triton"):
         y = gsops.block_diag_mm(x, B)
     y.backward(g)
     D = block_diag(np64(B))
-    torch.testing.assert_close(y.detach(), torch.from_numpy(np64(x) @ D.T), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x.grad, torch.from_numpy(np64(g) @ D), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.detach(), _dense_apply(D, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, _dense_apply(D.T, g), rtol=1e-12, atol=1e-12)
     dB = np.zeros((r, b, b))  # sum over tokens of g_p x_p^T, by loops
     gn, xn = np64(g).reshape(-1, r * b), np64(x).reshape(-1, r * b)
     for p in range(r):
         for i in range(b):
             for q in range(b):
                 dB[p, i, q] = (gn[:, p * b + i] * xn[:, p * b + q]).sum()
-    torch.testing.assert_close(B.grad, torch.from_numpy(dB), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(B.grad.cpu(), torch.from_numpy(dB), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,r", [(2, 4), (16, 2)])
-def test_half_precision_matches_reference(dtype, b, r):
+def test_half_precision_matches_reference(dtype, b, r, device):
     L, R = _orth_blocks(r, b, dtype), _orth_blocks(r, b, dtype)
     x = torch.randn(37, r * b).to(dtype)
     g = torch.randn(37, r * b).to(dtype)
+    x, g, L, R = _on(device, x, g, L, R)
     leaves = [t.clone().requires_grad_() for t in (x, L, R)]
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(*leaves)
@@ -117,38 +125,39 @@ def test_half_precision_matches_reference(dtype, b, r):
         torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
 
 
-def test_half_activations_with_float32_blocks():
+def test_half_activations_with_float32_blocks(device):
     r, b = 3, 8
     L, R = _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
     x = torch.randn(11, r * b, dtype=torch.bfloat16)
+    x, L, R = _on(device, x, L, R)
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(x, L, R)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.gs_apply(x.float(), L, R), **tol(torch.bfloat16))
 
 
-def test_non_contiguous_input_and_grad():
+def test_non_contiguous_input_and_grad(device):
     r, b = 4, 3
-    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
-    base = torch.randn(r * b, 2 * 9, dtype=torch.float64)
+    L, R = _on(device, torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64))
+    base = torch.randn(r * b, 2 * 9, dtype=torch.float64).to(device)
     x = base.t()[::2]  # (9, d), strides (1, 18): neither row- nor column-contiguous
     assert not x.is_contiguous()
     xl = x.clone().requires_grad_()
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(x, L, R)
-        g = torch.randn(r * b, 9, dtype=torch.float64).t()  # non-contiguous incoming gradient
+        g = torch.randn(r * b, 9, dtype=torch.float64).to(device).t()  # non-contiguous incoming gradient
         gsops.gs_apply(xl, L, R).backward(g)
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(y, _dense_apply(A, x), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xl.grad, torch.from_numpy(np64(g) @ A), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xl.grad, _dense_apply(A.T, g), rtol=1e-12, atol=1e-12)
 
 
-def test_batch_of_one_token_and_empty_batch():
+def test_batch_of_one_token_and_empty_batch(device):
     r, b = 2, 16
-    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
+    L, R = _on(device, torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64))
     A = gsoft_matrix(np64(L), np64(R))
-    x1 = torch.randn(1, r * b, dtype=torch.float64)
-    x0 = torch.randn(0, r * b, dtype=torch.float64)
+    x1 = torch.randn(1, r * b, dtype=torch.float64).to(device)
+    x0 = torch.randn(0, r * b, dtype=torch.float64).to(device)
     with gsops.use_backend("triton"):
         y1 = gsops.gs_apply(x1, L, R)
         y0 = gsops.gs_apply(x0, L, R)
@@ -156,34 +165,35 @@ def test_batch_of_one_token_and_empty_batch():
     assert y0.shape == (0, r * b)
 
 
-def test_gradcheck_float64_tiny():
+def test_gradcheck_float64_tiny(device):
     r, b = 3, 2
-    x = torch.randn(2, r * b, dtype=torch.float64, requires_grad=True)
-    L = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
-    R = torch.randn(r, b, b, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, r * b, dtype=torch.float64).to(device).requires_grad_()
+    L = torch.randn(r, b, b, dtype=torch.float64).to(device).requires_grad_()
+    R = torch.randn(r, b, b, dtype=torch.float64).to(device).requires_grad_()
     with gsops.use_backend("triton"):
         assert torch.autograd.gradcheck(gsops.gs_apply, (x, L, R), fast_mode=True)
         assert torch.autograd.gradcheck(lambda x, B1, B2: gsops.gs_chain(x, [B1, B2]), (x, R, L), fast_mode=True)
 
 
 @pytest.mark.parametrize("b,r,n", [(16, 3, 9), (16, 32, 7), (32, 4, 3)])
-def test_one_launch_fused_forward(b, r, n):
+def test_one_launch_fused_forward(b, r, n, device):
     """triton_kernels.gs_apply.gs_apply_fused: r % b == 0 (closed super groups) and whole-row slabs."""
     from triton_kernels.gs_apply import gs_apply_fused
 
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
+    x, L, R = _on(device, x, L, R)
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
-    xh, Lo, Ro = x.to(torch.bfloat16), _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32)
+    xh, Lo, Ro = x.to(torch.bfloat16), *_on(device, _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32))
     # the reference also rounds the intermediate R x to x's dtype
     torch.testing.assert_close(gs_apply_fused(xh, Lo, Ro).float(), ref.gs_apply(xh, Lo, Ro).float(),
                                **tol(torch.bfloat16))
     with pytest.raises(ValueError, match="b >= 16"):
-        gs_apply_fused(torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4))
+        gs_apply_fused(*_on(device, torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)))
 
 
-def test_gpu_launch_heuristics_loop_and_split(monkeypatch):
+def test_gpu_launch_heuristics_loop_and_split(monkeypatch, device):
     """The GPU tiling (several token tiles per program, token splits for block gradients, a ragged
     last program) run under the interpreter by pretending not to interpret; float64 data keeps the
     float64 dot path."""
@@ -194,6 +204,7 @@ def test_gpu_launch_heuristics_loop_and_split(monkeypatch):
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
     g = torch.randn(n, r * b, dtype=torch.float64)
+    x, g, L, R = _on(device, x, g, L, R)
     leaves = [t.clone().requires_grad_() for t in (x, L, R)]
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(*leaves)
@@ -206,7 +217,7 @@ def test_gpu_launch_heuristics_loop_and_split(monkeypatch):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-11, atol=1e-11)
 
 
-def test_one_launch_fused_gpu_heuristics(monkeypatch):
+def test_one_launch_fused_gpu_heuristics(monkeypatch, device):
     """gs_apply_fused with the GPU launch plan: few programs, each looping over several (token tile,
     super group) items with its slab reused, dead items masked."""
     import triton_kernels.gs_apply as kernels
@@ -215,24 +226,31 @@ def test_one_launch_fused_gpu_heuristics(monkeypatch):
     r, b, n = 32, 16, 150  # 3 token tiles x 2 super groups = 6 items on 4 programs, 2 iterations (2 dead)
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
+    x, L, R = _on(device, x, L, R)
     A = gsoft_matrix(np64(L), np64(R))
     torch.testing.assert_close(kernels.gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("b,r", [(64, 2), (128, 1)])
-def test_large_blocks(b, r):
+def test_large_blocks(b, r, device):
+    # float64 blocks of b > 64 do not fit a GPU's shared memory (the backend says so): float32 there
+    dtype = torch.float32 if device.type == "cuda" and b > 64 else torch.float64
+    t = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else tol(dtype)
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
-    x = torch.randn(3, r * b, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, r * b, dtype=torch.float64)
     g = torch.randn(3, r * b, dtype=torch.float64)
+    x, g, L, R = _on(device, x.to(dtype), g.to(dtype), L.to(dtype), R.to(dtype))
+    x.requires_grad_()
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(x, L, R)
     y.backward(g)
     A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(y.detach(), _dense_apply(A, x), rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(x.grad, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
+    for got, want in ((y.detach(), _dense_apply(A, x)), (x.grad, _dense_apply(A.T, g))):
+        scale = want.abs().max()  # randn blocks: entries up to ~b; the tolerance is relative to the largest
+        torch.testing.assert_close(got.double() / scale, want / scale, **t)
 
 
-def test_one_launch_switch_routes_gs_apply(monkeypatch):
+def test_one_launch_switch_routes_gs_apply(monkeypatch, device):
     import triton_kernels.gs_apply as kernels
 
     calls = []
@@ -242,6 +260,7 @@ def test_one_launch_switch_routes_gs_apply(monkeypatch):
     r, b = 2, 16
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(4, r * b, dtype=torch.float64)
+    x, L, R = _on(device, x, L, R)
     with gsops.use_backend("triton"):
         y = gsops.gs_apply(x, L, R)
     assert calls == [1]

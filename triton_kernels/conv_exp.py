@@ -22,7 +22,8 @@ import triton.language as tl
 def _conv_exp_step_kernel(z_ptr, w_ptr, out_ptr, acc_ptr, C, H, W, scale,
                           CG: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # out = scale * conv_grouped(z, w); acc += out.  Grid: (N*C, cdiv(H*W, BLOCK)).
-    pid_nc = tl.program_id(0)
+    # Element offsets are int64: N*C*H*W may exceed 2^31 (the plane index times H*W alone does).
+    pid_nc = tl.program_id(0).to(tl.int64)
     pid_hw = tl.program_id(1)
     n = pid_nc // C
     co = pid_nc % C

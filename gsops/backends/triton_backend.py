@@ -4,9 +4,14 @@ Forward ops keep the dispatch contract of the reference (``x, ... -> y``).
 Backward ops (names ``<op>_backward``, contract in :mod:`gsops.ops.custom`)
 let the custom ops run the whole training step on this backend.  Runs on CUDA
 tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-set before this module is first imported).
+set before this module is first imported). Every op checks that its tensors share one
+device (``ValueError`` naming the arguments otherwise) and launches with that CUDA device
+current: Triton launches on the current device, not the tensors'.
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 
@@ -108,9 +113,51 @@ def cayley_neumann_backward(grad, K, terms):
     return custom.cayley_neumann_backward_torch(grad, K, terms)
 
 
+def _named_tensors(sig, args, kwargs):
+    """(name, tensor) for every tensor argument of a call of signature ``sig``; lists as ``blocks[i]``."""
+    bound = sig.bind(*args, **kwargs)
+    out = []
+    for name, v in bound.arguments.items():
+        if isinstance(v, torch.Tensor):
+            out.append((name, v))
+        elif isinstance(v, (list, tuple)):
+            out += [(f"{name}[{i}]", t) for i, t in enumerate(v) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def check_one_device(op: str, named) -> torch.device | None:
+    """The one device of the ``(name, tensor)`` pairs; ``ValueError`` naming the arguments otherwise."""
+    if not named:
+        return None
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}: "
+                             f"the triton backend needs every tensor on one device")
+    return first.device
+
+
+def on_tensor_device(fn, op: str | None = None):
+    """Wraps a launcher: checks that its tensors share one device and launches with that CUDA
+    device current (Triton launches on the current device, not the tensors')."""
+    op = op or fn.__name__
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = check_one_device(op, _named_tensors(sig, args, kwargs))
+        if dev is None or dev.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 for _name in ("block_diag_mm", "gs_chain", "gs_apply", "cayley_exact", "cayley_neumann"):
-    dispatch.register("triton", _name, globals()[_name])
-    dispatch.register("triton", _name + "_backward", globals()[_name + "_backward"])
+    for _op in (_name, _name + "_backward"):
+        globals()[_op] = on_tensor_device(globals()[_op], _op)
+        dispatch.register("triton", _op, globals()[_op])
 
 # --- conv_exp (GS-SOC issue): registration of triton_kernels.conv_exp goes here ---
 # (the GS-SOC engineer registers it lazily from gsops/ops/conv_exp.py)

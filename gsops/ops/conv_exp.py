@@ -150,7 +150,9 @@ def _conv_exp_triton(x, L, terms, groups):
     if not _triton_impl:
         from triton_kernels.conv_exp import conv_exp_triton
 
-        _triton_impl.append(conv_exp_triton)
+        from ..backends.triton_backend import on_tensor_device
+
+        _triton_impl.append(on_tensor_device(conv_exp_triton, "conv_exp"))
     return _triton_impl[0](x, L, terms, groups)
 
 
