@@ -123,27 +123,6 @@ def test_conv_exp_1x1_is_exact_matrix_exp():
     torch.testing.assert_close(y.reshape(3, -1).T, E @ x.reshape(3, -1).T, **tol(D))
 
 
-def test_skew_exp_1x1_backward_matches_matrix_exp_autograd():
-    # the eigendecomposition backward against autograd through torch.linalg.matrix_exp, float64,
-    # including equal eigenvalues (zero blocks, repeated rotations) where the divided differences degenerate
-    R = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=D)
-    M = torch.randn(8, 4, 1, 1, dtype=D)
-    cases = [cref.skew_kernel(M, 2), torch.zeros(8, 4, 1, 1, dtype=D),
-             torch.cat([torch.block_diag(R, 2 * R), torch.block_diag(R, R)]).reshape(8, 4, 1, 1),
-             3 * cref.skew_kernel(torch.randn(12, 12, 1, 1, dtype=D), 1)]
-    for L in cases:
-        groups = L.shape[0] // L.shape[1]
-        L = L.clone().requires_grad_()
-        x = torch.randn(2, L.shape[0], 2, 3, dtype=D, requires_grad=True)
-        y, y_ref = cops.skew_exp_1x1(x, L, groups), cref.conv_exp_1x1(x, L, groups)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same forward
-        g = torch.randn_like(y)
-        for a, b in zip(torch.autograd.grad(y, (x, L), g), torch.autograd.grad(y_ref, (x, L), g)):
-            torch.testing.assert_close(a, b, **tol(D))
-    L = cref.skew_kernel(torch.randn(4, 2, 1, 1, dtype=D), 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda L: cops.skew_exp_1x1(torch.ones(1, 4, 1, 1, dtype=D), L, 2), (L,))
-
-
 def test_conv_exp_bad_arguments():
     x = torch.randn(1, 4, 5, 5)
     with pytest.raises(ValueError, match="L.shape\\[0\\]=6"):

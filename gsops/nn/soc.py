@@ -257,8 +257,8 @@ class SOCConv2d(nn.Module):
 
     def _exp(self, x: torch.Tensor) -> torch.Tensor:
         L = self.normalised_kernel().to(x.dtype)
-        if self.exact:  # L is the skew kernel: the skew-structure backward applies
-            return cops.skew_exp_1x1(x, L, self.groups)
+        if self.exact:
+            return cops.conv_exp_1x1(x, L, self.groups)
         return cops.conv_exp(x, L, self.terms(), self.groups)
 
     def _finish(self, z: torch.Tensor) -> torch.Tensor:
