@@ -105,7 +105,9 @@ setup(
     name="gsops",
     version="0.1.0",
     description="Group-and-Shuffle structured orthogonal matrices: kernels, adapters and orthogonal convolutions",
-    packages=find_packages(include=["gsops", "gsops.*", "triton_kernels", "triton_kernels.*"]),
+    # the Triton kernels ship inside the gsops namespace: `import triton_kernels` never finds ours
+    packages=find_packages(include=["gsops", "gsops.*"]) + ["gsops.triton_kernels"],
+    package_dir={"gsops.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "peft"], "perf": ["peft", "matplotlib"]},

@@ -1,6 +1,33 @@
 """gsops: Group-and-Shuffle structured orthogonal matrices (Gorbunov et al., NeurIPS 2024)."""
 __version__ = "0.1.0"
 
+
+def _bind_triton_kernels() -> None:
+    """Make the repository's ``triton_kernels/`` folder importable as ``gsops.triton_kernels``.
+
+    An installed gsops has it there already (``package_dir`` in setup.py), so no top-level
+    ``triton_kernels`` package of ours ever shadows another project's; a source checkout on
+    ``sys.path`` (no install) gets the same name bound here.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    name = __name__ + ".triton_kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_bind_triton_kernels()
+
 from .perm import perm, permute, paired_perm
 from .ops import block_diag_mm, gs_chain, gs_apply, gs_dense, skew, unskew, cayley, gs_project
 from .ops.dispatch import use_backend
@@ -14,7 +41,6 @@ __all__ = [
     "use_backend", "BackendUnavailable", "set_check_finite", "set_check_inputs",
 ]
 
-# --- adapters (issue 4) ---
 from .adapters import (
     AdapterConfig, apply_, merge_, unmerge_, revert_, trainable_parameters, save_adapter, load_adapter,
     sorsa_regularizer, adapter_summary, merge_and_unload, disable_adapters, print_trainable_parameters,
@@ -26,7 +52,6 @@ __all__ += [
     "load_adapter", "sorsa_regularizer", "adapter_summary", "merge_and_unload", "disable_adapters",
     "print_trainable_parameters", "load_peft_adapter", "save_peft_adapter",
 ]
-# --- GS-SOC (issue 7) ---
 from .nn.soc import SOCConv2d, ChShuffle, GSSOC, MaxMinPermuted
 from . import models
 from .models.lipconvnet import certified_accuracy
@@ -34,7 +59,6 @@ from .ops.conv_exp import conv_exp
 
 __all__ += ["SOCConv2d", "ChShuffle", "GSSOC", "MaxMinPermuted", "models", "certified_accuracy", "conv_exp"]
 
-# --- training: checkpoint / resume (issue 9) ---
 from .training import save_checkpoint, load_checkpoint
 
 __all__ += ["save_checkpoint", "load_checkpoint"]

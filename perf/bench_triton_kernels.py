@@ -62,8 +62,8 @@ def _orth(r, b, dtype, device):
 
 def bench_gs_apply(d, tokens, block_sizes, dtype, device, rows):
     import gsops
-    from triton_kernels import gs_apply as kernels
-    from triton_kernels.gs_apply import gs_apply_fused
+    from gsops.triton_kernels import gs_apply as kernels
+    from gsops.triton_kernels.gs_apply import gs_apply_fused
 
     x = torch.randn(tokens, d, device=device, dtype=dtype)
     y = torch.empty_like(x)
@@ -133,7 +133,7 @@ def bench_cayley(r, b, device, rows, terms=5):
         K = K0.clone().requires_grad_()
         ref.cayley_exact(K).backward(G)
 
-    from triton_kernels import cayley as kernels
+    from gsops.triton_kernels import cayley as kernels
 
     def step_kernels():  # the two launches alone, without the public op's checks and autograd
         Q = kernels.cayley_exact(K0)

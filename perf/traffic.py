@@ -173,7 +173,7 @@ def _blocks(r, b, dtype, gen):
 
 def measure(op: str, d: int, b: int, n_tokens: int = 4, dtype=torch.float16, m: int = 3) -> tuple[Figures, Figures]:
     """(forward, backward) figures of ``op`` in {"block_diag_mm", "gs_apply", "gs_chain"} on one shape."""
-    from triton_kernels import gs_apply as gs
+    from gsops.triton_kernels import gs_apply as gs
 
     r = d // b
     gen = torch.Generator().manual_seed(0)
@@ -201,7 +201,7 @@ def measure(op: str, d: int, b: int, n_tokens: int = 4, dtype=torch.float16, m: 
 
 def measure_cayley(r: int, b: int, dtype=torch.float32) -> list:
     """Cayley (exact, forward and backward): all buffers against reading the inputs and writing the outputs."""
-    from triton_kernels import cayley as ck
+    from gsops.triton_kernels import cayley as ck
 
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(r, b, b, generator=gen, dtype=dtype) * 0.1

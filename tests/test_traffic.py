@@ -47,7 +47,7 @@ SHAPES = [(256, 16), (1024, 32), (768, 24), (384, 32), (192, 64), (768, 32)]
 
 @pytest.mark.parametrize("d,b", SHAPES)
 def test_gs_apply_one_pass_meets_targets(d, b):
-    from triton_kernels.gs_apply import onepass_plan
+    from gsops.triton_kernels.gs_apply import onepass_plan
 
     fused = onepass_plan(d // b, b).fused_backward
     fwd, bwd = traffic.measure("gs_apply", d, b, n_tokens=3)
@@ -70,7 +70,7 @@ def test_two_launch_fallback_is_coalesced(monkeypatch):
     (the intermediate R x through memory) but its permuted side reads and writes whole sectors
     (runs of G consecutive blocks); the block-per-program step would touch one 32-byte sector per
     2-byte element there, and the counts see that too."""
-    import triton_kernels.gs_apply as G
+    import gsops.triton_kernels.gs_apply as G
 
     monkeypatch.setitem(G.ONEPASS_MAX_TILE, 2, 16)
     fwd, bwd = traffic.measure("gs_apply", 256, 16, n_tokens=3)

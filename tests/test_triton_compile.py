@@ -19,8 +19,8 @@ H100_SHARED_BYTES = 227 * 1024
 def _configs():
     import triton.language as tl
 
-    import triton_kernels.cayley as C
-    import triton_kernels.gs_apply as G
+    import gsops.triton_kernels.cayley as C
+    import gsops.triton_kernels.gs_apply as G
 
     ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
     out = []

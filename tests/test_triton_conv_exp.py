@@ -11,7 +11,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in 
 
 from gsops.reference import conv_exp as cref  # noqa: E402
 from gsops.tolerances import tol  # noqa: E402
-from triton_kernels.conv_exp import conv_exp_triton  # noqa: E402
+from gsops.triton_kernels.conv_exp import conv_exp_triton  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype,C,groups,k,H,W,terms", [
@@ -51,7 +51,7 @@ _TTIR_CHILD = r"""
 import json, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_kernels.conv_exp import _conv_exp_step_kernel as k
+from gsops.triton_kernels.conv_exp import _conv_exp_step_kernel as k
 sig = {"z_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "acc_ptr": "*fp32", "C": "i32", "H": "i32", "W": "i32",
        "scale": "fp32", "CG": "constexpr", "K": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"}
 c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=dict(CG=2, K=3, BLOCK=256, ACC=tl.float32)),

@@ -178,7 +178,7 @@ def test_gradcheck_float64_tiny(device):
 @pytest.mark.parametrize("b,r,n", [(16, 3, 9), (16, 32, 7), (32, 4, 3)])
 def test_one_launch_fused_forward(b, r, n, device):
     """triton_kernels.gs_apply.gs_apply_fused: r % b == 0 (closed super groups) and whole-row slabs."""
-    from triton_kernels.gs_apply import gs_apply_fused
+    from gsops.triton_kernels.gs_apply import gs_apply_fused
 
     L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
     x = torch.randn(n, r * b, dtype=torch.float64)
@@ -197,7 +197,7 @@ def test_gpu_launch_heuristics_loop_and_split(monkeypatch, device):
     """The GPU tiling (several token tiles per program, token splits for block gradients, a ragged
     last program) run under the interpreter by pretending not to interpret; float64 data keeps the
     float64 dot path."""
-    import triton_kernels.gs_apply as kernels
+    import gsops.triton_kernels.gs_apply as kernels
 
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     r, b, n = 1, 16, 1100  # 18 token tiles of 64: 2 tiles per program, 5 gradient splits (last one ragged)
@@ -220,7 +220,7 @@ def test_gpu_launch_heuristics_loop_and_split(monkeypatch, device):
 def test_one_launch_fused_gpu_heuristics(monkeypatch, device):
     """gs_apply_fused with the GPU launch plan: few programs, each looping over several (token tile,
     super group) items with its slab reused, dead items masked."""
-    import triton_kernels.gs_apply as kernels
+    import gsops.triton_kernels.gs_apply as kernels
 
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     r, b, n = 32, 16, 150  # 3 token tiles x 2 super groups = 6 items on 4 programs, 2 iterations (2 dead)
@@ -251,7 +251,7 @@ def test_large_blocks(b, r, device):
 
 
 def test_one_launch_switch_routes_gs_apply(monkeypatch, device):
-    import triton_kernels.gs_apply as kernels
+    import gsops.triton_kernels.gs_apply as kernels
 
     calls = []
     real = kernels.gs_apply_fused

@@ -35,7 +35,7 @@ SHAPES = [
 def float64_big_tiles(monkeypatch):
     """float64 tiles as large as the half-precision ones: the on-chip limits are a GPU resource rule
     (smaller for wider dot inputs); the arithmetic is checked in float64 on every tiling."""
-    from triton_kernels import gs_apply as G
+    from gsops.triton_kernels import gs_apply as G
 
     monkeypatch.setitem(G.ONEPASS_MAX_TILE, 8, G.ONEPASS_MAX_TILE[2])
     monkeypatch.setitem(G.ONEPASS_FUSED_BWD_TILE, 8, G.ONEPASS_FUSED_BWD_TILE[2])
@@ -53,7 +53,7 @@ def _grads_float64(fn, x, blocks, g):
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
 def test_onepass_plan_covers_shape(b, r, n):
-    from triton_kernels.gs_apply import onepass_plan
+    from gsops.triton_kernels.gs_apply import onepass_plan
 
     plan = onepass_plan(r, b)  # 2-byte dot inputs
     assert plan is not None and plan.band == (r % b == 0)
@@ -69,7 +69,7 @@ def test_onepass_plan_covers_shape(b, r, n):
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
 def test_onepass_forward_backward_float64(b, r, n, float64_big_tiles):
-    from triton_kernels import gs_apply as G
+    from gsops.triton_kernels import gs_apply as G
 
     L, R = _blocks(r, b), _blocks(r, b)
     x = torch.randn(n, r * b, dtype=torch.float64)
@@ -118,7 +118,7 @@ def test_onepass_dtypes_through_public_ops(dtype, b, r):
 def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles):
     """The GPU launch plan (several token tiles per program, token splits of the block gradients,
     a ragged last tile) run under the interpreter by pretending not to interpret."""
-    import triton_kernels.gs_apply as G
+    import gsops.triton_kernels.gs_apply as G
 
     monkeypatch.setattr(G, "_interpreting", lambda: False)
     monkeypatch.setattr(G, "_n_sm", lambda device: 1)
@@ -138,7 +138,7 @@ def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles
 
 
 def test_onepass_non_contiguous_and_empty(float64_big_tiles):
-    from triton_kernels import gs_apply as G
+    from gsops.triton_kernels import gs_apply as G
 
     b, r = 8, 12
     L, R = _blocks(r, b), _blocks(r, b)
@@ -153,7 +153,7 @@ def test_onepass_non_contiguous_and_empty(float64_big_tiles):
 
 
 def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
-    from triton_kernels import gs_apply as G
+    from gsops.triton_kernels import gs_apply as G
 
     b, r = 128, 128  # a 128 x 128 super group does not fit on chip
     assert G.onepass_plan(r, b) is None
@@ -178,7 +178,7 @@ def test_shapes_without_plan_use_two_launch_path_and_say_so(monkeypatch):
 def test_plan_limits_by_dot_input_size():
     """Which shapes run in one pass on a GPU (compile-checked limits): half data up to 1024 padded
     features, float32 up to 256, float64 up to 128; the backward splits above 256 (half, float32)."""
-    from triton_kernels.gs_apply import dot_bytes, onepass_plan
+    from gsops.triton_kernels.gs_apply import dot_bytes, onepass_plan
 
     assert dot_bytes(torch.bfloat16, torch.float32) == 2 and dot_bytes(torch.float32, torch.float32) == 4
     assert dot_bytes(torch.float16, torch.float64) == 8

@@ -22,8 +22,8 @@ try:
 except ImportError as e:
     raise BackendUnavailable(f"the triton package is not importable ({e})") from None
 
-from triton_kernels import cayley as _cayley
-from triton_kernels import gs_apply as _gs
+from gsops.triton_kernels import cayley as _cayley
+from gsops.triton_kernels import gs_apply as _gs
 
 import warnings
 
@@ -31,7 +31,7 @@ from .. import reference as ref
 from ..checks import accumulate_dtype
 from ..ops import custom, dispatch
 
-DESCRIPTION = f"Triton {triton.__version__} kernels (triton_kernels/)"
+DESCRIPTION = f"Triton {triton.__version__} kernels (gsops.triton_kernels, the triton_kernels/ folder)"
 
 # float64 tiles of 128 x 128 need more shared memory than a GPU has (checked by compiling for
 # sm_90: up to 384 KiB); smaller float64 blocks and every float32/16 size fit.

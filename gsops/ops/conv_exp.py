@@ -148,7 +148,7 @@ _triton_impl = []
 def _conv_exp_triton(x, L, terms, groups):
     # Imported on first call so that importing gsops never imports Triton.
     if not _triton_impl:
-        from triton_kernels.conv_exp import conv_exp_triton
+        from gsops.triton_kernels.conv_exp import conv_exp_triton
 
         from ..backends.triton_backend import on_tensor_device
 
