@@ -120,7 +120,9 @@ def _skew_packed(p: torch.Tensor, b: int, idx: torch.Tensor, sign: torch.Tensor)
     """``ops.skew`` for packed parameters in two ops, from the index tensors of :func:`_skew_gather`."""
     if b == 1:
         return p.new_zeros(*p.shape[:-1], 1, 1) + p.sum(-1, keepdim=True)[..., None]  # keeps the graph
-    return (p.index_select(-1, idx) * sign.to(p.dtype)).reshape(*p.shape[:-1], b, b)
+    # a 2-D gather along dim 1 is ~10x cheaper on CPU than index_select on the last dim of a 3-D tensor
+    flat = p.reshape(-1, p.shape[-1]).index_select(1, idx)
+    return (flat * sign.to(p.dtype)).reshape(*p.shape[:-1], b, b)
 
 
 class CayleyBlocks(nn.Module):
