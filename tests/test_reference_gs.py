@@ -28,6 +28,27 @@ def test_block_diag_mm(r, b, lead):
 
 
 @pytest.mark.parametrize("r,b", SHAPES)
+@pytest.mark.parametrize("lead", LEADS + [(0,)])
+def test_block_diag_mm_bmm_and_the_unchecked_op(r, b, lead):
+    """The adapters' block product (one bmm, no checks) and its gradients against the float64 oracle."""
+    from gsops.ops import block_diag_mm_unchecked
+    from gsops.reference.gs import block_diag_mm_bmm
+
+    (B,) = _rand_blocks(r, b)
+    x = torch.randn(*lead, r * b, dtype=torch.float64)
+    dense = block_diag(np64(B))
+    for fn in (block_diag_mm_bmm, block_diag_mm_unchecked):
+        Bl, xl = B.clone().requires_grad_(), x.clone().requires_grad_()
+        y = fn(xl, Bl)
+        np.testing.assert_allclose(np64(y), np64(x) @ dense.T, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(y)
+        y.backward(g)
+        np.testing.assert_allclose(np64(xl.grad), np64(g) @ dense, rtol=1e-12, atol=1e-12)
+        dB = np.einsum("nri,nrj->rij", np64(g).reshape(-1, r, b), np64(x).reshape(-1, r, b))
+        np.testing.assert_allclose(np64(Bl.grad), dB, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("r,b", SHAPES)
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_gs_chain(r, b, m):
     blocks = _rand_blocks(r, b, m)

@@ -549,8 +549,13 @@ class MergeableAdapter(nn.Module):
 
     # ---- checks shared by every adapter's forward
     def adapter_named_parameters(self) -> list:
-        """``(name, parameter)`` of the adapter's own parameters (not the base layer's)."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+        """``(name, parameter)`` of the adapter's own parameters (not the base layer's), in
+        ``named_parameters`` order (walks the adapter's own modules only: this runs in every forward)."""
+        out = [(n, p) for n, p in self._parameters.items() if p is not None]
+        for cname, child in self._modules.items():
+            if cname != "base_layer" and child is not None:
+                out += [(f"{cname}.{n}", p) for n, p in child.named_parameters()]
+        return out
 
     def nonfinite_parameters(self) -> list:
         """Names of adapter parameters holding NaN or inf (one device sync for all of them)."""
