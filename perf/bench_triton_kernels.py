@@ -1,4 +1,4 @@
-"""``python -m perf.bench_triton_kernels``: the Triton kernels against the issue's targets (needs a CUDA GPU).
+"""``python -m perf.bench_triton_kernels``: the Triton kernels against their GPU targets (needs a CUDA GPU).
 
 1. Fused GS apply (``gsops.gs_apply``, GSOFT's ``P^T L P R x``), bf16, d = 4096,
    16k tokens, b in {16, 32, 64}: time of the forward against a plain copy of

@@ -154,7 +154,7 @@ def default_cases(device: torch.device, quick: bool, sizes, tokens, block: int, 
             t = tokens
         elif cuda:
             t = 8 * 1024 if quick else 16 * 1024
-        else:  # the CPU point: 8 x 512 tokens at d = 1024; fewer where d^2 grows
+        else:  # the CPU reference point: 8 x 512 tokens at d = 1024; fewer where d^2 grows
             t = 2048 if quick else (4096 if d <= 1024 else 1024)
         cases.append(M.Case("linear", d, t, M.block_size_for(d, block), (t, d)))
     # many small layers, few tokens: the fixed cost (Python, dispatch, tiny ops) of one adapted layer

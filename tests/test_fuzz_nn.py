@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the adapter layers and model verbs (hypothesis), issue 10.
+"""Property-based fuzzing of the adapter layers and model verbs (hypothesis).
 
 Entry points: AdapterConfig, OrthogonalAdapter over nn.Linear and nn.Conv2d (gsoft, double_gsoft,
 oft, boft; exact and Neumann Cayley), SORSAAdapter / LoLDUAdapter, and gsops.apply_ on small

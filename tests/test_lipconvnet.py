@@ -29,7 +29,7 @@ def test_table3_parameter_counts(conv, groups, paper):
     decimals = len(paper.split(".")[1])
     assert f"{n / 1e6:.{decimals}f}" == paper, n
     if conv == "soc":
-        assert f"{n / 1e6:.2f}" == "24.07"  # the figure
+        assert f"{n / 1e6:.2f}" == "24.07"  # the paper's Table 3 figure
 
 
 def test_soc_count_by_hand():

@@ -1,4 +1,4 @@
-"""Adapter layers under stress (issue 10): non-finite policy, merge safety, determinism.
+"""Adapter layers under stress: non-finite policy, merge safety, determinism.
 
 Policy (see gsops/nn/adapters.py module docstring): a layer whose adapter parameters hold NaN/inf
 raises ValueError naming the layer and the parameter before any op runs; inputs are scanned only

@@ -1,4 +1,4 @@
-"""Long-run stability of the orthogonal adapters (issue 10).
+"""Long-run stability of the orthogonal adapters.
 
 * 1000 Adam steps (lr 0.05, enough for the skew parameters to grow to norm ~5) on GSOFT, OFT and
   BOFT layers, in float32 and under CPU bfloat16 autocast: ||Q^T Q - I||_max stays below

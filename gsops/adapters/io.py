@@ -10,7 +10,7 @@ each wrapped layer's base type and weight shape, each tensor's shape).
 shapes, tensor names, shapes, finiteness) before copying a single number, and
 raises ValueError without touching the model on any mismatch.
 
-Untrusted files (issue 10). Nothing here unpickles: no ``torch.load``, no
+Untrusted files. Nothing here unpickles: no ``torch.load``, no
 ``pickle``. ``path`` must be a folder holding two regular files (a symlink to a
 regular file is followed, as in the Hugging Face cache; a folder, device, FIFO
 or dangling link in their place is refused). The config is read only up to
