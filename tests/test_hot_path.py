@@ -32,17 +32,21 @@ def _model(kind):
     torch.manual_seed(0)
     if kind == "linear":
         return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    if kind == "conv1d":  # transformers' GPT-2 layer (weight stored transposed)
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(32, 32), nn.ReLU(), Conv1D(32, 32))
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
 
 
 def _input(kind):
-    return torch.randn(6, 32) if kind == "linear" else torch.randn(2, 8, 5, 5)
+    return torch.randn(6, 32) if kind in ("linear", "conv1d") else torch.randn(2, 8, 5, 5)
 
 
 def _config(method, cayley):
     if method in ("sorsa", "loldu"):
-        return gsops.AdapterConfig(method=method, rank=2, target_modules=[nn.Linear, nn.Conv2d])
-    return gsops.AdapterConfig(method=method, block_size=4, cayley=cayley, target_modules=[nn.Linear, nn.Conv2d])
+        return gsops.AdapterConfig(method=method, rank=2, target_modules=["0", "2"])
+    return gsops.AdapterConfig(method=method, block_size=4, cayley=cayley, target_modules=["0", "2"])
 
 
 def _perturb(model):
@@ -59,7 +63,7 @@ def test_the_counter_sees_a_sync():
     assert c.count > 0
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 @pytest.mark.parametrize("method,cayley", [(m, c) for m in ORTHOGONAL for c in ("exact", "neumann")]
                          + [("sorsa", "exact"), ("loldu", "exact")])
 def test_training_step_has_no_host_sync(method, cayley, kind):
