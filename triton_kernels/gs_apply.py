@@ -685,9 +685,9 @@ def _store_partial(ptr, acc, split, blk, r, b, m2, BB: tl.constexpr):
 def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
                    NR: tl.constexpr, BB: tl.constexpr):
     """Per super group ``s``: rows ``j`` / in-block ``v`` aranges, input features ``fx[j, v]``, output features
-    ``fo[p, i]`` (of ``L P R x`` with ``LINEAR_OUT``), their masks, R-block ``rb[j]`` and L-block ``lb[p]`` indices, and the on-chip gathers
-    (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of ``(P t)_p[q]`` and ``to_rows[j*BB+u]``
-    = flat (p, q) position of ``t_j[u]``."""
+    ``fo[p, i]`` (of ``L P R x`` with ``LINEAR_OUT``), their masks, R-block ``rb[j]`` and L-block ``lb[p]``
+    indices, and the on-chip gathers (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of
+    ``(P t)_p[q]`` and ``to_rows[j*BB+u]`` = flat (p, q) position of ``t_j[u]``."""
     j = tl.arange(0, NR)
     v = tl.arange(0, BB)
     rows_ok = j < n_rows
