@@ -182,7 +182,8 @@ def _check_meta(meta, cfg_path) -> None:
             raise ValueError(f"{cfg_path}: tensors[{name!r}] must be {{shape: [int], dtype: str}}")
 
 
-def _read_config(cfg_path):
+def _load_json(cfg_path):
+    """The JSON value in ``cfg_path``, refused (ValueError) over ``MAX_CONFIG_BYTES`` or when it is not JSON."""
     size = os.path.getsize(cfg_path)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"{cfg_path} is {size} bytes, over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
@@ -191,9 +192,13 @@ def _read_config(cfg_path):
     if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(f"{cfg_path} is over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_config(cfg_path):
+    meta = _load_json(cfg_path)
     _check_meta(meta, cfg_path)
     try:
         config = AdapterConfig.from_dict(meta["config"])

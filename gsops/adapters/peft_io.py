@@ -50,7 +50,6 @@ safetensors header is checked as in :mod:`gsops.adapters.io`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
@@ -61,7 +60,7 @@ from torch import nn
 from .. import logs, ops
 from . import saved_modules
 from .config import AdapterConfig
-from .io import CONFIG_FILE, MAX_CONFIG_BYTES, TENSOR_FILE, _adapter_files, _exact_names, _read_tensors, _write_files
+from .io import CONFIG_FILE, TENSOR_FILE, _adapter_files, _exact_names, _load_json, _read_tensors, _write_files
 from .model import _check_model, adapter_layers, apply_
 
 PREFIX = "base_model.model."
@@ -97,15 +96,7 @@ _WHY = {
 
 # --------------------------------------------------------------------------- reading
 def _read_json(cfg_path):
-    size = os.path.getsize(cfg_path)
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{cfg_path} is {size} bytes, over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
-    with open(cfg_path, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    meta = _load_json(cfg_path)
     if not isinstance(meta, dict):
         raise ValueError(f"{cfg_path} must hold a JSON object")
     return meta
