@@ -12,9 +12,9 @@ import torch
 
 import gsops
 from gsops import reference as ref
-from gsops.tolerances import tol
 
 from dense import gs_chain_matrix, gsoft_matrix, np64
+from triton_checks import assert_triton_gs_apply_matches_reference
 
 pytest.importorskip("triton")
 
@@ -105,18 +105,7 @@ def test_onepass_dtypes_through_public_ops(dtype, b, r):
     R = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
     x = torch.randn(13, r * b).to(dtype)
     g = torch.randn(13, r * b).to(dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
-    with gsops.use_backend("triton"):
-        y = gsops.gs_apply(*leaves)
-    y.backward(g)
-    assert y.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
-    ref_leaves = [t.float().requires_grad_() for t in (x, L, R)]
-    y_ref = ref.gs_apply(*ref_leaves)
-    y_ref.backward(g.float())
-    torch.testing.assert_close(y.float(), y_ref.detach(), **tol(dtype))
-    for mine, theirs in zip(leaves, ref_leaves):
-        scale = theirs.grad.abs().max()
-        torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+    assert_triton_gs_apply_matches_reference(x, L, R, g)
 
 
 def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles):
