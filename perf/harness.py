@@ -478,11 +478,7 @@ def write_outputs(out_dir: Path, stem: str, records, micro, meta) -> dict:
     if micro:
         paths["micro_csv"] = out_dir / f"micro_{stem.split('_', 1)[1]}.csv"
         keys = ["benchmark", "shape", "impl", "ms", "reps", "gbps", "copy_fraction", "note"]
-        with open(paths["micro_csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for r in micro:
-                w.writerow({k: r.get(k, "") for k in keys})
+        write_csv(paths["micro_csv"], micro, keys)
     doc = dict(meta, rows=records, micro=micro, targets=targets(records))
     with open(paths["json"], "w") as f:
         json.dump(doc, f, indent=1, default=str)
