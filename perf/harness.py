@@ -462,22 +462,23 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def write_csv(path: Path, records, fields) -> None:
+    """``records`` (dicts) as CSV rows of the columns ``fields``; a missing or None value is an empty cell."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+
 def write_outputs(out_dir: Path, stem: str, records, micro, meta) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    write_csv(paths["csv"], records, CSV_FIELDS)
     if micro:
         paths["micro_csv"] = out_dir / f"micro_{stem.split('_', 1)[1]}.csv"
         keys = ["benchmark", "shape", "impl", "ms", "reps", "gbps", "copy_fraction", "note"]
-        with open(paths["micro_csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for r in micro:
-                w.writerow({k: r.get(k, "") for k in keys})
+        write_csv(paths["micro_csv"], micro, keys)
     doc = dict(meta, rows=records, micro=micro, targets=targets(records))
     with open(paths["json"], "w") as f:
         json.dump(doc, f, indent=1, default=str)

@@ -24,7 +24,6 @@ one step. ``python -m perf.harness`` runs this after its own rows
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -198,13 +197,11 @@ def format_table(records) -> str:
 
 
 def write(records, out_dir: Path, stem: str, meta: dict) -> dict:
+    from .harness import write_csv
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"soc_csv": out_dir / f"{stem}.csv", "soc_json": out_dir / f"{stem}.json"}
-    with open(paths["soc_csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    write_csv(paths["soc_csv"], records, CSV_FIELDS)
     with open(paths["soc_json"], "w") as f:
         json.dump(dict(meta, rows=records), f, indent=1, default=str)
     return paths

@@ -72,6 +72,7 @@ def state_hash(model):
 
 
 def assert_refused_unchanged(model, call, match, exc=ValueError):
+    """``call()`` raises ``exc`` matching ``match`` and leaves ``model`` (state, module types, flags) unchanged."""
     before = state_hash(model)
     with pytest.raises(exc, match=match):
         call()

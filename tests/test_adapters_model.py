@@ -1,6 +1,5 @@
 """Model-level verbs: AdapterConfig, apply_, merge_/unmerge_/revert_, save/load, training, HF models."""
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -11,6 +10,9 @@ from torch import nn
 
 import gsops
 from gsops.tolerances import tol
+
+import hf_tiny
+from hf_tiny import assert_refused_unchanged
 
 METHODS = ["gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu"]
 
@@ -42,31 +44,8 @@ class Net(nn.Module):
 ALL = [nn.Linear, nn.Conv2d]
 
 
-def state_hash(model):
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    for n, m in model.named_modules():
-        h.update(f"{n}:{type(m).__name__}".encode())
-    for p in model.parameters():
-        h.update(str(p.requires_grad).encode())
-    return h.hexdigest()
-
-
-def assert_refused_unchanged(model, call, match):
-    """``call()`` raises ValueError matching ``match`` and leaves ``model`` (state, module types, flags) unchanged."""
-    before = state_hash(model)
-    with pytest.raises(ValueError, match=match):
-        call()
-    assert state_hash(model) == before
-
-
 def perturb_(model, std=0.2):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in gsops.trainable_parameters(model):
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    hf_tiny.perturb_(gsops.trainable_parameters(model), std=std)
 
 
 # ------------------------------------------------------------------ config

@@ -24,12 +24,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 METHODS = gsops.adapters.METHODS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config_for(method, **kw):

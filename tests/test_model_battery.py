@@ -31,13 +31,7 @@ H = 32  # hidden size of every tiny transformer
 V = 40  # vocabulary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than several contending for two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(method, **kw):

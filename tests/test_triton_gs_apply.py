@@ -14,6 +14,7 @@ from gsops import reference as ref
 from gsops.tolerances import tol
 
 from dense import block_diag, gs_chain_matrix, gsoft_matrix, np64
+from triton_checks import assert_triton_gs_apply_matches_reference
 
 pytest.importorskip("triton")
 
@@ -110,19 +111,7 @@ def test_half_precision_matches_reference(dtype, b, r, device):
     x = torch.randn(37, r * b).to(dtype)
     g = torch.randn(37, r * b).to(dtype)
     x, g, L, R = _on(device, x, g, L, R)
-    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
-    with gsops.use_backend("triton"):
-        y = gsops.gs_apply(*leaves)
-    y.backward(g)
-    assert y.dtype == dtype and leaves[1].grad.dtype == dtype
-    # the reference computes in float32 from the same half inputs
-    ref_leaves = [t.float().requires_grad_() for t in (x, L, R)]
-    y_ref = ref.gs_apply(*ref_leaves)
-    y_ref.backward(g.float())
-    torch.testing.assert_close(y.float(), y_ref.detach(), **tol(dtype))
-    for mine, theirs in zip(leaves, ref_leaves):
-        scale = theirs.grad.abs().max()
-        torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+    assert_triton_gs_apply_matches_reference(x, L, R, g)
 
 
 def test_half_activations_with_float32_blocks(device):

@@ -12,9 +12,9 @@ import torch
 
 import gsops
 from gsops import reference as ref
-from gsops.tolerances import tol
 
 from dense import gs_chain_matrix, gsoft_matrix, np64
+from triton_checks import assert_triton_gs_apply_matches_reference
 
 pytest.importorskip("triton")
 
@@ -51,6 +51,26 @@ def _grads_float64(fn, x, blocks, g):
     return [t.grad for t in leaves]
 
 
+def _check_onepass_float64(x, L, R, g, linear_out=False, grad_tol=1e-11):
+    """gs_onepass and its backward against the dense float64 matrix (``P^T L P R``, or ``L P R`` with
+    ``linear_out``) for values and dx, and against the float64 reference under autograd for dL, dR."""
+    from gsops.triton_kernels import gs_apply as G
+
+    if linear_out:
+        A = gs_chain_matrix([np64(R), np64(L)])
+        fn = lambda x, a, c: ref.gs_chain(x, [c, a])  # noqa: E731
+    else:
+        A = gsoft_matrix(np64(L), np64(R))
+        fn = ref.gs_apply
+    torch.testing.assert_close(G.gs_onepass(x, L, R, linear_out=linear_out), torch.from_numpy(np64(x) @ A.T),
+                               rtol=1e-11, atol=1e-11)
+    dx, dL, dR = G.gs_onepass_backward(g, x, L, R, linear_out=linear_out)
+    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
+    _, rL, rR = _grads_float64(fn, x, (L, R), g)
+    torch.testing.assert_close(dL, rL, rtol=grad_tol, atol=grad_tol)
+    torch.testing.assert_close(dR, rR, rtol=grad_tol, atol=grad_tol)
+
+
 @pytest.mark.parametrize("b,r,n", SHAPES)
 def test_onepass_plan_covers_shape(b, r, n):
     from gsops.triton_kernels.gs_apply import onepass_plan
@@ -69,27 +89,11 @@ def test_onepass_plan_covers_shape(b, r, n):
 
 @pytest.mark.parametrize("b,r,n", SHAPES)
 def test_onepass_forward_backward_float64(b, r, n, float64_big_tiles):
-    from gsops.triton_kernels import gs_apply as G
-
     L, R = _blocks(r, b), _blocks(r, b)
     x = torch.randn(n, r * b, dtype=torch.float64)
     g = torch.randn(n, r * b, dtype=torch.float64)
-    A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(G.gs_onepass(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
-    dx, dL, dR = G.gs_onepass_backward(g, x, L, R)
-    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
-    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
-    torch.testing.assert_close(dL, rL, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(dR, rR, rtol=1e-11, atol=1e-11)
-    # linear output layout: the two-factor chain L P R x
-    C = gs_chain_matrix([np64(R), np64(L)])
-    torch.testing.assert_close(G.gs_onepass(x, L, R, linear_out=True), torch.from_numpy(np64(x) @ C.T),
-                               rtol=1e-11, atol=1e-11)
-    dx, dL, dR = G.gs_onepass_backward(g, x, L, R, linear_out=True)
-    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ C), rtol=1e-11, atol=1e-11)
-    _, rR, rL = _grads_float64(lambda x, a, c: ref.gs_chain(x, [a, c]), x, (R, L), g)
-    torch.testing.assert_close(dL, rL, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(dR, rR, rtol=1e-11, atol=1e-11)
+    _check_onepass_float64(x, L, R, g)
+    _check_onepass_float64(x, L, R, g, linear_out=True)  # the two-factor chain L P R x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -101,18 +105,7 @@ def test_onepass_dtypes_through_public_ops(dtype, b, r):
     R = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
     x = torch.randn(13, r * b).to(dtype)
     g = torch.randn(13, r * b).to(dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, L, R)]
-    with gsops.use_backend("triton"):
-        y = gsops.gs_apply(*leaves)
-    y.backward(g)
-    assert y.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
-    ref_leaves = [t.float().requires_grad_() for t in (x, L, R)]
-    y_ref = ref.gs_apply(*ref_leaves)
-    y_ref.backward(g.float())
-    torch.testing.assert_close(y.float(), y_ref.detach(), **tol(dtype))
-    for mine, theirs in zip(leaves, ref_leaves):
-        scale = theirs.grad.abs().max()
-        torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+    assert_triton_gs_apply_matches_reference(x, L, R, g)
 
 
 def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles):
@@ -128,13 +121,7 @@ def test_onepass_gpu_launch_plan_loops_and_splits(monkeypatch, float64_big_tiles
     L, R = _blocks(r, b), _blocks(r, b)
     x = torch.randn(n, r * b, dtype=torch.float64)
     g = torch.randn(n, r * b, dtype=torch.float64)
-    A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(G.gs_onepass(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
-    dx, dL, dR = G.gs_onepass_backward(g, x, L, R)
-    torch.testing.assert_close(dx, torch.from_numpy(np64(g) @ A), rtol=1e-11, atol=1e-11)
-    _, rL, rR = _grads_float64(ref.gs_apply, x, (L, R), g)
-    torch.testing.assert_close(dL, rL, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(dR, rR, rtol=1e-10, atol=1e-10)
+    _check_onepass_float64(x, L, R, g, grad_tol=1e-10)
 
 
 def test_onepass_non_contiguous_and_empty(float64_big_tiles):

@@ -269,6 +269,15 @@ def _tokens_and_output(x: torch.Tensor, d: int):
     return x.shape[:-1], x2, torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
 
 
+def _per_token(x: torch.Tensor, d: int, launch) -> torch.Tensor:
+    """A (tokens..., d) output of ``x``'s dtype, filled by ``launch(x2, y2, n_tok)`` on ``x`` as (tokens, features)
+    (not called when there are no tokens)."""
+    lead, x2, y2 = _tokens_and_output(x, d)
+    if x2.shape[0]:
+        launch(x2, y2, x2.shape[0])
+    return y2.reshape(*lead, d)
+
+
 def _num_warps(tile: int) -> int:
     # sm_90 compile (ptxas): with 4 warps a 64-wide tile needs 230-255 registers per thread and the
     # backward spills; 8 warps halve that
@@ -638,11 +647,47 @@ def _bmm(a, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+def _program_split(n_groups):
+    """``(group, split)`` of this program in a grid of ``n_groups`` groups x token splits."""
+    pid = tl.program_id(0)
+    return pid % n_groups, pid // n_groups
+
+
+@triton.jit
+def _token_tile(split, t, N, m2, TILES: tl.constexpr, BN: tl.constexpr):
+    """Tokens ``n`` (int64) of tile ``t`` of token split ``split`` and the [rows, BN, cols] mask under ``m2``."""
+    n = (split * TILES + t) * BN + tl.arange(0, BN)
+    return n.to(tl.int64), m2[:, None, :] & (n < N)[None, :, None]
+
+
+@triton.jit
+def _load_tile(ptr, n64, f, stride_n, stride_d, m3):
+    """``ptr[n, f[row, col]]`` as [rows, BN, cols] (zero under ``~m3``)."""
+    return tl.load(ptr + n64[None, :, None] * stride_n + f[:, None, :] * stride_d, mask=m3, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, n64, f, stride_n, stride_d, val, m3):
+    """``ptr[n, f[row, col]] = val`` ([rows, BN, cols]) under ``m3``, in ``ptr``'s dtype."""
+    tl.store(ptr + n64[None, :, None] * stride_n + f[:, None, :] * stride_d, val.to(ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit
+def _store_partial(ptr, acc, split, blk, r, b, m2, BB: tl.constexpr):
+    """``ptr[split, blk[row]] = acc[row]`` ([splits, r, b, b] partial block gradients; rows under ``m2``)."""
+    c = tl.arange(0, BB)
+    wm = m2[:, :, None] & (c < b)[None, None, :]
+    off = split.to(tl.int64) * r * b * b + blk[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
+    tl.store(ptr + off, acc.to(ptr.dtype.element_ty), mask=wm)
+
+
+@triton.jit
+def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, LINEAR_OUT: tl.constexpr,
+                   NR: tl.constexpr, BB: tl.constexpr):
     """Per super group ``s``: rows ``j`` / in-block ``v`` aranges, input features ``fx[j, v]``, output features
-    ``fo[p, i]``, their masks, R-block ``rb[j]`` and L-block ``lb[p]`` indices, and the on-chip gathers
-    (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of ``(P t)_p[q]`` and ``to_rows[j*BB+u]``
-    = flat (p, q) position of ``t_j[u]``."""
+    ``fo[p, i]`` (of ``L P R x`` with ``LINEAR_OUT``), their masks, R-block ``rb[j]`` and L-block ``lb[p]``
+    indices, and the on-chip gathers (whole rows only): ``to_cols[p*BB+q]`` = flat (j, u) position of
+    ``(P t)_p[q]`` and ``to_rows[j*BB+u]`` = flat (p, q) position of ``t_j[u]``."""
     j = tl.arange(0, NR)
     v = tl.arange(0, BB)
     rows_ok = j < n_rows
@@ -652,6 +697,8 @@ def _onepass_index(s, r, b, k, row_stride, n_rows, BAND: tl.constexpr, NR: tl.co
     fo = (v[None, :] * r + s * b + j[:, None]).to(tl.int64)                   # y feature of (L-block p=j, entry i=v)
     rb = (j * k + s).to(tl.int64)
     lb = (s * b + j).to(tl.int64)
+    if LINEAR_OUT:
+        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
     if BAND:
         to_cols = j[:, None] * BB + v[None, :]
         to_rows = to_cols
@@ -699,25 +746,18 @@ def _onepass_fwd_kernel(
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """``y = P^T L P R x`` (or ``L P R x`` with ``LINEAR_OUT``) for one super group x ``TILES`` token tiles."""
-    pid = tl.program_id(0)
-    s = pid % n_super
-    pid_n = pid // n_super
-    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
-    if LINEAR_OUT:
-        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    s, pid_n = _program_split(n_super)
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, LINEAR_OUT,
+                                                                NR, BB)
     w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
     w2 = _onepass_blocks(l_ptr, lb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
-    nn = tl.arange(0, BN)
     for t in range(0, TILES):
-        n = (pid_n * TILES + t) * BN + nn
-        n64 = n.to(tl.int64)
-        m3 = m2[:, None, :] & (n < N)[None, :, None]
-        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+        n64, m3 = _token_tile(pid_n, t, N, m2, TILES, BN)
+        xt = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3)
         tt = _bmm(xt.to(DOT_DTYPE), w1, USE_DOT, IEEE, ACC)                      # [j, n, u]: R x
         a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: P R x
         z = _bmm(a, w2, USE_DOT, IEEE, ACC)                                       # [p, n, i]
-        tl.store(y_ptr + n64[None, :, None] * stride_yn + fo[:, None, :] * stride_yd,
-                 z.to(y_ptr.dtype.element_ty), mask=m3)
+        _store_tile(y_ptr, n64, fo, stride_yn, stride_yd, z, m3)
 
 
 @triton.jit
@@ -732,26 +772,20 @@ def _onepass_bwd_kernel(
 ):
     """dx (``WITH_DX``) and this token split's partial dL, dR ([split, r, b, b], ``WITH_GRADS``) for one super
     group.  Without ``WITH_GRADS`` it is the transposed one-pass apply ``dx = Q^T dy`` (x is not read)."""
-    pid = tl.program_id(0)
-    s = pid % n_super
-    split = pid // n_super
-    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, NR, BB)
-    if LINEAR_OUT:
-        fo = (lb[:, None] * b + v[None, :]).to(tl.int64)
+    s, split = _program_split(n_super)
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(s, r, b, k, row_stride, n_rows, BAND, LINEAR_OUT,
+                                                                NR, BB)
     w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
     w1t = _onepass_blocks(r_ptr, rb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [j, u, v] = R_j[u, v]
     w2t = _onepass_blocks(l_ptr, lb, b, m2, True, NR, BB).to(DOT_DTYPE)   # [p, i, q] = L_p[i, q]
     dl_acc = tl.zeros((NR, BB, BB), dtype=ACC)
     dr_acc = tl.zeros((NR, BB, BB), dtype=ACC)
-    nn = tl.arange(0, BN)
     for t in range(0, TILES):
-        n = (split * TILES + t) * BN + nn
-        n64 = n.to(tl.int64)
-        m3 = m2[:, None, :] & (n < N)[None, :, None]
-        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fo[:, None, :] * stride_gd, mask=m3, other=0.0)
+        n64, m3 = _token_tile(split, t, N, m2, TILES, BN)
+        gz = _load_tile(g_ptr, n64, fo, stride_gn, stride_gd, m3)
         gz = gz.to(DOT_DTYPE)                                                     # [p, n, i]: dz = P dy
         if WITH_GRADS:
-            xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fx[:, None, :] * stride_xd, mask=m3, other=0.0)
+            xt = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3)
             xt = xt.to(DOT_DTYPE)
             tt = _bmm(xt, w1, USE_DOT, IEEE, ACC)
             a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)    # [p, n, q]: u = P R x
@@ -762,15 +796,10 @@ def _onepass_bwd_kernel(
             dr_acc += _bmm(tl.permute(dt, (0, 2, 1)), xt, USE_DOT, IEEE, ACC)     # [j, u, v]
         if WITH_DX:
             dxt = _bmm(dt, w1t, USE_DOT, IEEE, ACC)                               # [j, n, v]: R^T dt
-            tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fx[:, None, :] * stride_dxd,
-                     dxt.to(dx_ptr.dtype.element_ty), mask=m3)
-    c = tl.arange(0, BB)
-    wm = m2[:, :, None] & (c < b)[None, None, :]
-    base = split.to(tl.int64) * r * b * b
-    inner = v[None, :, None] * b + c[None, None, :]
+            _store_tile(dx_ptr, n64, fx, stride_dxn, stride_dxd, dxt, m3)
     if WITH_GRADS:
-        tl.store(dl_ptr + base + lb[:, None, None] * b * b + inner, dl_acc.to(dl_ptr.dtype.element_ty), mask=wm)
-        tl.store(dr_ptr + base + rb[:, None, None] * b * b + inner, dr_acc.to(dr_ptr.dtype.element_ty), mask=wm)
+        _store_partial(dl_ptr, dl_acc, split, lb, r, b, m2, BB)
+        _store_partial(dr_ptr, dr_acc, split, rb, r, b, m2, BB)
 
 
 def _onepass_block_n(plan: _OnePassPlan, n_tok: int) -> int:
@@ -826,18 +855,15 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
                          f"chip (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, "
                          f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS} for {plan_bytes}-byte dot inputs); "
                          f"use the two-launch path")
-    d = r * b
-    lead, x2, y2 = _tokens_and_output(x, d)
-    n_tok = x2.shape[0]
-    if n_tok == 0:
-        return y2.reshape(*lead, d)
-    block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
-    _onepass_fwd_kernel[(plan.n_super * progs,)](
-        x2, L.contiguous(), R.contiguous(), y2, n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
-    )
-    return y2.reshape(*lead, d)
+
+    def launch(x2, y2, n_tok):
+        block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
+        _onepass_fwd_kernel[(plan.n_super * progs,)](
+            x2, L.contiguous(), R.contiguous(), y2, n_tok, r, b, plan.k, plan.row_stride, plan.n_rows, plan.n_super,
+            x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+            **_onepass_consts(plan, x, L, linear_out, block_n, tiles),
+        )
+    return _per_token(x, r * b, launch)
 
 
 def gs_onepass_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
@@ -907,20 +933,14 @@ def _strided_step_kernel(
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """``y = P_out^T diag(B) P x`` for G consecutive blocks x ``TILES`` token tiles (``P_out`` = P or I)."""
-    pid = tl.program_id(0)
-    pg = pid % n_pg
-    pid_n = pid // n_pg
+    pg, pid_n = _program_split(n_pg)
     p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
     w = _onepass_blocks(w_ptr, p, b, m2, False, G, BB).to(DOT_DTYPE)   # [g, q, i] = B_p[i, q]
-    nn = tl.arange(0, BN)
     for t in range(0, TILES):
-        n = (pid_n * TILES + t) * BN + nn
-        n64 = n.to(tl.int64)
-        m3 = m2[:, None, :] & (n < N)[None, :, None]
-        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        n64, m3 = _token_tile(pid_n, t, N, m2, TILES, BN)
+        xt = _load_tile(x_ptr, n64, fin, stride_xn, stride_xd, m3)
         z = _bmm(xt.to(DOT_DTYPE), w, USE_DOT, IEEE, ACC)                # [g, n, i]
-        tl.store(y_ptr + n64[None, :, None] * stride_yn + fout[:, None, :] * stride_yd,
-                 z.to(y_ptr.dtype.element_ty), mask=m3)
+        _store_tile(y_ptr, n64, fout, stride_yn, stride_yd, z, m3)
 
 
 @triton.jit
@@ -932,28 +952,19 @@ def _strided_grad_kernel(
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Input gradient (stored under P, like the step's input) and this split's partial block gradients."""
-    pid = tl.program_id(0)
-    pg = pid % n_pg
-    split = pid // n_pg
+    pg, split = _program_split(n_pg)
     p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
     wt = _onepass_blocks(w_ptr, p, b, m2, True, G, BB).to(DOT_DTYPE)   # [g, i, q] = B_p[i, q]
     acc = tl.zeros((G, BB, BB), dtype=ACC)
-    nn = tl.arange(0, BN)
     for t in range(0, TILES):
-        n = (split * TILES + t) * BN + nn
-        n64 = n.to(tl.int64)
-        m3 = m2[:, None, :] & (n < N)[None, :, None]
-        gz = tl.load(g_ptr + n64[None, :, None] * stride_gn + fout[:, None, :] * stride_gd, mask=m3, other=0.0)
-        xt = tl.load(x_ptr + n64[None, :, None] * stride_xn + fin[:, None, :] * stride_xd, mask=m3, other=0.0)
+        n64, m3 = _token_tile(split, t, N, m2, TILES, BN)
+        gz = _load_tile(g_ptr, n64, fout, stride_gn, stride_gd, m3)
+        xt = _load_tile(x_ptr, n64, fin, stride_xn, stride_xd, m3)
         gz = gz.to(DOT_DTYPE)
         acc += _bmm(tl.permute(gz, (0, 2, 1)), xt.to(DOT_DTYPE), USE_DOT, IEEE, ACC)   # [g, i, q]
         dxt = _bmm(gz, wt, USE_DOT, IEEE, ACC)                                           # [g, n, q]
-        tl.store(dx_ptr + n64[None, :, None] * stride_dxn + fin[:, None, :] * stride_dxd,
-                 dxt.to(dx_ptr.dtype.element_ty), mask=m3)
-    c = tl.arange(0, BB)
-    wm = m2[:, :, None] & (c < b)[None, None, :]
-    off = split.to(tl.int64) * r * b * b + p[:, None, None] * b * b + c[None, :, None] * b + c[None, None, :]
-    tl.store(db_ptr + off, acc.to(db_ptr.dtype.element_ty), mask=wm)
+        _store_tile(dx_ptr, n64, fin, stride_dxn, stride_dxd, dxt, m3)
+    _store_partial(db_ptr, acc, split, p, r, b, m2, BB)
 
 
 def _strided_plan(r: int, b: int, esize: int, n_tok: int):
@@ -969,27 +980,35 @@ def _strided_plan(r: int, b: int, esize: int, n_tok: int):
     return g, bb, bn
 
 
-def strided_step(x: torch.Tensor, B: torch.Tensor, out_strided: bool) -> torch.Tensor:
-    """``P_out^T diag(B) P x`` (``P_out = P`` when ``out_strided``, else I) with coalesced runs on the permuted side."""
+def _strided_launch(x: torch.Tensor, B: torch.Tensor, out_strided: bool, n_tok: int, want_programs: int,
+                    grads: bool = False):
+    """``(n_pg, splits, consts)``: block groups, token splits and the constexpr/launch keywords of the strided
+    kernels (``grads``: a block-gradient kernel, whose token splits also bound the partial sums)."""
     r, b, _ = B.shape
-    d = r * b
-    lead, x2, y2 = _tokens_and_output(x, d)
-    n_tok = x2.shape[0]
-    if n_tok == 0:
-        return y2.reshape(*lead, d)
     g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
     n_pg = triton.cdiv(r, g)
     n_tiles = triton.cdiv(n_tok, bn)
-    tiles = _loop_count(n_tiles, n_pg, 8 * _n_sm(x.device))
+    tiles = _loop_count(n_tiles, n_pg, want_programs)
+    if grads and not _interpreting():
+        tiles = max(tiles, _min_tiles_for_partials(bb, bn, n_tiles, n_pg, _n_sm(x.device)))
     dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
-    _strided_step_kernel[(n_pg * triton.cdiv(n_tiles, tiles),)](
-        x2, B.contiguous(), y2, n_tok, r, b, n_pg,
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
-        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
-        num_warps=4 if g * bb * bn <= 8192 else 8,
-    )
-    return y2.reshape(*lead, d)
+    consts = dict(TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
+                  ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
+                  num_warps=4 if g * bb * bn <= 8192 else 8)
+    return n_pg, triton.cdiv(n_tiles, tiles), consts
+
+
+def strided_step(x: torch.Tensor, B: torch.Tensor, out_strided: bool) -> torch.Tensor:
+    """``P_out^T diag(B) P x`` (``P_out = P`` when ``out_strided``, else I) with coalesced runs on the permuted side."""
+    r, b, _ = B.shape
+
+    def launch(x2, y2, n_tok):
+        n_pg, splits, consts = _strided_launch(x, B, out_strided, n_tok, 8 * _n_sm(x.device))
+        _strided_step_kernel[(n_pg * splits,)](
+            x2, B.contiguous(), y2, n_tok, r, b, n_pg,
+            x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), **consts,
+        )
+    return _per_token(x, r * b, launch)
 
 
 def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_strided: bool):
@@ -1000,21 +1019,11 @@ def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_
     dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
     if n_tok == 0:
         return dx2.reshape(x.shape), torch.zeros((r, b, b), dtype=B.dtype, device=x.device)
-    g, bb, bn = _strided_plan(r, b, dot_bytes(x.dtype, B.dtype), n_tok)
-    n_pg = triton.cdiv(r, g)
-    n_tiles = triton.cdiv(n_tok, bn)
-    tiles = _loop_count(n_tiles, n_pg, 4 * _n_sm(x.device))
-    if not _interpreting():
-        tiles = max(tiles, _min_tiles_for_partials(bb, bn, n_tiles, n_pg, _n_sm(x.device)))
-    splits = triton.cdiv(n_tiles, tiles)
+    n_pg, splits, consts = _strided_launch(x, B, out_strided, n_tok, 4 * _n_sm(x.device), grads=True)
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     part = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
-    dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
     _strided_grad_kernel[(n_pg * splits,)](
         g2, x2, B.contiguous(), dx2, part, n_tok, r, b, n_pg,
-        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1),
-        TILES=tiles, OUT_STRIDED=bool(out_strided), G=g, BB=bb, BN=bn, DOT_DTYPE=dot_dtype, IEEE=ieee,
-        ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=bb >= 16,
-        num_warps=4 if g * bb * bn <= 8192 else 8,
+        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1), **consts,
     )
     return dx2.reshape(x.shape), part.sum(0).to(B.dtype)

@@ -89,8 +89,6 @@ def save_adapter(model: torch.nn.Module, path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     config = _model_config(model)
-    from safetensors.torch import save_file
-
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in _saved_tensors(model).items()}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "gsops_version": __version__,
@@ -100,14 +98,23 @@ def save_adapter(model: torch.nn.Module, path) -> str:
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"adapter parameter(s) {bad[:5]} contain NaN or inf; refusing to save an adapter load_adapter would refuse")
+    return _write_files(path, tensors, FORMAT, meta, indent=1)
+
+
+def _write_files(path, tensors: dict, tensor_format: str, cfg: dict, indent: int) -> str:
+    """Writes ``tensors`` (safetensors, metadata ``format``) and ``cfg`` (JSON) into the folder ``path``.
+
+    Each file is written beside its final name and renamed into place, so a crash never leaves a
+    half-written file."""
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
-    # each file is written beside its final name and renamed into place, so a crash never leaves a half-written file
     ten_path, cfg_path = os.path.join(path, TENSOR_FILE), os.path.join(path, CONFIG_FILE)
     tmp = f".tmp-{os.getpid()}"
     try:
-        save_file(tensors, ten_path + tmp, metadata={"format": FORMAT})
+        save_file(tensors, ten_path + tmp, metadata={"format": tensor_format})
         with open(cfg_path + tmp, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+            json.dump(cfg, f, indent=indent, sort_keys=True)
         os.replace(ten_path + tmp, ten_path)
         os.replace(cfg_path + tmp, cfg_path)
     finally:
@@ -121,6 +128,19 @@ MAX_CONFIG_BYTES = 16 * 2 ** 20   # adapter_config.json larger than this is refu
 MAX_HEADER_BYTES = 16 * 2 ** 20   # safetensors JSON header larger than this is refused
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8}  # I64: index buffers (LoLDU's perm)
 TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64"}
+
+
+def _adapter_files(path, reader: str, writer: str):
+    """``(config path, tensor path)`` of the adapter folder ``path``, checked to exist as regular files;
+    the errors name ``reader`` (the loading function) and ``writer`` (what writes such folders)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a folder written by {writer})")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a folder; {reader} expects the folder written by {writer}")
+    cfg_path, ten_path = os.path.join(path, CONFIG_FILE), os.path.join(path, TENSOR_FILE)
+    for p in (cfg_path, ten_path):
+        _regular_file(p)
+    return cfg_path, ten_path
 
 
 def _regular_file(p: str) -> None:
@@ -162,7 +182,8 @@ def _check_meta(meta, cfg_path) -> None:
             raise ValueError(f"{cfg_path}: tensors[{name!r}] must be {{shape: [int], dtype: str}}")
 
 
-def _read_config(cfg_path):
+def _load_json(cfg_path):
+    """The JSON value in ``cfg_path``, refused (ValueError) over ``MAX_CONFIG_BYTES`` or when it is not JSON."""
     size = os.path.getsize(cfg_path)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"{cfg_path} is {size} bytes, over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
@@ -171,9 +192,13 @@ def _read_config(cfg_path):
     if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(f"{cfg_path} is over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_config(cfg_path):
+    meta = _load_json(cfg_path)
     _check_meta(meta, cfg_path)
     try:
         config = AdapterConfig.from_dict(meta["config"])
@@ -238,13 +263,7 @@ def _read_tensors(ten_path):
 def _read(path):
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (expected a folder written by gsops.save_adapter)")
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a folder; load_adapter expects the folder written by gsops.save_adapter")
-    cfg_path, ten_path = os.path.join(path, CONFIG_FILE), os.path.join(path, TENSOR_FILE)
-    for p in (cfg_path, ten_path):
-        _regular_file(p)
+    cfg_path, ten_path = _adapter_files(path, "load_adapter", "gsops.save_adapter")
     meta, config = _read_config(cfg_path)
     header, tensors = _read_tensors(ten_path)
     listed = meta["tensors"]

@@ -50,7 +50,6 @@ safetensors header is checked as in :mod:`gsops.adapters.io`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
@@ -61,11 +60,9 @@ from torch import nn
 from .. import logs, ops
 from . import saved_modules
 from .config import AdapterConfig
-from .io import MAX_CONFIG_BYTES, _exact_names, _read_tensors, _regular_file
+from .io import CONFIG_FILE, TENSOR_FILE, _adapter_files, _exact_names, _load_json, _read_tensors, _write_files
 from .model import _check_model, adapter_layers, apply_
 
-CONFIG_FILE = "adapter_config.json"
-TENSOR_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT version whose layers the conversions were checked against
 
@@ -99,15 +96,7 @@ _WHY = {
 
 # --------------------------------------------------------------------------- reading
 def _read_json(cfg_path):
-    size = os.path.getsize(cfg_path)
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{cfg_path} is {size} bytes, over MAX_CONFIG_BYTES={MAX_CONFIG_BYTES}; refusing to parse it")
-    with open(cfg_path, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    meta = _load_json(cfg_path)
     if not isinstance(meta, dict):
         raise ValueError(f"{cfg_path} must hold a JSON object")
     return meta
@@ -333,13 +322,7 @@ def load_peft_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError("model is a PEFT model; pass the base model (the one PEFT's adapter was trained on)")
     if adapter_layers(model):
         raise ValueError("model already has gsops adapters; call gsops.revert_(model) first")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (expected a folder written by PEFT's save_pretrained)")
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a folder; load_peft_adapter expects the folder written by PEFT's save_pretrained")
-    cfg_path, ten_path = os.path.join(path, CONFIG_FILE), os.path.join(path, TENSOR_FILE)
-    for p in (cfg_path, ten_path):
-        _regular_file(p)
+    cfg_path, ten_path = _adapter_files(path, "load_peft_adapter", "PEFT's save_pretrained")
     cfg = _read_json(cfg_path)
     peft_type = _check_config(cfg, cfg_path)
     _, tensors = _read_tensors(ten_path)
@@ -457,22 +440,7 @@ def save_peft_adapter(model: nn.Module, path) -> str:
         raise ValueError("model has no gsops adapters (call gsops.apply_ or gsops.load_peft_adapter first)")
     config = layers[0][1].gsops_config
     tensors, cfg = _export_tensors(model, config)
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    ten_path, cfg_path = os.path.join(path, TENSOR_FILE), os.path.join(path, CONFIG_FILE)
-    tmp = f".tmp-{os.getpid()}"
-    try:
-        save_file(tensors, ten_path + tmp, metadata={"format": "pt"})
-        with open(cfg_path + tmp, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        os.replace(ten_path + tmp, ten_path)
-        os.replace(cfg_path + tmp, cfg_path)
-    finally:
-        for p in (ten_path + tmp, cfg_path + tmp):
-            if os.path.exists(p):
-                os.remove(p)
-    return os.fspath(path)
+    return _write_files(path, tensors, "pt", cfg, indent=2)
 
 
 __all__ = ["load_peft_adapter", "save_peft_adapter"]
