@@ -654,7 +654,7 @@ def _program_split(n_groups):
 
 
 @triton.jit
-def _token_tile(split, t, N, m2, TILES: tl.constexpr, BN: tl.constexpr):
+def _split_token_tile(split, t, N, m2, TILES: tl.constexpr, BN: tl.constexpr):
     """Tokens ``n`` (int64) of tile ``t`` of token split ``split`` and the [rows, BN, cols] mask under ``m2``."""
     n = (split * TILES + t) * BN + tl.arange(0, BN)
     return n.to(tl.int64), m2[:, None, :] & (n < N)[None, :, None]
@@ -752,7 +752,7 @@ def _onepass_fwd_kernel(
     w1 = _onepass_blocks(r_ptr, rb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [j, v, u] = R_j[u, v]
     w2 = _onepass_blocks(l_ptr, lb, b, m2, False, NR, BB).to(DOT_DTYPE)   # [p, q, i] = L_p[i, q]
     for t in range(0, TILES):
-        n64, m3 = _token_tile(pid_n, t, N, m2, TILES, BN)
+        n64, m3 = _split_token_tile(pid_n, t, N, m2, TILES, BN)
         xt = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3)
         tt = _bmm(xt.to(DOT_DTYPE), w1, USE_DOT, IEEE, ACC)                      # [j, n, u]: R x
         a = _onepass_move(tt.to(DOT_DTYPE), to_cols, m2, BAND, NR, BB, BN)        # [p, n, q]: P R x
@@ -781,7 +781,7 @@ def _onepass_bwd_kernel(
     dl_acc = tl.zeros((NR, BB, BB), dtype=ACC)
     dr_acc = tl.zeros((NR, BB, BB), dtype=ACC)
     for t in range(0, TILES):
-        n64, m3 = _token_tile(split, t, N, m2, TILES, BN)
+        n64, m3 = _split_token_tile(split, t, N, m2, TILES, BN)
         gz = _load_tile(g_ptr, n64, fo, stride_gn, stride_gd, m3)
         gz = gz.to(DOT_DTYPE)                                                     # [p, n, i]: dz = P dy
         if WITH_GRADS:
@@ -937,7 +937,7 @@ def _strided_step_kernel(
     p, m2, fin, fout = _strided_index(pg, r, b, G, BB, OUT_STRIDED)
     w = _onepass_blocks(w_ptr, p, b, m2, False, G, BB).to(DOT_DTYPE)   # [g, q, i] = B_p[i, q]
     for t in range(0, TILES):
-        n64, m3 = _token_tile(pid_n, t, N, m2, TILES, BN)
+        n64, m3 = _split_token_tile(pid_n, t, N, m2, TILES, BN)
         xt = _load_tile(x_ptr, n64, fin, stride_xn, stride_xd, m3)
         z = _bmm(xt.to(DOT_DTYPE), w, USE_DOT, IEEE, ACC)                # [g, n, i]
         _store_tile(y_ptr, n64, fout, stride_yn, stride_yd, z, m3)
@@ -957,7 +957,7 @@ def _strided_grad_kernel(
     wt = _onepass_blocks(w_ptr, p, b, m2, True, G, BB).to(DOT_DTYPE)   # [g, i, q] = B_p[i, q]
     acc = tl.zeros((G, BB, BB), dtype=ACC)
     for t in range(0, TILES):
-        n64, m3 = _token_tile(split, t, N, m2, TILES, BN)
+        n64, m3 = _split_token_tile(split, t, N, m2, TILES, BN)
         gz = _load_tile(g_ptr, n64, fout, stride_gn, stride_gd, m3)
         xt = _load_tile(x_ptr, n64, fin, stride_xn, stride_xd, m3)
         gz = gz.to(DOT_DTYPE)

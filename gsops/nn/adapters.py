@@ -851,7 +851,10 @@ class OrthogonalAdapter(MergeableAdapter):
             if self.rotation_out is not None:
                 y = self.rotation_out.rotate(y, _in_dtype(B_out, y.dtype))
             if self.scale is not None:
-                y = y * self.scale.to(y.dtype)
+                s = self.scale if self.scale.dtype == y.dtype else self.scale.to(y.dtype)
+                if base.bias is not None:  # s * y + c in one pass
+                    return torch.addcmul(base.bias.to(y.dtype), y, s)
+                return y * s
             return y if base.bias is None else y + base.bias.to(y.dtype)
         return self._base_forward(x, self.adapted_weight(blocks=(B_in, B_out)).to(base.weight.dtype))
 
