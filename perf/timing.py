@@ -6,6 +6,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Step:
@@ -84,22 +85,25 @@ def peak_memory_bytes(step: Step) -> int | None:
     return int(torch.cuda.max_memory_allocated(step.device) - before)
 
 
+class SyncCounter(TorchDispatchMode):
+    """Counts device-to-host value reads while active: calls of ``aten::_local_scalar_dense`` (what
+    ``.item()``, ``float()``, ``bool()``, ``.tolist()`` reach), each a stall of the device's queue on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def host_syncs(step: Step) -> int:
-    """Device-to-host value reads in one step: calls of ``aten::_local_scalar_dense`` (``.item()``,
-    ``float()``, ``bool()``, ``.tolist()``), each a stall of the device's queue on a GPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                type(self).n += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Count():
+    """Device-to-host value reads in one step (see :class:`SyncCounter`)."""
+    with SyncCounter() as counter:
         step()
-    return _Count.n
+    return counter.count
 
 
 def median(xs):

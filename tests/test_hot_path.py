@@ -1,31 +1,20 @@
 """The adapters' training step reads no device value on the host (zero syncs), and keeps its guarantees.
 
 Syncs are counted as calls of ``aten::_local_scalar_dense`` (what ``.item()``, ``float()``, ``bool()``
-and ``.tolist()`` reach) under a ``TorchDispatchMode`` over one forward + backward.
+and ``.tolist()`` reach) with ``perf.timing.SyncCounter`` (the harness's `syncs` column) over one forward + backward.
 """
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gsops
 from gsops.nn import guard
 from gsops.nn.adapters import MergeableAdapter, OrthogonalAdapter
+from perf.timing import SyncCounter
 
 ORTHOGONAL = ["gsoft", "double_gsoft", "oft", "boft"]
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(kind):

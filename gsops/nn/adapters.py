@@ -165,7 +165,7 @@ class CayleyBlocks(nn.Module):
     @property
     def exact(self) -> bool:
         """True when the blocks come from the exact Cayley transform (``cayley="exact"``, or a switched series)."""
-        return self.cayley == "exact" or (self.cayley == "neumann" and self.neumann_switched)
+        return self.cayley != "peft_neumann" and not self.series
 
     def forward(self, dtype=None) -> torch.Tensor:
         """The orthogonal blocks ``(n, r, b, b)``, following the layer's Neumann policy (checked at once)."""
@@ -222,10 +222,6 @@ class CayleyBlocks(nn.Module):
         return f"n={self.n}, r={self.r}, b={self.b}, packed={self.packed}, cayley={self.cayley!r}"
 
 
-def _in_dtype(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return blocks if blocks.dtype == dtype else blocks.to(dtype)
-
-
 def _blocks_batched(stacks: list) -> list:
     """``blocks_and_error()`` of several CayleyBlocks, with one Cayley call for all exact ones of one block size."""
     exact = [f for f in stacks if f.exact]
@@ -266,8 +262,7 @@ class Rotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
-        blocks = self.factors()
-        return self.rotate(x, blocks if blocks.dtype == x.dtype else blocks.to(x.dtype))
+        return self.rotate(x, self.factors().to(x.dtype))
 
     def dense(self, dtype=torch.float64) -> torch.Tensor:
         """The dense ``Q`` (for tests, merging and inspection), computed in ``dtype``."""
@@ -847,11 +842,11 @@ class OrthogonalAdapter(MergeableAdapter):
         base = self.base_layer
         if is_linear_like(base):
             # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
-            y = F.linear(self.rotation.rotate(x, _in_dtype(B_in, x.dtype)), self._flat_weight())
+            y = F.linear(self.rotation.rotate(x, B_in.to(x.dtype)), self._flat_weight())
             if self.rotation_out is not None:
-                y = self.rotation_out.rotate(y, _in_dtype(B_out, y.dtype))
+                y = self.rotation_out.rotate(y, B_out.to(y.dtype))
             if self.scale is not None:
-                s = self.scale if self.scale.dtype == y.dtype else self.scale.to(y.dtype)
+                s = self.scale.to(y.dtype)
                 if base.bias is not None:  # s * y + c in one pass
                     return torch.addcmul(base.bias.to(y.dtype), y, s)
                 return y * s
@@ -871,7 +866,7 @@ class OrthogonalAdapter(MergeableAdapter):
             B_in = self.rotation.blocks(dtype)
             B_out = self.rotation_out.blocks(dtype) if self.rotation_out is not None else None
         else:
-            B_in, B_out = (None if B is None else _in_dtype(B, dtype) for B in blocks)
+            B_in, B_out = (None if B is None else B.to(dtype) for B in blocks)
         M = self.rotation.rotate(W, B_in, transpose=True)  # rows of W Q = (Q^T w_i)^T
         if self.rotation_out is not None:
             M = self.rotation_out.rotate(M.transpose(0, 1), B_out).transpose(0, 1)  # Q_out M

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import weakref
 
-import numpy as np
 import torch
 
 
@@ -70,10 +69,6 @@ def finite_probe(params: list) -> torch.Tensor:
     if not params:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack([p.detach().sum(dtype=torch.float64) for p in params])
-
-
-def all_finite(values: np.ndarray) -> bool:
-    return bool(np.isfinite(values).all())
 
 
 # ----------------------------------------------------------------------------- under torch.compile
