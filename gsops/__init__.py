@@ -14,11 +14,16 @@ def _bind_triton_kernels() -> None:
     import sys
 
     name = __name__ + ".triton_kernels"
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if name in sys.modules or os.path.isdir(os.path.join(here, "triton_kernels")):
+        return  # an installed gsops: the kernels are a subpackage
+    root = os.path.dirname(here)
+    folder = os.path.join(root, "triton_kernels")
     init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
+    # A source checkout (this gsops/ beside setup.py and triton_kernels/) binds its own folder, even when
+    # an editable install of another checkout maps the name elsewhere; anything else (an editable
+    # install imported from outside its checkout) is left to the import system.
+    if not (os.path.isfile(init) and os.path.isfile(os.path.join(root, "setup.py"))):
         return
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
