@@ -43,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from perf.provenance import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tools" / "cuda_emu"  # the CPU CUDA emulator (run.py builds, loader.py installs its gsops._C)
 PY = sys.executable
@@ -196,23 +198,6 @@ def _default_check(res):
 
 
 # ----------------------------------------------------------------------------- environment
-def commit() -> tuple[str, str]:
-    """(short commit, how it was found)."""
-    if (ROOT / ".git").exists():
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                 check=True, timeout=30).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=30).stdout.strip()
-            return sha, "git" + (" (uncommitted changes)" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    env = os.environ.get("GSOPS_COMMIT", "").strip()
-    if env:
-        return re.sub(r"[^A-Za-z0-9._-]", "", env)[:40], "GSOPS_COMMIT"
-    return "unknown", "no .git and no GSOPS_COMMIT"
-
-
 def nvcc_path() -> str | None:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         root = os.environ.get(var)
@@ -349,7 +334,8 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     logdir = Path(tempfile.mkdtemp(prefix="gsops-gpu-run-"))
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    sha, sha_how = commit()
+    c = git_commit(ROOT)
+    sha, sha_how = c.sha, c.source
     dev_name, tag = device_name(dry_run)
     vers = versions()
     (logdir / "versions.json").write_text(json.dumps(vers, indent=1))

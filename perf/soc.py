@@ -219,8 +219,10 @@ def run_from_harness(opts, device: torch.device) -> dict:
     from gsops.ops import dispatch
 
     from . import harness as H
+    from .provenance import git_commit
 
-    commit, dirty = H.git_commit()
+    c = git_commit()
+    commit, dirty = c.sha, c.dirty
     stem = f"soc_{H.device_tag(device)}_fp32_{commit}" + ("_quick" if getattr(opts, "quick", False) else "") + \
         ("_tiny" if getattr(opts, "tiny", False) else "")
     if getattr(opts, "threads", None):
