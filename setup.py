@@ -37,8 +37,8 @@ def _flag(name):
 
 
 def version():
-    """``__version__`` of gsops/__init__.py, read without importing the package."""
-    path = os.path.join(HERE, "gsops", "__init__.py")
+    """``__version__`` of gsops/_version.py, read without importing the package."""
+    path = os.path.join(HERE, "gsops", "_version.py")
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     for node in tree.body:
