@@ -4,12 +4,14 @@ The Python package always installs. The CUDA extension ``gsops._C`` is built
 only when a CUDA-enabled torch and nvcc are present and ``csrc/`` has kernels:
 - ``GSOPS_SKIP_CUDA=1`` skips it;
 - ``GSOPS_FORCE_CUDA=1`` turns a skipped or failed build into an error;
+  (both read by the rule of ``gsops/flags.py``: 1/true/yes/on, 0/false/no/off/empty, anything else an error)
 - ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0");
 - ``CUDA_HOME`` names the toolkit; unset, the one whose ``nvcc`` is on PATH is used
   (asked from nvcc itself, so a wrapper script or symlink in /usr/local/bin works).
 Install with ``pip install --no-build-isolation -e .`` so the build sees the
 torch that is already installed (torch is deliberately not a build requirement).
 """
+import ast
 import glob
 import os
 import shutil
@@ -21,8 +23,28 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _flags_module():
+    """gsops/flags.py run on its own (it imports only os): the package, and torch, are not imported at build time."""
+    path = os.path.join(HERE, "gsops", "flags.py")
+    namespace = {"__name__": "gsops_flags_for_setup"}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    return namespace
+
+
 def _flag(name):
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+    return _flags_module()["env_flag"](name, False)
+
+
+def version():
+    """``__version__`` of gsops/_version.py, read without importing the package."""
+    path = os.path.join(HERE, "gsops", "_version.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{path} assigns no __version__")
 
 
 def _is_toolkit(root):
@@ -103,7 +125,7 @@ ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="gsops",
-    version="0.1.0",
+    version=version(),
     description="Group-and-Shuffle structured orthogonal matrices: kernels, adapters and orthogonal convolutions",
     # the Triton kernels ship inside the gsops namespace: `import triton_kernels` never finds ours
     packages=find_packages(include=["gsops", "gsops.*"]) + ["gsops.triton_kernels"],

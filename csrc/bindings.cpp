@@ -8,25 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#ifdef GSOPS_EMULATOR
-// csrc/emu: the same binding over CPU tensors, the kernels run by the CUDA emulator on the CPU
-// (python csrc/emu/run.py --extension). Only the device rules, the guard and the stream differ.
-#define GSOPS_ON_DEVICE(t) (t).is_cpu()
-#define GSOPS_DEVICE_WORD "a CPU tensor (gsops CUDA emulator)"
-#define GSOPS_GUARD(t)
-#define GSOPS_STREAM nullptr
-#define GSOPS_DEVICE_INDEX(t) 0
-#define GSOPS_DISPATCH_KEY CPU
-#else
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define GSOPS_ON_DEVICE(t) (t).is_cuda()
-#define GSOPS_DEVICE_WORD "a CUDA tensor"
-#define GSOPS_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
-#define GSOPS_STREAM c10::cuda::getCurrentCUDAStream()
-#define GSOPS_DEVICE_INDEX(t) (t).get_device()
-#define GSOPS_DISPATCH_KEY CUDA
-#endif
+#include "gsops/device.h"  // the device the ops take tensors on (csrc/include/gsops/device.h)
 
 #include <string>
 #include <tuple>
@@ -251,9 +233,5 @@ TORCH_LIBRARY_IMPL(gsops_cuda, GSOPS_DISPATCH_KEY, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gsops CUDA kernels; the ops are registered as torch.ops.gsops_cuda.*";
   m.attr("max_block") = gsops::kMaxBlock;
-#ifdef GSOPS_EMULATOR
-  m.attr("emulated") = true;
-#else
-  m.attr("emulated") = false;
-#endif
+  m.attr("device_type") = GSOPS_DEVICE_TYPE;
 }

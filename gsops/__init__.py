@@ -1,5 +1,5 @@
 """gsops: Group-and-Shuffle structured orthogonal matrices (Gorbunov et al., NeurIPS 2024)."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def _bind_triton_kernels() -> None:

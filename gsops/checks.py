@@ -6,9 +6,9 @@ or kernel launch. Messages name the argument and the rule it breaks, e.g.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .flags import env_flag
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -20,8 +20,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # Checking parameters for NaN/inf costs a device sync; it is on by default and
 # can be switched off for production runs (GSOPS_CHECK_FINITE=0 or
-# gsops.checks.set_check_finite(False)). Activations are never scanned.
-_CHECK_FINITE = os.environ.get("GSOPS_CHECK_FINITE", "1") not in ("0", "false", "False")
+# gsops.checks.set_check_finite(False); the values a flag takes: gsops.flags).
+# Activations are never scanned.
+_CHECK_FINITE = env_flag("GSOPS_CHECK_FINITE", True)
 
 
 def set_check_finite(enabled: bool) -> None:
@@ -113,7 +114,7 @@ def check_features(name_x: str, x: torch.Tensor, n: int, what: str) -> None:
 
 # Inputs (activations) are not scanned for NaN/inf by default (a pass over every
 # activation); opt in with GSOPS_CHECK_INPUTS=1 or gsops.checks.set_check_inputs(True).
-_CHECK_INPUTS = os.environ.get("GSOPS_CHECK_INPUTS", "0") not in ("0", "false", "False", "")
+_CHECK_INPUTS = env_flag("GSOPS_CHECK_INPUTS", False)
 
 
 def set_check_inputs(enabled: bool) -> None:

@@ -4,7 +4,8 @@ import sys
 
 import torch
 
-from . import __version__, backends
+from . import backends
+from ._version import __version__
 from .ops import dispatch
 
 

@@ -23,20 +23,14 @@ import datetime
 import json
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from .provenance import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return "unknown"
 
 
 def _bench(fn, warmup=10, rep=50) -> float:
@@ -182,7 +176,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device)
     meta = {
         "device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": _commit(),
+        "python": platform.python_version(), "commit": git_commit(ROOT).sha,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     keys = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)

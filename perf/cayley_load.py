@@ -77,9 +77,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['load']:18s} {r['impl']:32s} {r['shape']:10s} threads={r['threads']}  "
               f"median {r['median_ms']:8.3f}  p95 {r['p95_ms']:8.3f}  max {r['max_ms']:8.3f} ms")
-    from .harness import git_commit
+    from .provenance import git_commit
 
-    sha, _ = git_commit()
+    sha = git_commit().sha
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cayley_load_cpu_{sha}.json"

@@ -2,7 +2,7 @@
 
     python -m perf.gpu_run OUTDIR              # on an H100/H200: sm_90 build, tests, correctness, timings
     python -m perf.gpu_run --dry-run OUTDIR    # the same steps on the CPU: Triton interpreter, the CUDA
-                                               # emulator build (csrc/emu), tiny shapes; a few minutes
+                                               # emulator build (tools/cuda_emu), tiny shapes; a few minutes
 
 Steps, in order, each a child process with its own hard time limit inside one overall budget
 (``--budget``, 480 s), a failure or time-out recorded and the later steps still run:
@@ -43,7 +43,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from perf.provenance import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
+EMU = ROOT / "tools" / "cuda_emu"  # the CPU CUDA emulator (run.py builds, loader.py installs its gsops._C)
 PY = sys.executable
 TEST_DEPS = ("pytest", "numpy", "safetensors")  # what the pytest step needs beyond torch
 GPU_TEST_FILES = (
@@ -195,23 +198,6 @@ def _default_check(res):
 
 
 # ----------------------------------------------------------------------------- environment
-def commit() -> tuple[str, str]:
-    """(short commit, how it was found)."""
-    if (ROOT / ".git").exists():
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                 check=True, timeout=30).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=30).stdout.strip()
-            return sha, "git" + (" (uncommitted changes)" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    env = os.environ.get("GSOPS_COMMIT", "").strip()
-    if env:
-        return re.sub(r"[^A-Za-z0-9._-]", "", env)[:40], "GSOPS_COMMIT"
-    return "unknown", "no .git and no GSOPS_COMMIT"
-
-
 def nvcc_path() -> str | None:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         root = os.environ.get(var)
@@ -272,7 +258,6 @@ def child_env(dry_run: bool, extra=None) -> dict:
         env.setdefault("OMP_NUM_THREADS", "1")
     else:
         env.pop("TRITON_INTERPRET", None)
-        env.pop("GSOPS_CUDA_EMULATOR", None)
     env.update(extra or {})
     return env
 
@@ -281,7 +266,7 @@ def child_env(dry_run: bool, extra=None) -> dict:
 def emu_build(out_json: str) -> int:
     """Dry run's build step: the emulator builds of the test driver, the bench and the extension
     (objects cached in build/emu, shared with tests/test_csrc_emulated.py)."""
-    spec = importlib.util.spec_from_file_location("gsops_csrc_emu_run", ROOT / "csrc" / "emu" / "run.py")
+    spec = importlib.util.spec_from_file_location("gsops_tools_cuda_emu_run", EMU / "run.py")
     emu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(emu)
     build = ROOT / "build" / "emu"
@@ -349,7 +334,8 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     logdir = Path(tempfile.mkdtemp(prefix="gsops-gpu-run-"))
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    sha, sha_how = commit()
+    c = git_commit(ROOT)
+    sha, sha_how = c.sha, c.source
     dev_name, tag = device_name(dry_run)
     vers = versions()
     (logdir / "versions.json").write_text(json.dumps(vers, indent=1))
@@ -365,13 +351,18 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
 
     # 1. build --------------------------------------------------------------------------------
     emu_paths = {}
+
+    def py_module(module, *args):
+        """``python -m module args``; in the dry run, once the emulator build of the binding exists, with
+        that build installed as gsops._C first (tools/cuda_emu/loader.py)."""
+        ext = emu_paths.get("extension")
+        return [PY, EMU / "loader.py", ext, "-m", module, *args] if ext else [PY, "-m", module, *args]
     if dry_run:
         R.step("build (emulator: driver, bench, extension)", 240,
                [("build-emulator", [PY, "-m", "perf.gpu_run", "--emu-build", logdir / "emu.json"])], env=env,
                later_min=120)
         if (logdir / "emu.json").exists():
-            emu_paths = json.loads((logdir / "emu.json").read_text())
-            env["GSOPS_CUDA_EMULATOR"] = emu_paths["extension"]
+            emu_paths.update(json.loads((logdir / "emu.json").read_text()))
     else:
         def build_cmds():
             # what an earlier run built must not stand in for a build that fails now
@@ -407,7 +398,7 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
                                      "MAX_JOBS": str(ncores)}), later_min=150)
 
     # 2. info, test driver ------------------------------------------------------------------
-    R.step("python -m gsops.info", 30, [("gsops-info", [PY, "-m", "gsops.info"])], env=env,
+    R.step("python -m gsops.info", 30, [("gsops-info", py_module("gsops.info"))], env=env,
            check=lambda res: (res[0]["rc"] == 0 and re.search(r"cuda\s+available", res[0]["output"]) is not None,
                               next((ln.strip() for ln in res[0]["output"].splitlines()
                                     if ln.strip().startswith("cuda ")), "no cuda line")), later_min=140)
@@ -433,8 +424,8 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
             return f"{PY} lacks {', '.join(miss)} (nothing is installed by this script)"
         cmds = []
         for i, files in enumerate(GPU_TEST_FILES):
-            argv = [PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files,
-                    f"--junitxml={logdir / f'pytest-{i}.xml'}"]
+            argv = py_module("pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files,
+                             f"--junitxml={logdir / f'pytest-{i}.xml'}")
             if dry_run:
                 argv += ["-k", " or ".join(f"({DRY_RUN_SELECT[f]})" for f in files)]
             cmds.append((f"pytest-{i}-" + Path(files[0]).stem, argv))
@@ -455,12 +446,12 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
             label = f"correctness-{be}-{dt.replace(',', '-')}" + (f"-b{bl.replace(',', '-')}" if bl else "")
             f = logdir / f"{label}.jsonl"
             corr_files.append(f)
-            cmds.append((label, [PY, "-m", "perf.gpu_checks", "correctness", "--backend", be, "--dtypes", dt,
-                                 "--out", f] + (["--blocks", bl] if bl else []) + tiny))
+            cmds.append((label, py_module("perf.gpu_checks", "correctness", "--backend", be, "--dtypes", dt,
+                                           "--out", f) + (["--blocks", bl] if bl else []) + tiny))
         f = logdir / f"correctness-{be}-big.jsonl"
         big_files.append(f)
-        big_cmds.append((f"correctness-{be}-big", [PY, "-m", "perf.gpu_checks", "correctness", "--backend", be,
-                                                   "--big", "--out", f] + tiny))
+        big_cmds.append((f"correctness-{be}-big", py_module("perf.gpu_checks", "correctness", "--backend", be,
+                                                             "--big", "--out", f) + tiny))
 
     def corr_check(files):
         def check(res):
@@ -495,7 +486,7 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     elif not dry_run and (gpu_build / "gsops_gpu_bench").exists():
         bench_cmd = [gpu_build / "gsops_gpu_bench"]
     R.step("timings: GS kernels vs copy and dense GEMM, Cayley vs torch.linalg.solve (CUDA events)", 90,
-           [("timings", [PY, "-m", "perf.gpu_checks", "timings", "--dtype", "bf16", "--out", timing_json]
+           [("timings", py_module("perf.gpu_checks", "timings", "--dtype", "bf16", "--out", timing_json)
              + (["--tiny"] if dry_run else []))], env=env, later_min=60)
     R.step("C++ bench (csrc/bench/gpu_bench.cu)" + (" under the emulator" if dry_run else ""), 45,
            (lambda: [("gpu-bench", bench_cmd)]) if bench_cmd else (lambda: "the bench binary is missing (build step)"),
@@ -507,8 +498,8 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     no_peft = missing_modules(["peft", "transformers"])
     if no_peft:
         methods = [m for m in methods if m not in ("lora", "peft_oft")]
-    hargs = [PY, "-m", "perf.harness", "--dtype", "bf16", "--methods", ",".join(methods), "--no-conv", "--no-micro",
-             "--no-plot", "--no-density", "--quiet", "--out-dir", harness_dir]
+    hargs = py_module("perf.harness", "--dtype", "bf16", "--methods", ",".join(methods), "--no-conv", "--no-micro",
+                      "--no-plot", "--no-density", "--quiet", "--out-dir", harness_dir)
     hargs += ["--device", "cpu", "--tiny"] if dry_run else ["--device", "cuda", "--sizes", "4096", "--tokens", "16384",
                                                             "--quick", "--rounds", "2", "--row-seconds", "0.5"]
     hs = R.step("harness (" + ",".join(methods) + (", tiny CPU shapes)" if dry_run else ", bf16, d=4096)"), 90,

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from . import methods as M
 from . import soc as SOC
+from .provenance import git_commit
 from .timing import Step, host_syncs, median, peak_memory_bytes, saved_activation_bytes, trainable_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,17 +84,6 @@ def parse_methods(spec) -> list[str]:
             if k not in out:
                 out.append(k)
     return out
-
-
-def git_commit() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GSOPS_COMMIT", "").strip() or "nogit", False
 
 
 def device_name(device: torch.device) -> str:
@@ -554,7 +543,8 @@ def main(argv=None) -> dict:
         cases = [c for c in cases if c.kind != "conv"]
     not_run: list = []
     backends = gsops_backends(device, not_run)
-    commit, dirty = git_commit()
+    c = git_commit()
+    commit, dirty = c.sha, c.dirty
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover

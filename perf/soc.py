@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -217,9 +216,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run_from_harness(opts, device: torch.device) -> dict:
     """Run, print and write the rows with the harness's options (``--quick``, ``--tiny``, ``--out-dir``, ...)."""
-    from . import harness as H
+    from gsops.ops import dispatch
 
-    commit, dirty = H.git_commit()
+    from . import harness as H
+    from .provenance import git_commit
+
+    c = git_commit()
+    commit, dirty = c.sha, c.dirty
     stem = f"soc_{H.device_tag(device)}_fp32_{commit}" + ("_quick" if getattr(opts, "quick", False) else "") + \
         ("_tiny" if getattr(opts, "tiny", False) else "")
     if getattr(opts, "threads", None):
@@ -238,7 +241,7 @@ def run_from_harness(opts, device: torch.device) -> dict:
                 device_name=H.device_name(device), git_commit=commit, git_dirty=dirty, versions=H.versions(),
                 load_average_start=load_start, load_average_end=H._loadavg(), created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 seconds=time.perf_counter() - t0, dtype="fp32", threads=torch.get_num_threads(),
-                gsops_backend=os.environ.get("GSOPS_BACKEND", "default"), options=kw,
+                gsops_backend=dispatch.requested(), options=kw,
                 timing="median of per-step wall times (device synchronised); rows interleaved in rounds",
                 goal=f"GS-SOC >= {GOAL:g}x faster than SOC at equal channels")
     paths = write(records, Path(opts.out_dir), stem, meta)

@@ -12,11 +12,12 @@ import os
 import pytest
 import torch
 
+from gsops.flags import env_choice
 from perf.micro import cayley_setup, gs_apply_setup
 
 DEVICE = torch.device(os.environ.get("GSOPS_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[
-    os.environ.get("GSOPS_BENCH_DTYPE", "fp32")]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPE = _DTYPES[env_choice("GSOPS_BENCH_DTYPE", _DTYPES, "fp32")]
 
 
 def _synced(fn):

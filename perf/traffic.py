@@ -30,6 +30,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gsops.flags import env_flag  # noqa: E402
+
 SECTOR = 32
 ACTIVATION_ARGS = frozenset({"x_ptr", "y_ptr", "g_ptr", "dx_ptr", "dy_ptr", "z_ptr", "out_ptr_act", "scratch_ptr"})
 
@@ -95,7 +97,7 @@ def count():
     """
     from triton.runtime import interpreter as itp
 
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not env_flag("TRITON_INTERPRET", False):
         raise RuntimeError("perf.traffic counts interpreted launches: set TRITON_INTERPRET=1 before importing triton")
     B = itp.InterpreterBuilder
     orig_load, orig_store, orig_call = B.create_masked_load, B.create_masked_store, itp.GridExecutor.__call__

@@ -119,7 +119,7 @@ def builds(tmp_path_factory):
                "-I", sysconfig.get_paths()["include"]]
         for d in torch_dirs:
             cmd += ["-I", d]
-        cmd += ["-I", stub, CSRC / "bindings.cpp"]
+        cmd += ["-I", stub, "-I", CSRC / "include", CSRC / "bindings.cpp"]  # include/: gsops/device.h
         jobs["bindings"] = _Job("bindings", [cmd])
     return jobs
 

@@ -1,13 +1,13 @@
-"""The CUDA kernels of csrc/ executed on the CPU under the gsops CUDA emulator (csrc/emu).
+"""The CUDA kernels of csrc/ executed on the CPU under the gsops CUDA emulator (tools/cuda_emu).
 
 No GPU in CI, so ``csrc/tests/gpu_test_driver.cu`` (every launcher against naive double
-loops) is compiled with g++ against ``csrc/emu/include`` and run:
+loops) is compiled with g++ against ``tools/cuda_emu/include`` and run:
 
 * three ways: sm_90 with the WMMA tensor-core path for fp16/bf16, the fp32-FMA path
   (GSOPS_CUDA_NO_MMA=1), and threads run last-to-first between barriers;
 * with AddressSanitizer and UBSan on the kernels (out-of-bounds global or shared memory,
   signed overflow in index arithmetic), and the emulator's own checks (barrier divergence,
-  launch limits, WMMA alignment and warp uniformity; see csrc/emu/include/gsops_emu.h).
+  launch limits, WMMA alignment and warp uniformity; see tools/cuda_emu/include/gsops_emu.h).
 
 The emulator must be able to fail: its self-test kernels break each rule, and three
 mutations of the real kernels (a missing barrier in gs_apply.cu and in cayley.cu, shared
@@ -28,17 +28,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
+EMU = ROOT / "tools" / "cuda_emu"
 BUILD = ROOT / "build" / "emu"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("gsops_csrc_emu_run", CSRC / "emu" / "run.py")
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"gsops_tools_cuda_emu_{name}", EMU / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-emu = _load_runner()
+emu = _load_tool("run")
+emu_loader = _load_tool("loader")
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found: the CUDA emulator needs a C++17 compiler")
 
@@ -69,7 +71,7 @@ MUTATIONS = {
 def _mutated_tree(tmp: Path, name: str) -> Path:
     fname, old, new, *_ = MUTATIONS[name]
     tree = tmp / name / "csrc"
-    shutil.copytree(CSRC, tree, ignore=shutil.ignore_patterns("emu"))
+    shutil.copytree(CSRC, tree)
     text = (tree / fname).read_text()
     assert text.count(old) == 1, f"mutation {name}: the text to replace is not in csrc/{fname} exactly once"
     (tree / fname).write_text(text.replace(old, new))
@@ -95,7 +97,7 @@ def built(tmp_path_factory):
     exe = emu.build(build_dir=BUILD)  # first: the mutants reuse its objects except the mutated file
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         selftest = pool.submit(
-            emu.build, build_dir=BUILD, sources=[CSRC / "emu" / "selftest.cu"], exe_name="gsops_emu_selftest"
+            emu.build, build_dir=BUILD, sources=[EMU / "selftest.cu"], exe_name="gsops_emu_selftest"
         )
         mutants = {
             name: pool.submit(emu.build, csrc=_mutated_tree(tmp, name), build_dir=BUILD,
@@ -185,16 +187,23 @@ def test_translation_rewrites_launches_and_dynamic_shared_memory():
 def test_gpu_test_module_passes_on_the_emulated_extension():
     """csrc/bindings.cpp built for the emulator (CPU tensors) over the same kernels: the whole GPU
     test module (tests/test_cuda_kernels.py: every op, dtype and block size against dense float64,
-    the public ops on the cuda backend, the binding's argument checks, opcheck) runs on the CPU.
-    Built and run in subprocesses so that this session's torch.ops.gsops_cuda stays unregistered."""
-    build = subprocess.run([sys.executable, str(CSRC / "emu" / "run.py"), "--extension"], cwd=ROOT,
+    the public ops on the cuda backend, the binding's argument checks, opcheck) runs on the CPU,
+    the build installed as gsops._C by tools/cuda_emu/loader.py. Built and run in subprocesses so
+    that this session's torch.ops.gsops_cuda stays unregistered."""
+    build = subprocess.run([sys.executable, str(EMU / "run.py"), "--extension"], cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    m = re.search(r"GSOPS_CUDA_EMULATOR=(\S+)", build.stdout)
+    m = re.search(r"^extension: (\S+)$", build.stdout, re.M)
     assert m, build.stdout
-    env = dict(os.environ, GSOPS_CUDA_EMULATOR=m.group(1), GSOPS_BACKEND="auto", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_kernels.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    ext = m.group(1)
+    env = dict(os.environ, GSOPS_BACKEND="auto", OMP_NUM_THREADS="1")
+    info = subprocess.run([sys.executable, str(EMU / "loader.py"), ext, "-m", "gsops.info"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stdout[-3000:] + info.stderr[-3000:]
+    line = next(ln for ln in info.stdout.splitlines() if ln.strip().startswith("cuda"))
+    assert "unavailable" not in line and ext in line, info.stdout
+    res = subprocess.run([sys.executable, str(EMU / "loader.py"), ext, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_cuda_kernels.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     passed = re.search(r"(\d+) passed", out)
@@ -222,12 +231,46 @@ def test_gpu_bench_checks_its_launches_and_outputs(tmp_path):
     assert "csv,block_diag" not in bad.stdout
 
 
-def test_a_bad_emulator_path_makes_the_cuda_backend_unavailable_with_the_reason(tmp_path):
+def test_the_loader_refuses_a_missing_file_and_a_module_that_is_not_the_emulator_build(tmp_path):
     bad = tmp_path / "nothing_here.so"
-    env = dict(os.environ, GSOPS_CUDA_EMULATOR=str(bad))
-    res = subprocess.run([sys.executable, "-m", "gsops.info"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("cuda"))
-    assert "unavailable" in line and f"GSOPS_CUDA_EMULATOR={bad} cannot be loaded" in line, res.stdout
-    assert "python csrc/emu/run.py --extension" in line
+    with pytest.raises(ImportError, match=re.escape(f"the CUDA emulator build {bad} cannot be loaded")) as e:
+        emu_loader.load(bad)
+    assert "python tools/cuda_emu/run.py --extension" in str(e.value)
+    # an importable extension module without device_type == "cpu" (here: one of Python's own)
+    import _ctypes
+
+    with pytest.raises(ImportError, match="is not an emulator build of csrc/bindings.cpp: its device_type is None"):
+        emu_loader.load(_ctypes.__file__)
+
+
+def test_the_loader_installs_only_before_the_cuda_backend_is_loaded(tmp_path):
+    """A subprocess: installing after the cuda backend was imported would leave the old gsops._C in use."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from tools.cuda_emu.loader import install\n"
+        "from gsops import backends\n"
+        "backends.load('cuda')\n"
+        "try:\n"
+        "    install(sys.argv[2])\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "x.so")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "refused: install the CUDA emulator build before the cuda backend is loaded" in res.stdout, res.stdout
+
+
+def test_the_binding_has_no_emulator_hook():
+    """The emulator build differs only by its device header (tools/cuda_emu/binding/gsops/device.h, found
+    ahead of csrc/include): csrc/ itself names no emulator macro, header or attribute."""
+    sources = [p for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")]
+    assert CSRC / "bindings.cpp" in sources
+    for p in sources:
+        text = p.read_text()
+        for word in ("GSOPS_EMULATOR", "gsops_emu", "emulated\")"):
+            assert word not in text, f"{p.relative_to(ROOT)} mentions {word}"
+    ours, theirs = (CSRC / "include" / "gsops" / "device.h").read_text(), (EMU / "binding" / "gsops" / "device.h").read_text()
+    names = lambda text: sorted(re.findall(r"^#define (\w+)", text, re.M))  # noqa: E731
+    assert names(ours) == names(theirs) and "GSOPS_DEVICE_TYPE" in names(ours)
+    assert '#define GSOPS_DEVICE_TYPE "cuda"' in ours and '#define GSOPS_DEVICE_TYPE "cpu"' in theirs

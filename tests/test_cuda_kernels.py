@@ -1,10 +1,11 @@
 """The compiled CUDA kernels (gsops._C, csrc/) against dense float64 oracles and the reference path.
 
 On a GPU: the extension built by ``pip install --no-build-isolation .``, CUDA tensors.
-Without one: with ``GSOPS_CUDA_EMULATOR=<path>`` (the same binding and kernels built
-for the CPU CUDA emulator, ``python csrc/emu/run.py --extension``) every test here runs
-on CPU tensors; tests/test_csrc_emulated.py does that in CI. Otherwise the module skips
-with the reason.
+Without one: with the same binding and kernels built for the CPU CUDA emulator
+(``python tools/cuda_emu/run.py --extension``) and installed as ``gsops._C``
+(``python tools/cuda_emu/loader.py EXT -m pytest tests/test_cuda_kernels.py``), every test
+here runs on CPU tensors, the device the module names in ``gsops._C.device_type``;
+tests/test_csrc_emulated.py does that in CI. Otherwise the module skips with the reason.
 """
 import numpy as np
 import pytest
@@ -15,9 +16,16 @@ from gsops import backends
 from gsops.tolerances import ORTHO_TOL, tol
 
 _ok, _reason = backends.load("cuda")
-EMULATED = _ok and backends.cuda_emulated()
+if _ok:
+    from gsops import _C
+
+    DEV = _C.device_type  # "cuda"; "cpu" for the emulator build
+else:
+    DEV = "cuda"
+EMULATED = DEV == "cpu"
 if not EMULATED and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device, or GSOPS_CUDA_EMULATOR for the CPU emulator build", allow_module_level=True)
+    pytest.skip("needs a CUDA device, or the CPU emulator build installed as gsops._C "
+                "(python tools/cuda_emu/loader.py EXT -m pytest ...)", allow_module_level=True)
 if not _ok:
     pytest.skip(f"the CUDA extension is not available: {_reason}", allow_module_level=True)
 
@@ -26,7 +34,6 @@ from gsops.backends import cuda_backend as cb  # noqa: E402
 from gsops.ops import custom, dispatch  # noqa: E402
 from gsops.reference import conv_exp as cref  # noqa: E402
 
-DEV = "cpu" if EMULATED else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKS = [1, 2, 3, 8, 16, 32, 64, 128]
 _ops = torch.ops.gsops_cuda

@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # perf/ lives at the repo root, beside tests/
 from perf import gpu_checks, gpu_run  # noqa: E402
+from perf.provenance import Commit, git_commit  # noqa: E402
 
 # build, info, 2 driver modes, tests, correctness, past 2^31, timings, C++ bench, harness, racecheck, ncu
 DRY_STEPS = 12
@@ -46,11 +47,14 @@ def test_a_step_beyond_the_budget_is_not_started(tmp_path):
 
 
 def test_commit_comes_from_gsops_commit_without_git(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_run, "ROOT", tmp_path)
-    monkeypatch.setenv("GSOPS_COMMIT", "abc1234")
-    assert gpu_run.commit() == ("abc1234", "GSOPS_COMMIT")
+    monkeypatch.setenv("GSOPS_COMMIT", "abc1234 x/y")  # reduced to what a file name may hold
+    assert git_commit(tmp_path) == Commit("abc1234xy", False, "GSOPS_COMMIT")
     monkeypatch.delenv("GSOPS_COMMIT")
-    assert gpu_run.commit()[0] == "unknown"
+    assert git_commit(tmp_path).sha == "unknown"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: its HEAD, whatever GSOPS_COMMIT says
+        monkeypatch.setenv("GSOPS_COMMIT", "abc1234")
+        assert git_commit(ROOT).sha == head.stdout.strip() and git_commit(ROOT).source.startswith("git")
 
 
 def test_correctness_case_fails_on_a_wrong_or_racy_kernel(monkeypatch):
@@ -85,7 +89,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert not (tmp_path / "no-venv").exists()  # the given Python was used as it is
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
-    sha = gpu_run.commit()[0]
+    sha = git_commit(ROOT).sha
     for stem in ("correctness_cpu-dryrun_bf16-fp16-fp32_", "timings_cpu-dryrun_bf16_", "harness_cpu-dryrun_bf16_"):
         assert f"{stem}{sha}.csv" in files, files
     assert {"summary.md", f"results_cpu-dryrun_{sha}.json", f"logs_cpu-dryrun_{sha}.tar.gz"} <= set(files)

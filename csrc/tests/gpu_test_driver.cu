@@ -1,7 +1,7 @@
 // GPU test driver: runs every launcher of kernels.h against naive CPU loops (float32
 // and one fp16/bf16 pass for the GS kernel). With no CUDA device it says so and exits 0.
 // Build and run: cmake -B build -G Ninja && cmake --build build && ./build/gsops_gpu_test [gs] [cayley] [conv]
-// Without a GPU the same driver runs on the CPU under the emulator: python csrc/emu/run.py
+// Without a GPU the same driver runs on the CPU under the emulator: python tools/cuda_emu/run.py
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,16 +1,16 @@
 """Build and run the CUDA kernels of csrc/ on the CPU under the gsops CUDA emulator.
 
-    python csrc/emu/run.py                  # build (g++, AddressSanitizer + UBSan), run the GPU test driver 3 ways
-    python csrc/emu/run.py --modes mma      # one way only (mma | fma | reverse)
-    python csrc/emu/run.py --no-sanitize    # faster build, no out-of-bounds / overflow detection
-    python csrc/emu/run.py cayley           # one group of the driver (gs | cayley | conv)
-    python csrc/emu/run.py --extension      # csrc/bindings.cpp over the emulated kernels, for GSOPS_CUDA_EMULATOR
+    python tools/cuda_emu/run.py                  # build (g++, AddressSanitizer + UBSan), run the GPU test driver 3 ways
+    python tools/cuda_emu/run.py --modes mma      # one way only (mma | fma | reverse)
+    python tools/cuda_emu/run.py --no-sanitize    # faster build, no out-of-bounds / overflow detection
+    python tools/cuda_emu/run.py cayley           # one group of the driver (gs | cayley | conv)
+    python tools/cuda_emu/run.py --extension      # csrc/bindings.cpp over the emulated kernels (see loader.py)
 
 The kernels and ``csrc/tests/gpu_test_driver.cu`` are compiled as written, after two
 source rewrites that plain C++ cannot express (``k<<<grid, block, smem, stream>>>(args)``
 -> ``gsops_emu::launch(k, "k", __FILE__, __LINE__, grid, block, smem, stream)(args)`` and
 ``extern __shared__ T name[];`` -> ``T* name = gsops_emu::dynamic_smem<T>();``), against
-the headers in ``csrc/emu/include`` (see ``gsops_emu.h`` for what is modelled and checked).
+the headers in ``tools/cuda_emu/include`` (see ``gsops_emu.h`` for what is modelled and checked).
 
 Modes (the driver is the same binary; what changes is its environment):
   mma      sm_90 model, fp16/bf16 with b % 16 == 0 on the WMMA tensor-core path
@@ -34,8 +34,11 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
 EMU_INCLUDE = HERE / "include"
+# the emulator's gsops/device.h (CPU tensors, CPU dispatch key), ahead of csrc/include for bindings.cpp
+BINDING_INCLUDE = HERE / "binding"
 
 MODES = {
     "mma": {},
@@ -150,7 +153,7 @@ def _prune(obj_dir: Path, stems, keep: int = 8) -> None:
 
 
 def _build_dir(build_dir) -> Path:
-    return Path(build_dir or (CSRC.parent / "build" / "emu")).resolve()
+    return Path(build_dir or (ROOT / "build" / "emu")).resolve()
 
 
 def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = True, sources=None,
@@ -172,9 +175,11 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = Tru
 
 
 def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", verbose: bool = False):
-    """Builds csrc/bindings.cpp with -DGSOPS_EMULATOR (CPU tensors, CPU dispatch key) over the kernels
-    compiled for the emulator, loads it and returns the module: ``torch.ops.gsops_cuda.*`` then run
-    the real binding and kernels on CPU tensors. Needs torch (any build; a CPU one is enough)."""
+    """Builds csrc/bindings.cpp over the kernels compiled for the emulator, loads it and returns the
+    module: ``torch.ops.gsops_cuda.*`` then run the real binding and kernels on CPU tensors, and the
+    module's ``device_type`` is ``"cpu"``. The binding is compiled as written; only its device header
+    differs (``binding/gsops/device.h`` is found ahead of ``csrc/include/gsops/device.h``). Needs torch
+    (any build; a CPU one is enough). :func:`loader.install` makes the module ``gsops._C``."""
     import torch.utils.cpp_extension as ce
 
     build_dir = _build_dir(build_dir)
@@ -185,8 +190,8 @@ def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", ve
     return ce.load(
         name=name,
         sources=[str(CSRC / "bindings.cpp")],
-        extra_cflags=["-DGSOPS_EMULATOR", "-O1"],
-        extra_include_paths=[str(EMU_INCLUDE)],
+        extra_cflags=["-O1"],
+        extra_include_paths=[str(BINDING_INCLUDE), str(CSRC / "include"), str(EMU_INCLUDE)],
         extra_ldflags=[str(o) for o in objects],
         build_directory=str(ext_dir),
         verbose=verbose,
@@ -216,8 +221,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.extension:
         mod = build_extension(build_dir=args.build_dir)
-        print(f"export GSOPS_CUDA_EMULATOR={mod.__file__}")
-        print("then e.g.: GSOPS_BACKEND=cuda python -m pytest tests/test_cuda_kernels.py")
+        print(f"extension: {mod.__file__}")
+        print(f"then e.g.: python tools/cuda_emu/loader.py {mod.__file__} -m pytest tests/test_cuda_kernels.py")
         return 0
     exe = build(build_dir=args.build_dir, sanitize=not args.no_sanitize)
     status = 0

@@ -1,4 +1,4 @@
-// Self-test of the gsops CUDA emulator (csrc/emu): small kernels, one per rule the emulator
+// Self-test of the gsops CUDA emulator (tools/cuda_emu): small kernels, one per rule the emulator
 // enforces. `selftest ok` must print "selftest ok" and exit 0; every other case must stop with
 // "gsops emulator error: ..." (checked by tests/test_csrc_emulated.py). Emulator only: a real
 // GPU would hang or give undefined results on most of these.

@@ -1,0 +1,1 @@
+"""Tools that test the product from outside it (not installed with gsops)."""
