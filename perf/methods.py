@@ -182,7 +182,7 @@ def peft_boft_factors(case, variant: str) -> int:
 
 def build_peft_boft(base, case, variant="dense", **_):
     peft = _require_peft()
-    from gsops.baselines import peft_boft
+    from . import peft_boft
 
     m_req = peft_boft_factors(case, variant)
     label = peft_boft.fbd_implementation()

@@ -24,8 +24,8 @@ from torch import nn
 
 import gsops
 from gsops import ops
-from gsops.baselines.loldu import LoLDUAdapter
-from gsops.baselines.sorsa import SORSAAdapter
+from gsops.nn.loldu import LoLDUAdapter
+from gsops.nn.sorsa import SORSAAdapter
 from gsops.nn.adapters import OrthogonalAdapter
 from gsops.tolerances import tol
 

@@ -83,7 +83,7 @@ def test_json_records_environment_and_rows(tiny_run):
 
 def test_peft_rows_come_from_installed_peft_with_requested_factors(tiny_run):
     _, res = tiny_run
-    from gsops.baselines.peft_boft import STANDIN_LABEL
+    from perf.peft_boft import STANDIN_LABEL
 
     recs = res["records"]
     for r in recs:
