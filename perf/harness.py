@@ -278,9 +278,9 @@ def run_case(case, method_keys, backends, device, dtype, opts, bar) -> list[Row]
                               f"{opts.max_step_seconds:g}); PEFT BOFT builds dense d x d factors")
                 bar.update(opts.rounds + 1)
                 continue
-        if row.method == "double_gsoft" and case.kind == "conv" and case.conv["out_channels"] % case.block_size:
-            row.status = (f"n/a: Double GSOFT's Q_out needs block_size={case.block_size} to divide "
-                          f"out_channels={case.conv['out_channels']}")
+        why = M.gsops_unfit(base, case, _GSOPS[row.method][1]) if row.method in GSOPS_ORTHO else None
+        if why:  # the method's own rule (its registry entry): the case's block size does not fit its layer
+            row.status = f"n/a: {why}"
             bar.update(opts.rounds + 1)
             continue
         try:

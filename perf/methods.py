@@ -222,6 +222,17 @@ def follows_n_factors(spec) -> bool:
     return spec.factor_count(2) != spec.factor_count(3)
 
 
+def gsops_unfit(base, case, method) -> str | None:
+    """Why gsops ``method`` cannot wrap the case's layer with the case's block size (the rule of the method's
+    registry entry, e.g. Double GSOFT's ``Q_out`` on ``out_channels``), else None. Every method of a case is
+    timed with the same block size, so a layer it does not fit is reported, not adjusted."""
+    from gsops.methods import registry
+
+    spec = registry.get(method)
+    layer = base.layers[0].proj if case.kind == "stack" else base
+    return spec.problem(layer, case.block_size, gsops_factor_count(spec, case))
+
+
 def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
     import gsops
     from gsops.methods import registry

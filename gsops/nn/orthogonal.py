@@ -46,8 +46,8 @@ def _orthogonal_method(method):
     """The registry entry of an orthogonal method (ValueError naming the choices otherwise)."""
     from ..methods import registry  # the registry builds these layers: looked up at call time
 
-    spec = registry.get(method)
-    if spec.family != "orthogonal":
+    spec = registry.METHODS.get(method) if isinstance(method, str) else None
+    if spec is None or spec.family != "orthogonal":
         raise ValueError(f"method={method!r} must be one of {registry.names('orthogonal')}")
     return spec
 
