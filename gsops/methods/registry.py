@@ -2,10 +2,15 @@
 
 Each entry is a :class:`~gsops.methods.spec.MethodSpec` from its own module in
 this package; adding a method is one module and one line here (or a call to
-:func:`register` from outside gsops).
+:func:`register` from outside gsops). The adapter layers (:mod:`gsops.nn`, the
+layer below) read an entry through this module, which installs itself there
+(:func:`gsops.nn.mergeable.use_method_registry`).
 """
 from __future__ import annotations
 
+import sys
+
+from ..nn.mergeable import use_method_registry
 from . import boft, double_gsoft, gsoft, loldu, oft, sorsa
 from .spec import MethodSpec
 
@@ -45,5 +50,7 @@ def unregister(name: str) -> MethodSpec:
     del METHODS[name]
     return spec
 
+
+use_method_registry(sys.modules[__name__])  # adapter layers built from a method name find its rules here
 
 __all__ = ["METHODS", "names", "get", "register", "unregister"]

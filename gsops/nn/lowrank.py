@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .layers import adapter_param_dtype, is_linear_like, layer_dims
-from .mergeable import MergeableAdapter
+from .mergeable import MergeableAdapter, method_registry
 
 
 class LowRankAdapter(MergeableAdapter):
@@ -28,9 +28,7 @@ class LowRankAdapter(MergeableAdapter):
 
         Sets ``self.param_dtype``: ``adapter_dtype``, else float32 on a half-precision base.
         """
-        from ..methods import registry  # the registry builds these layers: looked up at call time
-
-        rank = registry.get(self.method).check_layer(name, base, rank)
+        rank = method_registry().get(self.method).check_layer(name, base, rank)
         n, m = layer_dims(base)
         self.base_layer = base
         self.rank = rank

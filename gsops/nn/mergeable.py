@@ -41,6 +41,26 @@ from . import guard
 from ..checks import FLOAT_DTYPES, check_finite_enabled, check_inputs_enabled, has_values
 from .layers import is_conv1d, is_linear_like, layer_dims
 
+_registry = None  # the method registry (rules, rotations by name); installed by gsops.methods, the layer above
+
+
+def use_method_registry(registry) -> None:
+    """Install the method registry: where an adapter built from a method name finds that method's rules.
+
+    ``registry`` has ``get(name) -> entry`` and ``names(family) -> tuple``;
+    :mod:`gsops.methods.registry` installs itself when it is imported (``import gsops`` does).
+    """
+    global _registry
+    _registry = registry
+
+
+def method_registry():
+    """The method registry :func:`use_method_registry` installed (:mod:`gsops.methods.registry`)."""
+    if _registry is None:
+        raise RuntimeError("gsops.methods is not imported; adapter layers read their method's rules there "
+                           "(import gsops first)")
+    return _registry
+
 
 def _fused_paths_off(module, args):
     """A no-op forward pre-hook: its presence keeps torch's fused encoder fast path off (see MergeableAdapter)."""
@@ -339,4 +359,4 @@ class MergeableAdapter(nn.Module):
         return self.base_layer
 
 
-__all__ = ["MergeableAdapter"]
+__all__ = ["MergeableAdapter", "method_registry", "use_method_registry"]

@@ -39,17 +39,16 @@ from torch import nn
 from ..checks import check_int
 from .cayley_param import blocks_batched
 from .layers import adapter_param_dtype, is_linear_like, layer_dims
-from .mergeable import MergeableAdapter
+from .mergeable import MergeableAdapter, method_registry
 
 
 def _orthogonal_method(method):
-    """The registry entry of an orthogonal method (ValueError naming the choices otherwise)."""
-    from ..methods import registry  # the registry builds these layers: looked up at call time
-
-    spec = registry.METHODS.get(method) if isinstance(method, str) else None
-    if spec is None or spec.family != "orthogonal":
-        raise ValueError(f"method={method!r} must be one of {registry.names('orthogonal')}")
-    return spec
+    """The registry entry of an orthogonal method (ValueError naming the orthogonal methods otherwise)."""
+    registry = method_registry()
+    orthogonal = registry.names("orthogonal")
+    if not isinstance(method, str) or method not in orthogonal:
+        raise ValueError(f"method={method!r} must be one of {orthogonal}")
+    return registry.get(method)
 
 
 class OrthogonalAdapter(MergeableAdapter):
