@@ -22,6 +22,7 @@ import copy
 import csv
 import os
 import platform
+import sys
 import statistics
 import tempfile
 import time
@@ -130,7 +131,8 @@ def peft_method(kind):
         elif kind == "oft":
             cfg = peft.OFTConfig(oft_block_size=BLOCK, r=0, target_modules=TARGETS)
         else:
-            from gsops.baselines import peft_boft
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # perf/ beside examples/
+            from perf import peft_boft
 
             peft_boft.enable_cpu_fbd()  # PEFT's BOFT keeps m = 2 factors on CPU only with this stand-in
             cfg = peft.BOFTConfig(boft_block_size=BLOCK, boft_n_butterfly_factor=2, target_modules=TARGETS,

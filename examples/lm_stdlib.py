@@ -26,6 +26,7 @@ import csv
 import glob
 import os
 import platform
+import sys
 import sysconfig
 import time
 
@@ -129,7 +130,8 @@ def adapt(base, method: str, block_size: int = 8, rank: int = 4):
     if method == "peft lora":
         cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=PEFT_TARGETS, lora_dropout=0.0)
     elif method == "peft boft":
-        from gsops.baselines import peft_boft
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # perf/ beside examples/
+        from perf import peft_boft
 
         peft_boft.enable_cpu_fbd()
         cfg = peft.BOFTConfig(boft_block_size=block_size, boft_n_butterfly_factor=2, target_modules=PEFT_TARGETS,

@@ -1,8 +1,10 @@
-"""The permutations of the GS paper, in one place (SPEC "Permutations").
+"""The permutations of the adapters and layers, in one place (SPEC "Permutations").
 
 ``perm(k, n)`` is sigma of ``P_(k,n)`` (Definition 5.2 of Gorbunov et al., 2024):
 ``sigma(i) = (i % k) * (n // k) + i // k`` with matrix ``P[sigma(i), i] = 1``,
 so ``(P x)[sigma(i)] = x[i]``. As a gather, ``P x = x[..., perm(n // k, n)]``.
+``paired_perm`` is ChShuffle's permutation of channel pairs, and
+``butterfly_index`` the block-butterfly permutation of BOFT's factors.
 """
 from __future__ import annotations
 
@@ -72,3 +74,33 @@ def invert(sigma: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(sigma)
     inv[sigma] = torch.arange(sigma.numel(), device=sigma.device)
     return inv
+
+
+@functools.lru_cache(maxsize=64)
+def _butterfly_index_cached(d: int, b: int, level: int) -> torch.Tensor:
+    if level == 0:
+        return torch.arange(d, device="cpu")
+    half = b // 2
+    chunk = b * 2 ** level
+    n_half = chunk // half  # = 2^(level+1) half-blocks per chunk
+    order = list(range(0, n_half, 2)) + list(range(1, n_half, 2))
+    within = torch.cat([torch.arange(h * half, (h + 1) * half, device="cpu") for h in order])
+    return torch.cat([within + start for start in range(0, d, chunk)])
+
+
+def butterfly_index(d: int, block_size: int, level: int) -> torch.Tensor:
+    """Gather index ``g`` of BOFT's level-``level`` block-butterfly permutation ``B``: ``B x = x[g]``.
+
+    Fact of BOFT (Liu et al., 2024; as built by PEFT): the features are cut into
+    chunks of ``b * 2^level``; inside each chunk the half-blocks of size ``b/2``
+    are reordered even-numbered first, then odd-numbered. Level 0 is the identity.
+    The level-``l`` factor ``B C B^T`` therefore couples half-blocks ``2^l`` apart.
+    """
+    d = check_int("d", d)
+    block_size = check_int("block_size", block_size)
+    level = check_int("level", level, minimum=0)
+    if level:
+        if block_size % 2:
+            raise ValueError(f"block_size={block_size} must be even for butterfly level {level}")
+        check_divides(f"block_size * 2**{level}", block_size * 2 ** level, "d", d)
+    return _butterfly_index_cached(d, block_size, level).clone()

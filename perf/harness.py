@@ -42,7 +42,35 @@ from .timing import Step, host_syncs, median, peak_memory_bytes, saved_activatio
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-GSOPS_ORTHO = ("gsoft", "gsoft_noscale", "double_gsoft", "oft", "boft")
+
+
+GSOPS_VARIANTS = {"gsoft_noscale": ("gsoft", "gsops GSOFT without scale s")}  # key -> (method, label)
+
+
+def _gsops_rows() -> dict:
+    """key -> (label, method) of the gsops rows: every method of ``gsops.methods.METHODS``, then its variants."""
+    from gsops.methods import METHODS as REGISTRY
+
+    rows = {}
+    for name, spec in REGISTRY.items():
+        label = f"gsops {spec.title}"
+        if "rank" in spec.params:
+            label += f" r={M.LORA_RANK}"
+        elif spec.family == "orthogonal" and M.follows_n_factors(spec):
+            label += " dense m"
+        rows[name] = (label, name)
+        rows.update({k: (lab, m) for k, (m, lab) in GSOPS_VARIANTS.items() if m == name})
+    return rows
+
+
+def _gsops_family(method: str) -> str:
+    from gsops.methods import registry
+
+    return registry.get(method).family
+
+
+_GSOPS = _gsops_rows()
+GSOPS_ORTHO = tuple(k for k, (_, m) in _GSOPS.items() if _gsops_family(m) == "orthogonal")  # one row per GS backend
 # key -> (label, family)
 METHODS = {
     "base": ("frozen base (floor)", "torch"),
@@ -51,18 +79,12 @@ METHODS = {
     "peft_oft": ("PEFT OFT", "peft"),
     "peft_boft": ("PEFT BOFT dense m", "peft"),
     "peft_boft_m2": ("PEFT BOFT m=2", "peft"),
-    "gsoft": ("gsops GSOFT", "gsops"),
-    "gsoft_noscale": ("gsops GSOFT without scale s", "gsops"),
-    "double_gsoft": ("gsops Double GSOFT", "gsops"),
-    "oft": ("gsops OFT", "gsops"),
-    "boft": ("gsops BOFT dense m", "gsops"),
-    "sorsa": (f"gsops SORSA r={M.LORA_RANK}", "gsops"),
-    "loldu": (f"gsops LoLDU r={M.LORA_RANK}", "gsops"),
+    **{k: (label, "gsops") for k, (label, _) in _GSOPS.items()},
 }
 ALIASES = {
     "all": list(METHODS),
     "peft": ["lora", "peft_oft", "peft_boft", "peft_boft_m2"],
-    "gsops": ["gsoft", "gsoft_noscale", "double_gsoft", "oft", "boft", "sorsa", "loldu"],
+    "gsops": list(_GSOPS),
 }
 CSV_FIELDS = [
     "case", "kind", "d", "tokens", "method", "label", "backend", "impl", "note", "status", "block_size", "n_factors",
@@ -210,7 +232,7 @@ def plan_rows(case: M.Case, method_keys, backends) -> list[Row]:
         elif key in GSOPS_ORTHO:
             for be, _ in backends:
                 rows.append(Row(case, key, label, be, functools.partial(M.build_gsops, method=key, backend=be)))
-        else:  # sorsa, loldu: plain matmuls, no GS kernel
+        else:  # the low-rank methods (sorsa, loldu): plain matmuls, no GS kernel
             rows.append(Row(case, key, label, "-", functools.partial(M.build_gsops, method=key, backend="torch")))
     return rows
 
@@ -245,9 +267,9 @@ def run_case(case, method_keys, backends, device, dtype, opts, bar) -> list[Row]
                               f"{opts.max_step_seconds:g}); PEFT BOFT builds dense d x d factors")
                 bar.update(opts.rounds + 1)
                 continue
-        if row.method == "double_gsoft" and case.kind == "conv" and case.conv["out_channels"] % case.block_size:
-            row.status = (f"n/a: Double GSOFT's Q_out needs block_size={case.block_size} to divide "
-                          f"out_channels={case.conv['out_channels']}")
+        why = M.gsops_unfit(base, case, _GSOPS[row.method][1]) if row.method in GSOPS_ORTHO else None
+        if why:  # the method's own rule (its registry entry): the case's block size does not fit its layer
+            row.status = f"n/a: {why}"
             bar.update(opts.rounds + 1)
             continue
         try:

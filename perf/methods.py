@@ -182,7 +182,7 @@ def peft_boft_factors(case, variant: str) -> int:
 
 def build_peft_boft(base, case, variant="dense", **_):
     peft = _require_peft()
-    from gsops.baselines import peft_boft
+    from . import peft_boft
 
     m_req = peft_boft_factors(case, variant)
     label = peft_boft.fbd_implementation()
@@ -211,37 +211,54 @@ def gsops_adapters_available() -> tuple[bool, str]:
     return False, "gsops.apply_/AdapterConfig are not available in this checkout"
 
 
+def gsops_factor_count(spec, case) -> int:
+    """The factor count a gsops orthogonal method is timed with: its own, or BOFT's dense ``1 + log2(r)``
+    for a method whose count follows ``n_factors``."""
+    return spec.factor_count(case.boft_dense_factors)
+
+
+def follows_n_factors(spec) -> bool:
+    """True for an orthogonal method whose factor count is ``AdapterConfig.n_factors`` (BOFT)."""
+    return spec.factor_count(2) != spec.factor_count(3)
+
+
+def gsops_unfit(base, case, method) -> str | None:
+    """Why gsops ``method`` cannot wrap the case's layer with the case's block size (the rule of the method's
+    registry entry, e.g. Double GSOFT's ``Q_out`` on ``out_channels``), else None. Every method of a case is
+    timed with the same block size, so a layer it does not fit is reported, not adjusted."""
+    from gsops.methods import registry
+
+    spec = registry.get(method)
+    layer = base.layers[0].proj if case.kind == "stack" else base
+    return spec.problem(layer, case.block_size, gsops_factor_count(spec, case))
+
+
 def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
     import gsops
+    from gsops.methods import registry
 
     ok, reason = gsops_adapters_available()
     if not ok:
         raise RuntimeError(reason)
     model = _Holder(copy.deepcopy(base))
     kw = {}
-    n_factors = None
     if method == "gsoft_noscale":  # GSOFT without the magnitude scale s (which needs W Q x saved for its gradient)
         method = "gsoft"
         kw["scale"] = False
-    if method in ("gsoft", "double_gsoft"):
-        kw.update(block_size=case.block_size, n_factors=2)
-        n_factors = 2
-    elif method == "oft":
-        kw.update(block_size=case.block_size, n_factors=1)
-        n_factors = 1
-    elif method == "boft":
-        n_factors = case.boft_dense_factors
+    spec = registry.get(method)
+    orth = spec.family == "orthogonal"
+    n_factors = None
+    if orth:
+        n_factors = gsops_factor_count(spec, case)
         kw.update(block_size=case.block_size, n_factors=n_factors)
-    else:  # sorsa, loldu
+    else:
         kw.update(rank=rank)
     cfg = gsops.AdapterConfig(method=method, target_modules=[case.target], **kw)
     with contextlib.redirect_stdout(io.StringIO()):  # apply_'s summary would break the progress bar
         res = gsops.apply_(model, cfg)
     model = res if isinstance(res, nn.Module) else model
-    orth = method in ("gsoft", "double_gsoft", "oft", "boft")
     if orth:
-        _check_gsops_factors(model, method, {"gsoft": 2, "double_gsoft": 2, "oft": 1}.get(method, n_factors),
-                             case.block_size)
+        _check_gsops_factors(model, method, n_factors, case.block_size)
     return Built(model, impl=f"gsops {gsops.__version__} [{backend}]",
                  block_size=kw.get("block_size"), n_factors=n_factors, orthogonal=orth,
                  note=f"rank {rank}" if not orth else ("" if kw.get("scale", True) else "scale=False"))

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import gsops
-from gsops.baselines.loldu import LoLDUAdapter
-from gsops.baselines.sorsa import SORSAAdapter
+from gsops.nn.loldu import LoLDUAdapter
+from gsops.nn.sorsa import SORSAAdapter
 from gsops.nn.adapters import OrthogonalAdapter
 from gsops.tolerances import tol
 
@@ -363,7 +363,7 @@ def test_loldu_load_into_a_rounded_base_reproduces_the_function(tmp_path):
     with torch.no_grad():
         rounded[0].weight.copy_(rounded[0].weight.bfloat16().float())
     W, Wr = base[0].weight.detach().double(), rounded[0].weight.detach().double()
-    order = gsops.baselines.loldu.lu_row_order
+    order = gsops.nn.loldu.lu_row_order
     assert not torch.equal(order(W), order(Wr))  # rounding moves the pivots: the test can fail
     model = gsops.apply_(copy.deepcopy(base), gsops.AdapterConfig(method="loldu", rank=16,
                                                                   target_modules=[nn.Linear]), verbose=False)

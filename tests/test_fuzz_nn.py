@@ -24,8 +24,8 @@ from torch import nn
 
 import gsops
 from gsops import ops
-from gsops.baselines.loldu import LoLDUAdapter
-from gsops.baselines.sorsa import SORSAAdapter
+from gsops.nn.loldu import LoLDUAdapter
+from gsops.nn.sorsa import SORSAAdapter
 from gsops.nn.adapters import OrthogonalAdapter
 from gsops.tolerances import tol
 
@@ -223,7 +223,7 @@ def _ortho_layer_errors(method, d_in, d_out, b, m, what_in="in_features", what_o
         errs.append(f"n_factors={m}")
     if method == "boft" and m > 1:
         if b % 2:
-            errs.append("needs an even block_size")
+            errs.append(f"block_size={b} must be even for boft with n_factors={m}")
         elif d_in % (b * 2 ** (m - 1)):
             errs.append(f"block_size*2**(n_factors-1)={b * 2 ** (m - 1)} to divide {what_in}={d_in}")
     return errs

@@ -14,8 +14,8 @@ from torch import nn
 
 import gsops
 from gsops.nn.adapters import OrthogonalAdapter, butterfly_index
-from gsops.baselines.sorsa import SORSAAdapter
-from gsops.baselines.loldu import LoLDUAdapter
+from gsops.nn.sorsa import SORSAAdapter
+from gsops.nn.loldu import LoLDUAdapter
 from gsops.tolerances import ORTHO_TOL, tol
 
 from dense import dense_q_np, lowrank_weight_np, np64, orthogonal_weight_np
@@ -302,7 +302,7 @@ class _Pair(nn.Module):
 @pytest.mark.parametrize("n_factors", [1, 2, 3])
 def test_boft_equals_peft(n_factors, packed):
     BOFTConfig, get_peft_model = _peft_or_skip()
-    from gsops.baselines import peft_boft
+    from perf import peft_boft
 
     base = _Pair().double()
     cfg = BOFTConfig(boft_block_size=B, boft_n_butterfly_factor=n_factors, target_modules=["lin", "conv"],

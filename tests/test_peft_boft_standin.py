@@ -1,4 +1,4 @@
-"""The torch stand-in for PEFT BOFT's fbd_cuda extension (gsops/baselines/peft_boft.py).
+"""The torch stand-in for PEFT BOFT's fbd_cuda extension (perf/peft_boft.py).
 
 Oracles: torch.block_diag with autograd, and an independent float64 dense
 computation of BOFT's formula built with explicit loops.
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsops.baselines import peft_boft
+from perf import peft_boft
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency of the BOFT baseline")
 from peft.tuners.boft import layer as boft_layer  # noqa: E402

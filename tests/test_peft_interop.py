@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gsops
-from gsops.baselines import peft_boft
+from perf import peft_boft
 from gsops.reference.peft_cayley import peft_cayley_neumann
 from hf_tiny import assert_refused_unchanged, ids, outputs, peft_or_skip, state_hash, tiny_bert, tiny_llama
 

@@ -49,8 +49,8 @@ def test_csv_has_every_row_with_finite_numbers(tiny_run):
         assert sorted(got) == sorted(_expected_keys()), case
     for r in rows:
         if r["kind"] == "conv" and r["method"].startswith("double_gsoft["):
-            # Q_out acts on out_channels=4, which block_size=18 does not divide: said so, not dropped
-            assert r["status"].startswith("n/a: Double GSOFT's Q_out needs block_size=18"), r["status"]
+            # Q_out acts on out_channels=4, which block_size=18 does not divide: said so (the method's rule), not dropped
+            assert r["status"].startswith("n/a: block_size=18 must divide out_channels=4"), r["status"]
             continue
         assert r["status"] == "ok", (r["case"], r["method"], r["status"])
         for k in NUMERIC:
@@ -83,7 +83,7 @@ def test_json_records_environment_and_rows(tiny_run):
 
 def test_peft_rows_come_from_installed_peft_with_requested_factors(tiny_run):
     _, res = tiny_run
-    from gsops.baselines.peft_boft import STANDIN_LABEL
+    from perf.peft_boft import STANDIN_LABEL
 
     recs = res["records"]
     for r in recs:

@@ -15,8 +15,8 @@ from torch import nn
 
 import gsops
 import gsops.checks
-from gsops.baselines.loldu import LoLDUAdapter
-from gsops.baselines.sorsa import SORSAAdapter
+from gsops.nn.loldu import LoLDUAdapter
+from gsops.nn.sorsa import SORSAAdapter
 from gsops.nn import adapters as adapters_mod
 from gsops.nn.adapters import OrthogonalAdapter
 from gsops.tolerances import MERGE_DRIFT_TOL, tol

@@ -1,6 +1,6 @@
 """Model-level adapter verbs: ``AdapterConfig``, ``apply_``, ``merge_``, ``unmerge_``, ``revert_``, save/load.
 
-Layering: adapters -> nn (OrthogonalAdapter) and baselines (SORSA, LoLDU) -> ops.
+Layering: adapters -> methods (one registry entry per method) -> nn (the adapter layers) -> ops.
 """
 from .config import AdapterConfig, METHODS
 from .model import (
@@ -10,7 +10,7 @@ from .model import (
 from .io import load_adapter, save_adapter
 from .workflow import disable_adapters, merge_and_unload, print_trainable_parameters
 from .peft_io import load_peft_adapter, save_peft_adapter
-from ..baselines.sorsa import sorsa_regularizer
+from ..nn.sorsa import sorsa_regularizer
 
 __all__ = [
     "AdapterConfig", "METHODS", "AdapterSummary", "adapter_layers", "adapter_parameters", "adapter_summary",

@@ -8,13 +8,11 @@ from typing import Any
 from torch import nn
 
 from ..checks import FLOAT_DTYPES, check_int
-from ..nn.adapters import CAYLEY_METHODS
+from ..methods import registry
+from ..nn.cayley_param import check_cayley
 from .targets import _NOT_IN_NAMES as _NOT_A_NAME, ALL_LINEAR, normalise_targets, rule_matches
 
-METHODS = ("gsoft", "double_gsoft", "oft", "boft", "sorsa", "loldu")
-ORTHOGONAL = ("gsoft", "double_gsoft", "oft", "boft")
-LOW_RANK = ("sorsa", "loldu")
-SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
+METHODS = registry.names()  # the built-in methods; registry.METHODS also holds methods registered later
 ADAPTER_DTYPES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 
 
@@ -22,9 +20,10 @@ ADAPTER_DTYPES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 class AdapterConfig:
     """What :func:`gsops.apply_` does to a model.
 
-    method: ``"gsoft"`` (Q = P^T L P R), ``"double_gsoft"`` (Q_out W Q_in), ``"oft"``
-        (one block-diagonal factor), ``"boft"`` (``n_factors`` butterfly factors),
-        ``"sorsa"`` or ``"loldu"`` (low-rank baselines, need ``rank``).
+    method: a name of :data:`gsops.methods.METHODS`, whose entry checks the method's
+        rules and builds its layers: ``"gsoft"`` (Q = P^T L P R), ``"double_gsoft"``
+        (Q_out W Q_in), ``"oft"`` (one block-diagonal factor), ``"boft"`` (``n_factors``
+        butterfly factors), ``"sorsa"`` or ``"loldu"`` (low-rank, need ``rank``).
     block_size: Cayley block size ``b >= 2`` (orthogonal methods). A layer whose input
         dimension (``in_features``, or ``in_channels/groups*kh*kw`` for Conv2d) it does not
         divide gets the nearest size that fits (ties: the smaller), with a warning naming
@@ -73,36 +72,20 @@ class AdapterConfig:
     modules_to_save: Any = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} must be one of {METHODS}")
+        spec = registry.get(self.method)
         self.block_size = check_int("block_size", self.block_size)
         self.n_factors = check_int("n_factors", self.n_factors)
         self.neumann_terms = check_int("neumann_terms", self.neumann_terms)
-        if self.method in ORTHOGONAL and self.block_size < 2:
-            raise ValueError(
-                f"block_size={self.block_size} gives 1x1 Cayley blocks, which are always 1: Q = I has no "
-                "trainable parameter (use block_size >= 2)"
-            )
         for flag in ("scale", "packed", "strict"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.cayley not in CAYLEY_METHODS:
-            raise ValueError(f"cayley={self.cayley!r} must be one of {CAYLEY_METHODS}")
-        if self.cayley == "peft_neumann" and self.method != "oft":
-            raise ValueError(f"cayley='peft_neumann' (PEFT OFT's series) needs method='oft', got method={self.method!r}")
-        if self.method in ("gsoft", "double_gsoft") and self.n_factors != 2:
-            raise ValueError(
-                f"n_factors={self.n_factors}: method={self.method!r} has exactly 2 factors (L and R); "
-                "use method='boft' for more factors"
-            )
-        if self.method == "boft" and self.n_factors > 1 and self.block_size % 2:
-            raise ValueError(f"block_size={self.block_size} must be even for boft with n_factors={self.n_factors} > 1")
-        if self.method in LOW_RANK:
-            if self.rank is None:
-                raise ValueError(f"method={self.method!r} needs rank=<int>, got rank=None")
+        check_cayley(self.cayley)
+        if self.rank is not None:
+            if "rank" not in spec.params:
+                users = [n for n, s in registry.METHODS.items() if "rank" in s.params]
+                raise ValueError(f"rank={self.rank!r} is only used by {users}; method={self.method!r} needs rank=None")
             self.rank = check_int("rank", self.rank)
-        elif self.rank is not None:
-            raise ValueError(f"rank={self.rank!r} is only used by {LOW_RANK}; method={self.method!r} needs rank=None")
+        spec.check_config(self)  # the method's own rules, from its registry entry
         self.target_modules = normalise_targets(self.target_modules, "target_modules")
         self.exclude_modules = normalise_targets(self.exclude_modules, "exclude_modules")
         self.modules_to_save = _normalise_modules_to_save(self.modules_to_save)

@@ -36,8 +36,8 @@ import re
 import torch
 
 from .. import __version__
-from ..baselines.loldu import check_row_order
-from .config import AdapterConfig, ORTHOGONAL
+from ..methods import registry
+from .config import AdapterConfig
 from . import saved_modules
 from .model import _apply, adapter_layers, adapter_parameters, layer_settings, revert_
 
@@ -317,12 +317,12 @@ def _check_against(model, meta, config, tensors, path) -> None:
     merged = [n for n, m in adapter_layers(model) if m.merged]
     if merged:
         raise ValueError(f"{path}: cannot load into merged layers {merged[:3]}; call gsops.unmerge_(model) first")
+    spec = registry.get(config.method)
     for name, m in adapter_layers(model):
-        if f"{name}.perm" in tensors:
-            try:
-                check_row_order(name, tensors[f"{name}.perm"], m.d_out)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
+        try:
+            spec.check_file_tensors(name, m, tensors)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _exact_names(names) -> str:
@@ -353,12 +353,7 @@ def _precheck_bare(model, meta, config, tensors, path):
                 f"{path}: layer {name} is {want['base']} {want['weight_shape']} in the file but "
                 f"{type(layer).__name__} {list(layer.weight.shape)} in the model"
             )
-        o = {}
-        if config.method in ORTHOGONAL:
-            o["block_size"] = want.get("block_size", config.block_size)
-        if config.method == "loldu" and f"{name}.perm" in tensors:
-            o["perm"] = tensors[f"{name}.perm"]
-        overrides[name] = o
+        overrides[name] = registry.get(config.method).file_overrides(name, want, config, tensors)
     return load_config, targets, overrides
 
 
@@ -379,7 +374,7 @@ def load_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
     saved_weights = []
     if not adapter_layers(model):
         load_config, targets, overrides = _precheck_bare(model, meta, config, tensors, path)
-        if config.method not in ORTHOGONAL:  # sorsa / loldu rewrite the base weight: keep an exact copy
+        if registry.get(config.method).stores_residual:  # e.g. sorsa / loldu rewrite the base weight: keep a copy
             saved_weights = [(layer.weight, layer.weight.detach().clone()) for _, _, _, layer, _ in targets]
         try:
             # validates every layer before changing any; each layer gets the file's own settings

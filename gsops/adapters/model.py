@@ -7,18 +7,15 @@ import warnings
 import torch
 from torch import nn
 
-from ..baselines._lowrank import check_low_rank_layer
-from ..baselines.loldu import LoLDUAdapter, check_row_order
-from ..baselines.sorsa import SORSAAdapter
-from ..nn.adapters import (
-    MergeableAdapter, OrthogonalAdapter, check_orthogonal_layer, fit_block_size, layer_dims, supported_layer,
-)
+from ..methods import registry
+from ..nn.layers import supported_layer
+from ..nn.mergeable import MergeableAdapter
 from .. import logs
 from . import saved_modules
-from .config import AdapterConfig, ORTHOGONAL
+from .config import AdapterConfig
 from .targets import ALL_LINEAR, describe_no_match, output_layer_names, rule_matches
 
-ADAPTER_TYPES = (OrthogonalAdapter, SORSAAdapter, LoLDUAdapter)
+ADAPTER_TYPES = (MergeableAdapter,)  # every method's layer is a MergeableAdapter
 
 
 @dataclasses.dataclass
@@ -107,51 +104,21 @@ def _shared_weights(model) -> set:
 def _layer_settings(name, layer, config, overrides):
     """Validate ``layer`` for ``config`` (naming it); the per-layer settings the adapter is built with.
 
-    An orthogonal layer gets ``block_size``: the config's when it fits, else the
-    nearest that does (a warning), unless ``config.strict`` (then ValueError).
-    ``overrides`` (from a saved adapter) are used exactly.
+    The method's registry entry decides (e.g. an orthogonal layer gets the config's
+    ``block_size`` when it fits, else the nearest that does, with a warning, unless
+    ``config.strict``); ``overrides`` (from a saved adapter) are used exactly.
     """
-    settings = dict(overrides or {})
-    if config.method in ORTHOGONAL:
-        b = settings.get("block_size", config.block_size)
-        if "block_size" not in settings and not config.strict:
-            try:
-                check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
-            except ValueError:
-                b = fit_block_size(name, layer, config.method, b, config.n_factors)
-                if b != config.block_size:
-                    check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
-                    warnings.warn(
-                        f"{name}: block_size={config.block_size} does not fit this layer; using block_size={b} "
-                        "(the nearest that does). Pass strict=True to refuse instead"
-                    )
-        check_orthogonal_layer(name, layer, config.method, b, config.n_factors)
-        settings["block_size"] = b
-    else:
-        check_low_rank_layer(name, layer, config.rank)
-        if "perm" in settings:
-            check_row_order(name, settings["perm"], layer_dims(layer)[1])
-    return settings
+    return registry.get(config.method).layer_settings(name, layer, config, overrides)
 
 
 def _make(name, layer, config, settings):
-    dt = config.adapter_torch_dtype
-    if config.method in ORTHOGONAL:
-        return OrthogonalAdapter(
-            layer, method=config.method, block_size=settings["block_size"], n_factors=config.n_factors,
-            scale=config.scale, packed=config.packed, cayley=config.cayley,
-            neumann_terms=config.neumann_terms, name=name, adapter_dtype=dt,
-        )
-    if config.method == "sorsa":
-        return SORSAAdapter(layer, config.rank, name=name, adapter_dtype=dt)
-    return LoLDUAdapter(layer, config.rank, name=name, adapter_dtype=dt, perm=settings.get("perm"))
+    return registry.get(config.method).build(name, layer, config, settings)
 
 
 def layer_settings(adapter: nn.Module) -> dict:
     """The per-layer settings an adapter was built with (what save_adapter records for each layer)."""
-    if isinstance(adapter, OrthogonalAdapter):
-        return {"block_size": adapter.rotation.b}
-    return {}
+    config = getattr(adapter, "gsops_config", None)
+    return registry.get(config.method).saved_settings(adapter) if config is not None else {}
 
 
 def apply_(model: nn.Module, config: AdapterConfig | None = None, *, verbose: bool = True) -> nn.Module:

@@ -429,7 +429,7 @@ def save_peft_adapter(model: nn.Module, path) -> str:
     methods, OFT on Conv2d layers, BOFT on Conv2d layers whose convolution PEFT
     would not reproduce (see the module docstring), ``oft`` with ``scale=True`` or ``cayley="neumann"``,
     ``boft`` with a Cayley–Neumann series. A BOFT adapter with ``n_factors > 1``
-    needs PEFT's ``fbd_cuda`` extension (or :func:`gsops.baselines.peft_boft.enable_cpu_fbd`)
+    needs PEFT's ``fbd_cuda`` extension (or the benchmark stand-in ``perf.peft_boft.enable_cpu_fbd``)
     to load in PEFT. Returns the folder.
     """
     _check_model(model)

@@ -29,7 +29,7 @@ import re
 
 from torch import nn
 
-from ..nn.adapters import SUPPORTED_LAYERS, conv1d_type, is_linear_like, supported_layer
+from ..nn.layers import SUPPORTED_LAYERS, conv1d_type, is_linear_like, supported_layer
 
 ALL_LINEAR = "all-linear"
 CLASSIFIER_HEADS = ("score", "classifier")  # PEFT's names for sequence-classification heads

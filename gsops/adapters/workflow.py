@@ -30,7 +30,6 @@ from torch import nn
 from .. import logs
 from . import saved_modules
 from .model import ADAPTER_TYPES, _check_model, adapter_layers
-from ..nn.adapters import OrthogonalAdapter
 
 
 def _adapter_slots(model):
@@ -102,11 +101,11 @@ def disable_adapters(model: nn.Module):
             f"disable_adapters: layers {merged[:3]} are merged; their base weight holds the adapted weight and "
             "the base model's exact outputs are not available. Call gsops.unmerge_(model) first"
         )
-    low_rank = [n for n, m in layers if not isinstance(m, OrthogonalAdapter)]
-    if low_rank:
+    residual = [(n, m) for n, m in layers if m.stores_residual]
+    if residual:
         raise ValueError(
-            f"disable_adapters: layers {low_rank[:3]} are {type(layers[0][1]).__name__} layers, whose base weight "
-            "holds a residual (W minus the initial low-rank term), not the base model's weight; only the "
+            f"disable_adapters: layers {[n for n, _ in residual[:3]]} are {type(residual[0][1]).__name__} layers, "
+            "whose base weight holds a residual (W minus the initial low-rank term), not the base model's weight; only the "
             "orthogonal methods can be disabled exactly"
         )
     slots = _adapter_slots(model)

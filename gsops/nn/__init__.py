@@ -1,1 +1,1 @@
-"""Layer modules: adapters (GSOFT, OFT, BOFT, ...) and GS-SOC layers."""
+"""Layer modules: the adapter layers (see :mod:`gsops.nn.adapters` for where each piece lives) and GS-SOC layers."""

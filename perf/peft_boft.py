@@ -174,7 +174,7 @@ def check_boft_factors(model, n_factors: int, block_size: int | None = None) -> 
                 raise ValueError(
                     f"{name}.boft_R[{adapter!r}] has {R.shape[0]} butterfly factor(s) (shape {tuple(R.shape)}), "
                     f"but n_factors={n_factors} was requested: PEFT reduces the count to 1 when its fbd_cuda "
-                    "extension is unavailable; call gsops.baselines.peft_boft.enable_cpu_fbd() first"
+                    "extension is unavailable; call perf.peft_boft.enable_cpu_fbd() first"
                 )
             if block_size is not None and R.shape[-1] != block_size:
                 raise ValueError(

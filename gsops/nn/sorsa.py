@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._lowrank import LowRankAdapter
+from .lowrank import LowRankAdapter
 
 
 class SORSAAdapter(LowRankAdapter):
+    """SORSA on a base layer: trained ``U_p``, ``S_p``, ``V_p^T`` of rank ``rank`` plus the frozen residual."""
+
+    method = "sorsa"
+
     def __init__(self, base: nn.Module, rank: int, name: str = "layer", adapter_dtype: torch.dtype | None = None):
         super().__init__()
         W64 = self._init_low_rank(base, rank, name, adapter_dtype)

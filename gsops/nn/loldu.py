@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._lowrank import LowRankAdapter
+from .lowrank import LowRankAdapter
 
 
 def lu_row_order(W64: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,8 @@ def check_row_order(name: str, perm, m: int) -> torch.Tensor:
 
 class LoLDUAdapter(LowRankAdapter):
     """LoLDU on a base layer; ``perm``: the LU row order to use (None: partial pivoting on the base weight)."""
+
+    method = "loldu"
 
     def __init__(self, base: nn.Module, rank: int, name: str = "layer", adapter_dtype: torch.dtype | None = None,
                  perm: torch.Tensor | None = None):

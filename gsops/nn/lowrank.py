@@ -1,38 +1,34 @@
-"""The frame shared by the additive low-rank baselines (SORSA, LoLDU).
+"""The frame shared by the additive low-rank adapters (SORSA, LoLDU).
 
 Both split a frozen weight ``W`` (flattened to ``m x n`` for Conv2d) into a
 frozen residual, stored in the base layer's weight, plus a trained term of rank
 at most ``rank``; the layer computes ``residual x + delta x``. A subclass says
 what ``delta`` is (:meth:`_delta`, in float64 from its initial factors for
 :meth:`revert`) and how to apply it to a Linear input in factored form
-(:meth:`_linear_delta`); the checks, merge rules and revert live here once.
+(:meth:`_linear_delta`); the checks, merge rules and revert live here once. Which ranks fit which layer
+is the method's registry entry (:mod:`gsops.methods`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..checks import check_int
-from ..nn.adapters import MergeableAdapter, adapter_param_dtype, check_base_layer, is_linear_like, layer_dims
-
-
-def check_low_rank_layer(name: str, base: nn.Module, rank: int) -> int:
-    """Raise, naming the layer and the numbers, when a rank-``rank`` low-rank adapter cannot wrap ``base``."""
-    check_base_layer(base, name)
-    rank = check_int("rank", rank)
-    n, m = layer_dims(base)
-    if rank > min(m, n):
-        raise ValueError(f"{name}: rank={rank} must be <= min(out, in)={min(m, n)} (weight is {m} x {n})")
-    return rank
+from .layers import adapter_param_dtype, is_linear_like, layer_dims
+from .mergeable import MergeableAdapter, method_registry
 
 
 class LowRankAdapter(MergeableAdapter):
+    """``residual x + delta x``: the base weight holds the residual while wrapped (:attr:`stores_residual`)."""
+
+    method: str  # the registry entry whose rules check the layer and the rank
+    stores_residual = True
+
     def _init_low_rank(self, base: nn.Module, rank: int, name: str, adapter_dtype=None) -> torch.Tensor:
         """Check ``base`` and ``rank`` (naming the layer), record them; the weight as ``m x n`` float64.
 
         Sets ``self.param_dtype``: ``adapter_dtype``, else float32 on a half-precision base.
         """
-        rank = check_low_rank_layer(name, base, rank)
+        rank = method_registry().get(self.method).check_layer(name, base, rank)
         n, m = layer_dims(base)
         self.base_layer = base
         self.rank = rank
