@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..methods import registry
 from .config import AdapterConfig
 from . import saved_modules
