@@ -253,7 +253,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("max_block") = gsops::kMaxBlock;
 #ifdef GSOPS_EMULATOR
   m.attr("emulated") = true;
+  m.attr("device_type") = "cpu";  // the emulator runs the kernels on CPU tensors
 #else
   m.attr("emulated") = false;
+  m.attr("device_type") = "cuda";
 #endif
 }
