@@ -262,6 +262,14 @@ def missing_modules(names) -> list[str]:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
+def py_module(module: str, env: dict) -> list:
+    """``python -m module``; with the dry run's emulator build (``GSOPS_CUDA_EMULATOR`` in ``env``) through
+    tests/cuda_emu_loader.py, which loads that build as ``gsops._C`` first (pytest's conftest does the same)."""
+    if env.get("GSOPS_CUDA_EMULATOR"):
+        return [PY, str(ROOT / "tests" / "cuda_emu_loader.py"), "-m", module]
+    return [PY, "-m", module]
+
+
 def child_env(dry_run: bool, extra=None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -407,7 +415,7 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
                                      "MAX_JOBS": str(ncores)}), later_min=150)
 
     # 2. info, test driver ------------------------------------------------------------------
-    R.step("python -m gsops.info", 30, [("gsops-info", [PY, "-m", "gsops.info"])], env=env,
+    R.step("python -m gsops.info", 30, [("gsops-info", [*py_module("gsops.info", env)])], env=env,
            check=lambda res: (res[0]["rc"] == 0 and re.search(r"cuda\s+available", res[0]["output"]) is not None,
                               next((ln.strip() for ln in res[0]["output"].splitlines()
                                     if ln.strip().startswith("cuda ")), "no cuda line")), later_min=140)
@@ -455,11 +463,11 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
             label = f"correctness-{be}-{dt.replace(',', '-')}" + (f"-b{bl.replace(',', '-')}" if bl else "")
             f = logdir / f"{label}.jsonl"
             corr_files.append(f)
-            cmds.append((label, [PY, "-m", "perf.gpu_checks", "correctness", "--backend", be, "--dtypes", dt,
+            cmds.append((label, [*py_module("perf.gpu_checks", env), "correctness", "--backend", be, "--dtypes", dt,
                                  "--out", f] + (["--blocks", bl] if bl else []) + tiny))
         f = logdir / f"correctness-{be}-big.jsonl"
         big_files.append(f)
-        big_cmds.append((f"correctness-{be}-big", [PY, "-m", "perf.gpu_checks", "correctness", "--backend", be,
+        big_cmds.append((f"correctness-{be}-big", [*py_module("perf.gpu_checks", env), "correctness", "--backend", be,
                                                    "--big", "--out", f] + tiny))
 
     def corr_check(files):
@@ -495,7 +503,7 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     elif not dry_run and (gpu_build / "gsops_gpu_bench").exists():
         bench_cmd = [gpu_build / "gsops_gpu_bench"]
     R.step("timings: GS kernels vs copy and dense GEMM, Cayley vs torch.linalg.solve (CUDA events)", 90,
-           [("timings", [PY, "-m", "perf.gpu_checks", "timings", "--dtype", "bf16", "--out", timing_json]
+           [("timings", [*py_module("perf.gpu_checks", env), "timings", "--dtype", "bf16", "--out", timing_json]
              + (["--tiny"] if dry_run else []))], env=env, later_min=60)
     R.step("C++ bench (csrc/bench/gpu_bench.cu)" + (" under the emulator" if dry_run else ""), 45,
            (lambda: [("gpu-bench", bench_cmd)]) if bench_cmd else (lambda: "the bench binary is missing (build step)"),
@@ -507,7 +515,7 @@ def run_all(outdir: Path, dry_run: bool, budget: float) -> int:
     no_peft = missing_modules(["peft", "transformers"])
     if no_peft:
         methods = [m for m in methods if m not in ("lora", "peft_oft")]
-    hargs = [PY, "-m", "perf.harness", "--dtype", "bf16", "--methods", ",".join(methods), "--no-conv", "--no-micro",
+    hargs = [*py_module("perf.harness", env), "--dtype", "bf16", "--methods", ",".join(methods), "--no-conv", "--no-micro",
              "--no-plot", "--no-density", "--quiet", "--out-dir", harness_dir]
     hargs += ["--device", "cpu", "--tiny"] if dry_run else ["--device", "cuda", "--sizes", "4096", "--tokens", "16384",
                                                             "--quick", "--rounds", "2", "--row-seconds", "0.5"]

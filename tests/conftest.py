@@ -6,15 +6,22 @@ The ``device`` fixture is where the kernel tests put their tensors: a CUDA devic
 present (and TRITON_INTERPRET is not set), else the CPU (the Triton interpreter, tiny shapes).
 The same test functions thus run the Triton kernels on CUDA tensors on a GPU machine and
 under the interpreter elsewhere.
+
+With ``GSOPS_CUDA_EMULATOR=<path>`` the CPU emulator build of the CUDA extension is loaded as
+``gsops._C`` first (tests/cuda_emu_loader.py), so the cuda backend runs on CPU tensors.
 """
 import os
 
 import torch
 
+import cuda_emu_loader
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+cuda_emu_loader.install_from_env()
 
 KERNEL_DEVICE = torch.device(
     "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu")

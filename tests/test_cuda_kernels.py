@@ -2,7 +2,8 @@
 
 On a GPU: the extension built by ``pip install --no-build-isolation .``, CUDA tensors.
 Without one: with ``GSOPS_CUDA_EMULATOR=<path>`` (the same binding and kernels built
-for the CPU CUDA emulator, ``python csrc/emu/run.py --extension``) every test here runs
+for the CPU CUDA emulator, ``python csrc/emu/run.py --extension``, loaded as ``gsops._C`` by
+tests/cuda_emu_loader.py from tests/conftest.py) every test here runs
 on CPU tensors; tests/test_csrc_emulated.py does that in CI. Otherwise the module skips
 with the reason.
 """
@@ -15,7 +16,7 @@ from gsops import backends
 from gsops.tolerances import ORTHO_TOL, tol
 
 _ok, _reason = backends.load("cuda")
-EMULATED = _ok and backends.cuda_emulated()
+EMULATED = _ok and backends.module("cuda").DEVICE_TYPE == "cpu"
 if not EMULATED and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device, or GSOPS_CUDA_EMULATOR for the CPU emulator build", allow_module_level=True)
 if not _ok:
@@ -23,7 +24,8 @@ if not _ok:
 
 import gsops  # noqa: E402
 from gsops.backends import cuda_backend as cb  # noqa: E402
-from gsops.ops import custom, dispatch  # noqa: E402
+from gsops.ops import dispatch  # noqa: E402
+from gsops.reference import gs as ref_gs  # noqa: E402
 from gsops.reference import conv_exp as cref  # noqa: E402
 
 DEV = "cpu" if EMULATED else "cuda"
@@ -63,7 +65,7 @@ def test_gs_apply_forward_backward(b, dtype):
     Q = gsoft_matrix(np64(L), np64(R))
     close(cb.gs_apply(x, L, R), np64(x) @ Q.T, dtype, f"gs_apply b={b}")
     dx, dL, dR = cb.gs_apply_backward(g, x, L, R)
-    _, wL, wR = custom.gs_apply_backward_torch(g.double().cpu(), x.double().cpu(), L.double().cpu(), R.double().cpu())
+    _, wL, wR = ref_gs.gs_apply_backward(g.double().cpu(), x.double().cpu(), L.double().cpu(), R.double().cpu())
     close(dx, np64(g) @ Q, dtype, f"gs_apply dx b={b}")
     close(dL, wL, dtype, f"gs_apply dL b={b}")
     close(dR, wR, dtype, f"gs_apply dR b={b}")
@@ -80,7 +82,7 @@ def test_gs_chain_and_block_diag_mm(b, dtype):
     A = gs_chain_matrix([np64(B) for B in blocks])
     close(cb.gs_chain(x, blocks), np64(x) @ A.T, dtype, "gs_chain")
     dx, dBs = cb.gs_chain_backward(g, x, blocks)
-    _, wBs = custom.gs_chain_backward_torch(g.double().cpu(), x.double().cpu(), [B.double().cpu() for B in blocks])
+    _, wBs = ref_gs.gs_chain_backward(g.double().cpu(), x.double().cpu(), [B.double().cpu() for B in blocks])
     close(dx, np64(g) @ A, dtype, "gs_chain dx")
     for j, (a, w) in enumerate(zip(dBs, wBs)):
         close(a, w, dtype, f"gs_chain dB[{j}]")
@@ -198,7 +200,8 @@ def test_conv_exp_forward_backward(shape, dtype):
     L64 = cref.skew_kernel(M64, groups)
     x = x64.to(DEV, dtype).requires_grad_()
     L = L64.to(DEV, dtype).requires_grad_()
-    y = cb.conv_exp(x, L, terms, groups)
+    with dispatch.use_backend("cuda"):  # the custom op on the cuda backend's forward and backward kernels
+        y = gsops.conv_exp(x, L, terms, groups)
     gy = torch.randn_like(y)
     y.backward(gy)
     xd = x.detach().cpu().double().requires_grad_()
