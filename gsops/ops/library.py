@@ -182,25 +182,29 @@ def define(spec: OpSpec) -> OpSpec:
 
 class _EagerReference(torch.autograd.Function):
     """The reference kernels of a spec under plain autograd: the custom op's formulas without the
-    ``torch.library`` layer, which costs more than the op itself on small layers."""
+    ``torch.library`` layer, which costs more than the op itself on small layers. For ops whose
+    arguments are tensors and constants (no tensor lists)."""
 
     @staticmethod
     def forward(ctx, spec, *args):
         out = spec.reference(*args)
-        tensors, ctx.layout = _split_saved(spec.save(args, out))
-        ctx.save_for_backward(*tensors)
-        ctx.spec, ctx.kinds = spec, _kinds(args)
+        saved = spec.save(args, out)
+        ctx.save_for_backward(*[t for t in saved if isinstance(t, torch.Tensor)])
+        ctx.consts = [None if isinstance(t, torch.Tensor) else t for t in saved]
+        ctx.spec, ctx.is_tensor = spec, [isinstance(a, torch.Tensor) for a in args]
         _only_first_output_differentiable(ctx, out)
         return out
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        spec = ctx.spec
         if grad_outputs[0] is None:  # no gradient reaches the result (grads are not materialised)
-            return (None,) * (len(ctx.kinds) + 1)
-        saved = _join_saved(ctx.saved_tensors, ctx.layout)
-        grads = _cast_grads(spec, spec.reference_backward(grad_outputs[0], *saved), saved)
-        return (None, *_input_grads(ctx.kinds, grads))
+            return (None,) * (len(ctx.is_tensor) + 1)
+        tensors = iter(ctx.saved_tensors)
+        saved = [next(tensors) if c is None else c for c in ctx.consts]
+        raw = ctx.spec.reference_backward(grad_outputs[0], *saved)
+        raw = (raw,) if isinstance(raw, torch.Tensor) else raw
+        grads = iter([g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(raw, ctx.spec.grad_like(*saved))])
+        return (None, *[next(grads) if is_t else None for is_t in ctx.is_tensor])
 
 
 def call(spec: OpSpec, backend: str, *args):
