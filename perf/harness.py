@@ -141,7 +141,8 @@ def gsops_backends(device: torch.device, unavailable: list | None = None) -> lis
 
     found = []
     for name in backends.NAMES:
-        ok, reason = dispatch._has(name, "gs_apply", device)
+        why = dispatch.why_not(name, ("gs_apply",), (torch.empty(0, device=device),))
+        ok, reason = (True, backends.load(name)[1]) if why is None else (False, why)
         if ok and name == "triton" and device.type != "cuda":
             ok, reason = False, "only the Triton CPU interpreter runs here; its timings mean nothing"
         if ok:

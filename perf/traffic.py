@@ -227,13 +227,13 @@ def _all_figures(name, d, b, tr: Traffic, min_bytes) -> Figures:
 
 def measure_conv_exp(c: int = 16, hw: int = 8, k: int = 3, terms: int = 4, dtype=torch.float32) -> Figures:
     """conv_exp forward (``terms`` Taylor terms): activation traffic against reading x and writing y once."""
-    from gsops.ops.conv_exp import _conv_exp_triton
+    from gsops.backends.triton_backend import KERNELS
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, c, hw, hw, generator=gen, dtype=dtype)
     L = torch.randn(c, c, k, k, generator=gen, dtype=dtype) * 0.05
     with count() as tf:
-        _conv_exp_triton(x, L, terms, 1)
+        KERNELS["conv_exp"](x, L, terms, 1)
     s, by = tf.total(None)
     nbytes = x.numel() * x.element_size()
     return Figures(f"conv_exp C={c} {hw}x{hw} k={k} terms={terms}", c * hw * hw, k, 1, len(tf.launches), s, by,

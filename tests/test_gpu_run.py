@@ -59,11 +59,12 @@ def test_commit_comes_from_gsops_commit_without_git(tmp_path, monkeypatch):
 
 def test_correctness_case_fails_on_a_wrong_or_racy_kernel(monkeypatch):
     """The same check that passes the real kernels flags a wrong forward and a nondeterministic one."""
-    from gsops.ops import custom, dispatch
+    from gsops.ops import dispatch
     from gsops.reference import gs_apply
+    from gsops.reference.gs import gs_apply_backward
 
     def impls(name, bad_fwd):
-        return bad_fwd, custom.gs_apply_backward_torch, dispatch.impl("cayley_exact", "torch")
+        return bad_fwd, gs_apply_backward, dispatch.impl("cayley_exact", "torch")
 
     args = ("torch", torch.float32, 4, 5, 12, torch.device("cpu"))
     monkeypatch.setattr(gpu_checks, "_impls", lambda name: impls(name, gs_apply))

@@ -7,10 +7,12 @@ is an edge from its unit to the unit it names. A unit is a subpackage (``ops``, 
 module (``checks``, ``perm``, ``tolerances``, ``flags``, ...), or ``gsops`` itself (the package's
 ``__init__``, which re-exports the public names of every layer).
 
-The layers, lowest first (STYLE.md, "Layers you can see"): the base modules; the reference; the
-kernels; the backends; ops (the custom ops and the one dispatch); nn; adapters. A unit never
-reaches, directly or through other units, a unit of a layer above it, and no two units import
-each other, however indirectly.
+The layers, lowest first (STYLE.md, "Layers you can see"): the base modules; the kernels; the
+backends; ops (one module per op: its reference, its custom ops, its dispatch); nn; methods;
+adapters. ``reference`` is the oracle namespace: it re-exports the reference section of each op
+module (and holds PEFT's own Cayley series), and reaches nothing above ops. A unit never reaches,
+directly or through other units, a unit of a layer above it, and no two units import each other,
+however indirectly.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ BASE = {"checks", "flags", "perm", "tolerances", "logs", "_version"}
 
 # (unit, units it must never reach)
 NEVER = [
-    ("reference", {"ops", "backends", "nn", "methods", "adapters", "triton_kernels"}),
+    # reference: the oracle namespace, re-exporting the reference section of each op module
+    ("reference", {"nn", "methods", "adapters"}),
     ("triton_kernels", {"nn", "methods", "adapters", "ops"}),
     ("backends", {"nn", "methods", "adapters"}),  # backends -> ops: test_ops_and_backends_form_no_cycle
     ("ops", {"nn", "methods", "adapters"}),
@@ -133,7 +136,7 @@ def test_the_walker_finds_every_kind_of_import():
     assert imports_of("from . import dispatch\n", "gsops.ops", True, {"gsops.ops.dispatch"}) == \
         [("gsops.ops.dispatch", 1)]
     # the real tree: the known edges of the data flow are there
-    assert ("nn", "ops") in GRAPH and ("adapters", "nn") in GRAPH and ("reference", "checks") in GRAPH
+    assert ("nn", "ops") in GRAPH and ("adapters", "nn") in GRAPH and ("ops", "checks") in GRAPH
     assert {"ops", "backends", "reference", "nn", "adapters", "triton_kernels"} <= set(UNITS)
 
 
@@ -167,8 +170,6 @@ def test_no_import_cycle(u):
     assert chain is None, f"{u} imports itself back:\n  " + "\n  ".join(chain)
 
 
-@pytest.mark.xfail(strict=True, reason="gsops.backends still imports gsops.ops (dispatch registration), "
-                                       "and gsops.ops imports gsops.backends")
 def test_ops_and_backends_form_no_cycle():
     """The dispatch (ops) decides which backend runs; a backend is a loader of kernels and knows
     nothing of ops: backends never reach ops, and neither is in a cycle."""

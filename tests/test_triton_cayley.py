@@ -101,7 +101,7 @@ def test_cayley_neumann_forward_backward(b, terms, device):
     G = torch.randn(3, b, b, dtype=torch.float64).to(device)
     Kl = K.clone().requires_grad_()
     # the kernel itself, through the unchecked internal op (gsops.cayley may refuse terms=1 at this norm)
-    Q = gsops.ops.custom.cayley_neumann(Kl, terms, "triton")
+    Q = torch.ops.gsops.cayley_neumann(Kl, terms, "triton")
     Q.backward(G)
     torch.testing.assert_close(Q.detach().cpu(), _neumann_numpy(K, terms), rtol=1e-12, atol=1e-12)
     Kr = K.clone().requires_grad_()  # torch autograd through the reference series
@@ -114,7 +114,7 @@ def test_cayley_gradcheck_float64(device):
     with gsops.use_backend("triton"):
         assert torch.autograd.gradcheck(lambda K: gsops.cayley(K - K.transpose(-1, -2)), (K,), fast_mode=True)
         assert torch.autograd.gradcheck(
-            lambda K: gsops.ops.custom.cayley_neumann(K - K.transpose(-1, -2), 3, "triton"), (K,), fast_mode=True
+            lambda K: torch.ops.gsops.cayley_neumann(K - K.transpose(-1, -2), 3, "triton"), (K,), fast_mode=True
         )
 
 

@@ -256,19 +256,32 @@ def test_one_launch_switch_routes_gs_apply(monkeypatch, device):
     torch.testing.assert_close(y, _dense_apply(gsoft_matrix(np64(L), np64(R)), x), rtol=1e-12, atol=1e-12)
 
 
-def test_float64_large_blocks_on_gpu_guard(monkeypatch):
-    """float64 with b > 64 does not fit a GPU's shared memory: forced triton raises, auto warns and
-    uses the reference (checked on stand-in tensors that claim to be on CUDA)."""
-    from types import SimpleNamespace
-
+def test_float64_large_blocks_on_gpu_guard():
+    """float64 with b > 64 does not fit a GPU's shared memory: the triton backend's supports() says so
+    (checked on meta tensors standing in for CUDA ones), and dispatch refuses a forced triton with
+    that reason, so no kernel launches."""
+    from gsops import backends
     from gsops.backends import triton_backend as tb
 
-    big = SimpleNamespace(dtype=torch.float64, is_cuda=True)
-    small = SimpleNamespace(dtype=torch.float32, is_cuda=True)
-    assert tb._kernels_run("gs_apply", (small,), 128)
-    assert tb._kernels_run("gs_apply", (big,), 64)
-    with gsops.use_backend("triton"), pytest.raises(TypeError, match="b=128 > 64 exceed the GPU's shared memory"):
-        tb._kernels_run("gs_apply", (big,), 128)
-    monkeypatch.setattr(tb, "_warned", set())
-    with pytest.warns(UserWarning, match="uses the torch reference path"):
-        assert not tb._kernels_run("gs_apply", (big,), 128)
+    class OnCuda(torch.Tensor):  # a meta tensor that reports a CUDA device
+        @property
+        def device(self):
+            return torch.device("cuda")
+
+        @property
+        def is_cuda(self):
+            return True
+
+    def cuda_like(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta").as_subclass(OnCuda)
+
+    def blocks(b, dtype):
+        return cuda_like(4, 2 * b, dtype=dtype), cuda_like(2, b, b, dtype=dtype)
+
+    assert tb.supports("gs_apply", *blocks(128, torch.float32)) is None
+    assert tb.supports("gs_apply", *blocks(64, torch.float64)) is None
+    assert "b=128 > 64 exceed the GPU's shared memory" in tb.supports("gs_apply", *blocks(128, torch.float64))
+    assert "b=128 > 64" in tb.supports("cayley_exact_backward", cuda_like(3, 128, 128, dtype=torch.float64))
+    with gsops.use_backend("triton"), pytest.raises(backends.BackendUnavailable,
+                                                    match="GSOPS_BACKEND=triton cannot run gs_apply: float64"):
+        gsops.ops.dispatch.choose("gs_apply", *blocks(128, torch.float64))

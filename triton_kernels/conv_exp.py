@@ -9,7 +9,8 @@ Backward (reverse mode of the recursion): with ``a_T = g`` and
 and ``dx = a_0``; ``L^T`` is ``ConvTranspose(L)`` per group, so the adjoint
 steps reuse the same kernel. The weight gradient (a correlation of two
 activations) is one ``torch.nn.grad.conv2d_weight`` over the terms stacked
-along the batch.
+along the batch. :func:`conv_exp_forward` and :func:`conv_exp_backward` are the
+kernels of the ``gsops::conv_exp`` custom op (autograd lives there).
 """
 from __future__ import annotations
 
@@ -52,11 +53,12 @@ def _conv_exp_step_kernel(z_ptr, w_ptr, out_ptr, acc_ptr, C, H, W, scale,
     tl.store(acc_ptr + dst, (prev.to(ACC) + total).to(acc_ptr.dtype.element_ty), mask=mask)
 
 
-def _step(z: torch.Tensor, w: torch.Tensor, acc: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out = scale * conv(z, w)`` (grouped, same padding); ``acc += out`` in place; returns ``out``."""
+def _step(z: torch.Tensor, w: torch.Tensor, acc: torch.Tensor, scale: float, out: torch.Tensor | None = None):
+    """``out = scale * conv(z, w)`` (grouped, same padding); ``acc += out`` in place; returns ``out``
+    (a fresh tensor unless ``out``, contiguous and of z's shape, is given)."""
     N, C, H, W = z.shape
     CG, K = w.shape[1], w.shape[-1]
-    out = torch.empty_like(z)
+    out = torch.empty_like(z) if out is None else out
     BLOCK = max(16, min(256, triton.next_power_of_2(H * W)))
     acc_dtype = tl.float64 if z.dtype == torch.float64 else tl.float32
     grid = (N * C, triton.cdiv(H * W, BLOCK))
@@ -69,41 +71,40 @@ def _transpose_kernel(L: torch.Tensor, groups: int) -> torch.Tensor:
     return L.reshape(groups, c, c, kh, kw).transpose(1, 2).flip(-2, -1).reshape(C, c, kh, kw)
 
 
-class _ConvExpTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, L, terms, groups):
-        x = x.contiguous()
-        Lc = L.contiguous()
-        y = x.clone()
-        zs = [x]
-        z = x
-        for i in range(1, terms + 1):
-            z = _step(z, Lc, y, 1.0 / i)
-            if i < terms:
-                zs.append(z)
-        ctx.save_for_backward(Lc, *zs)
-        ctx.terms, ctx.groups = terms, groups
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        Lc, *zs = ctx.saved_tensors
-        terms, groups = ctx.terms, ctx.groups
-        g = g.contiguous()
-        LT = _transpose_kernel(Lc, groups).contiguous()
-        pad = Lc.shape[-1] // 2
-        a, scaled = g, [None] * terms
-        for i in range(terms, 0, -1):
-            scaled[i - 1] = a / i  # gradient at the output of step i
-            prev = g.clone()
-            _step(a, LT, prev, 1.0 / i)  # prev = g + (L^T * a_i) / i
-            a = prev
-        dL = None
-        if ctx.needs_input_grad[1]:  # one weight-gradient convolution over the stacked terms
-            dL = torch.nn.grad.conv2d_weight(torch.cat(zs), Lc.shape, torch.cat(scaled), padding=pad, groups=groups)
-        return (a if ctx.needs_input_grad[0] else None), dL, None, None
+def conv_exp_forward(x: torch.Tensor, L: torch.Tensor, terms: int, groups: int = 1):
+    """``(y, zs)``: ``y = sum_{i=0}^{terms} L^{*i} x / i!`` and the terms ``z_0 .. z_{T-1}`` stacked
+    along the batch (the contract of :func:`gsops.ops.conv_exp.conv_exp_forward_reference`)."""
+    x = x.contiguous()
+    Lc = L.contiguous()
+    n = x.shape[0]
+    zs = x.new_empty((terms * n,) + tuple(x.shape[1:]))
+    y = x.clone()
+    if terms:
+        zs[:n].copy_(x)
+    z = x
+    for i in range(1, terms + 1):
+        z = _step(z, Lc, y, 1.0 / i, out=zs[i * n:(i + 1) * n] if i < terms else None)
+    return y, zs
 
 
-def conv_exp_triton(x: torch.Tensor, L: torch.Tensor, terms: int, groups: int = 1) -> torch.Tensor:
-    """Triton ``sum_{i=0}^{terms} L^{*i} x / i!``; arguments validated by :func:`gsops.ops.conv_exp.conv_exp`."""
-    return _ConvExpTriton.apply(x, L, terms, groups)
+def conv_exp_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, zs: torch.Tensor, terms: int,
+                      groups: int = 1):
+    """``(dx, dL)`` (the formula of :func:`gsops.ops.conv_exp.conv_exp_backward_reference`): the adjoint
+    steps ``a_{i-1} = g + (L^T * a_i) / i`` by the forward kernel with ``ConvTranspose(L)``, then one
+    weight-gradient convolution over the stacked terms."""
+    g = grad.contiguous()
+    Lc = L.contiguous()
+    if terms == 0:
+        return g.clone(), torch.zeros_like(Lc)
+    LT = _transpose_kernel(Lc, groups).contiguous()
+    pad = Lc.shape[-1] // 2
+    n = g.shape[0]
+    scaled = g.new_empty(zs.shape)  # a_i / i, stacked like zs
+    a = g
+    for i in range(terms, 0, -1):
+        torch.div(a, i, out=scaled[(i - 1) * n:i * n])  # gradient at the output of step i
+        prev = g.clone()
+        _step(a, LT, prev, 1.0 / i)  # prev = g + (L^T * a_i) / i
+        a = prev
+    dL = torch.nn.grad.conv2d_weight(zs, Lc.shape, scaled, padding=pad, groups=groups)
+    return a, dL

@@ -1,19 +1,30 @@
-"""Loaders for the kernel backends, each with the reason it is not available.
+"""The kernel backends: their loaders, their kernel tables, and what each can run.
 
-``torch`` (the reference path) is always available. ``triton`` needs the
-``triton`` package and either a CUDA device or ``TRITON_INTERPRET=1``.
-``cuda`` needs the compiled extension ``gsops._C``; for testing without a GPU,
-``GSOPS_CUDA_EMULATOR=<path>`` loads instead the same binding and kernels built
-for the CPU CUDA emulator (``python csrc/emu/run.py --extension``), which then
-runs ``GSOPS_BACKEND=cuda`` on CPU tensors. A backend module, once imported,
-registers its implementations with :mod:`gsops.ops.dispatch`.
+``torch`` (the reference path) is always available; its kernels are the
+reference definitions of the ops, registered by :mod:`gsops.ops.library`.
+``triton`` needs the ``triton`` package and runs on CUDA tensors, or on CPU
+tensors under the Triton interpreter (``TRITON_INTERPRET=1``). ``cuda`` needs
+the compiled extension ``gsops._C`` and runs on tensors of the device type it
+was built for (``gsops._C.device_type``, ``"cuda"``).
+
+Each backend module declares
+
+* ``DESCRIPTION``: one line for ``python -m gsops.info``;
+* ``KERNELS``: ``{op: fn}`` for the forward ops and their ``<op>_backward`` ops
+  (signatures in :mod:`gsops.ops.library`);
+* ``supports(op, *tensors) -> None | str``: None when its kernel for ``op``
+  takes these tensors, else the reason (device, dtype, block size).
+
+A kernel never falls back to another backend: the dispatcher
+(:mod:`gsops.ops.dispatch`) asks :func:`supports` before it chooses.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
+
+from ..flags import env_flag
 
 NAMES = ("torch", "triton", "cuda")
 
@@ -24,6 +35,8 @@ _MODULES = {
 }
 
 _loaded: dict[str, tuple[bool, str]] = {}
+_modules: dict = {}
+_KERNELS: dict[str, dict[str, object]] = {name: {} for name in NAMES}
 
 
 class BackendUnavailable(RuntimeError):
@@ -31,44 +44,72 @@ class BackendUnavailable(RuntimeError):
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET", False)
 
 
-def cuda_emulated() -> bool:
-    """Whether the loaded cuda backend is the CPU emulator build (GSOPS_CUDA_EMULATOR)."""
-    mod = importlib.import_module(_MODULES["cuda"]) if load("cuda")[0] else None
-    return bool(mod is not None and getattr(mod, "EMULATED", False))
+def register(backend: str, op: str, fn) -> None:
+    """Add ``fn`` as ``backend``'s kernel for ``op`` (the reference backend's kernels come this way)."""
+    _KERNELS[backend][op] = fn
 
 
 def load(name: str) -> tuple[bool, str]:
-    """Import a backend once. Returns (available, reason-or-description)."""
+    """Import a backend once and read its kernel table. Returns (available, reason-or-description)."""
     if name not in _MODULES:
         raise ValueError(f"backend={name!r} must be one of {NAMES}")
     if name not in _loaded:
         try:
             mod = importlib.import_module(_MODULES[name])
-            _loaded[name] = (True, getattr(mod, "DESCRIPTION", "loaded"))
         except BackendUnavailable as e:
             _loaded[name] = (False, str(e))
         except ImportError as e:
             _loaded[name] = (False, f"import failed: {e}")
+        else:
+            _modules[name] = mod
+            _KERNELS[name].update(getattr(mod, "KERNELS", {}))
+            _loaded[name] = (True, getattr(mod, "DESCRIPTION", "loaded"))
     return _loaded[name]
 
 
+def module(name: str):
+    """The loaded backend module; :class:`BackendUnavailable` with the reason when it does not load."""
+    ok, reason = load(name)
+    if not ok:
+        raise BackendUnavailable(f"the {name} backend is unavailable: {reason}")
+    return _modules[name]
+
+
+def has_kernel(name: str, op: str) -> bool:
+    return load(name)[0] and op in _KERNELS[name]
+
+
+def supports(name: str, op: str, *tensors: torch.Tensor) -> str | None:
+    """None when backend ``name`` loads, has a kernel for ``op`` and takes ``tensors``; else why not."""
+    ok, reason = load(name)
+    if not ok:
+        return reason
+    if op not in _KERNELS[name]:
+        return f"the {name} backend has no kernel for {op}"
+    return _modules[name].supports(op, *tensors)
+
+
+def kernel(name: str, op: str):
+    """Backend ``name``'s kernel for ``op`` (loading the backend first)."""
+    ok, reason = load(name)
+    if not ok:
+        raise BackendUnavailable(f"backend {name} cannot run {op}: {reason}")
+    try:
+        return _KERNELS[name][op]
+    except KeyError:
+        raise BackendUnavailable(f"the {name} backend has no kernel for {op}") from None
+
+
 def runs_on(name: str, device: torch.device) -> tuple[bool, str]:
-    """Whether backend ``name`` can run on tensors on ``device``, and why not."""
+    """Whether backend ``name`` loads and runs on tensors on ``device``, and why not."""
     ok, reason = load(name)
     if not ok:
         return False, reason
-    if name == "torch":
-        return True, "reference path"
-    if device.type == "cuda":
-        return True, reason
-    if name == "triton" and triton_interpret():
-        return True, "Triton interpreter (TRITON_INTERPRET=1)"
-    if name == "cuda" and device.type == "cpu" and cuda_emulated():
-        return True, reason
-    return False, f"the {name} backend runs on CUDA tensors, got tensors on {device}"
+    why = _modules[name].device_reason(torch.device(device))
+    return (True, reason) if why is None else (False, why)
 
 
 def status() -> dict[str, tuple[bool, str]]:

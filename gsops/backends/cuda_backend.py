@@ -1,4 +1,4 @@
-"""The compiled CUDA extension ``gsops._C`` (kernels in ``csrc/``) registered with the dispatch.
+"""The compiled CUDA extension ``gsops._C`` (kernels in ``csrc/``) as a backend.
 
 ``gsops._C`` registers ``torch.ops.gsops_cuda.*`` (see ``csrc/bindings.cpp``):
 
@@ -11,56 +11,29 @@
 * ``conv_exp_forward(x, L, terms, groups, adjoint)`` and
   ``conv_exp_weight_grad(x, dy, L, terms, groups)`` (float32).
 
-This module composes them into the dispatch contract of :mod:`gsops.ops.custom`
-(forward ops and their ``*_backward`` ops; ``conv_exp`` is an autograd
-function, as in :mod:`gsops.ops.conv_exp`). The input gradient of every
-block-diagonal factor is the forward kernel with transposed blocks and the
-inverse permutations (STYLE habit 6).
+This module composes them into the kernel contract of :mod:`gsops.ops.library`
+(``KERNELS``: forward ops and their ``*_backward`` ops). The input gradient of
+every block-diagonal factor is the forward kernel with transposed blocks and
+the inverse permutations (STYLE habit 6).
 
-The kernels compute in float32 and take blocks of size b <= 128. For float64
-tensors or larger blocks, ``GSOPS_BACKEND=cuda`` raises; ``auto`` runs the
-reference path and warns once, naming the op and the reason.
+:func:`supports` says what the kernels take: tensors on the device type the
+extension was built for (``gsops._C.device_type``, ``"cuda"``), float32,
+float16 or bfloat16 (computed in float32), blocks of size ``b <= max_block``
+(128). ``cayley_neumann`` has no CUDA kernel.
 """
 from __future__ import annotations
-
-import importlib.machinery
-import importlib.util
-import os
-import warnings
 
 import torch
 
 from . import BackendUnavailable
 
-
-def _load_emulated(path: str):
-    """The binding and kernels built for the CPU CUDA emulator (csrc/emu), from ``path``."""
-    name = os.path.basename(path).split(".")[0]
-    try:
-        loader = importlib.machinery.ExtensionFileLoader(name, path)
-        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-        mod = importlib.util.module_from_spec(spec)
-        loader.exec_module(mod)
-    except (ImportError, OSError) as e:
-        raise BackendUnavailable(
-            f"GSOPS_CUDA_EMULATOR={path} cannot be loaded ({e}); build it with python csrc/emu/run.py --extension"
-        ) from None
-    if not getattr(mod, "emulated", False):
-        raise BackendUnavailable(f"GSOPS_CUDA_EMULATOR={path} is not an emulator build of csrc/bindings.cpp")
-    return mod
-
-
-_EMULATOR_PATH = os.environ.get("GSOPS_CUDA_EMULATOR", "")
-if _EMULATOR_PATH:
-    _C = _load_emulated(_EMULATOR_PATH)
-else:
-    try:
-        from .. import _C
-    except ImportError as e:  # not built: CPU torch, no nvcc, or GSOPS_SKIP_CUDA=1 at install
-        raise BackendUnavailable(
-            f"the CUDA extension gsops._C is not built ({e}); install on a machine with a CUDA torch and nvcc: "
-            "pip install --no-build-isolation ."
-        ) from None
+try:
+    from gsops import _C
+except ImportError as e:  # not built: CPU torch, no nvcc, or GSOPS_SKIP_CUDA=1 at install
+    raise BackendUnavailable(
+        f"the CUDA extension gsops._C is not built ({e}); install on a machine with a CUDA torch and nvcc: "
+        "pip install --no-build-isolation ."
+    ) from None
 
 try:
     _ops = torch.ops.gsops_cuda
@@ -68,41 +41,45 @@ try:
 except (AttributeError, RuntimeError) as e:
     raise BackendUnavailable(f"gsops._C loaded but registered no gsops_cuda ops ({e}); rebuild the extension") from None
 
-from .. import reference as ref
-from ..ops import custom, dispatch
-from ..reference import conv_exp as conv_ref
-
-EMULATED = bool(getattr(_C, "emulated", False))
-DESCRIPTION = (
-    f"CUDA kernels run on the CPU by the gsops CUDA emulator, for testing ({_C.__file__}, GSOPS_CUDA_EMULATOR)"
-    if EMULATED
-    else f"compiled CUDA kernels ({_C.__file__})"
-)
+DEVICE_TYPE = str(getattr(_C, "device_type", "cuda"))
+DESCRIPTION = f"compiled CUDA kernels ({getattr(_C, '__file__', _C)}, on {DEVICE_TYPE} tensors)"
 
 MAX_BLOCK = int(_C.max_block)
 NONE, P, PT = 0, 1, 2
 _INVERSE = {NONE: NONE, P: PT, PT: P}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_warned: set = set()
+CONV_EXP_KEEPS_TERMS = False  # the conv_exp backward recomputes its terms from x: the forward keeps none
 
 
-def _unsupported(tensors, b=None):
-    """Why the kernels cannot take these tensors (None when they can)."""
+def device_reason(device: torch.device) -> str | None:
+    if device.type == DEVICE_TYPE:
+        return None
+    return f"the cuda backend runs on {DEVICE_TYPE} tensors, got tensors on {device}"
+
+
+def _block_size(op: str, tensors) -> int | None:
+    if op.startswith("conv_exp"):
+        return None
+    if op.startswith("cayley"):
+        return tensors[0].shape[-1]
+    return tensors[-1].shape[-1]  # (x, *blocks): the blocks come last
+
+
+def supports(op: str, *tensors: torch.Tensor) -> str | None:
+    """None when the CUDA kernel for ``op`` takes ``tensors``; else the reason."""
+    if not tensors:
+        return None
+    for t in tensors:
+        why = device_reason(t.device)
+        if why:
+            return why
     for t in tensors:
         if t.dtype not in _KERNEL_DTYPES:
             return f"the CUDA kernels take float32/float16/bfloat16, got {t.dtype}"
+    b = _block_size(op, tensors)
     if b is not None and b > MAX_BLOCK:
         return f"the CUDA kernels take blocks of size b <= {MAX_BLOCK}, got b={b}"
     return None
-
-
-def _outside_kernels(op: str, reason: str):
-    """Forced backend: raise. auto: say once that the reference path runs instead."""
-    if dispatch.requested() == "cuda":
-        raise TypeError(f"GSOPS_BACKEND=cuda cannot run {op}: {reason}; use GSOPS_BACKEND=torch or auto")
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(f"gsops: {op} on the cuda backend uses the torch reference path ({reason})")
 
 
 # ----------------------------------------------------------------------------- block-diagonal x permutation
@@ -129,18 +106,10 @@ def _factor_block_grad(g: torch.Tensor, x: torch.Tensor, B: torch.Tensor, in_mod
 
 
 def block_diag_mm(x, B):
-    why = _unsupported([x, B], B.shape[1])
-    if why:
-        _outside_kernels("block_diag_mm", why)
-        return ref.block_diag_mm(x, B)
     return _factor(x, B, NONE, NONE)
 
 
 def block_diag_mm_backward(grad, x, B):
-    why = _unsupported([grad, x, B], B.shape[1])
-    if why:
-        _outside_kernels("block_diag_mm_backward", why)
-        return custom.block_diag_mm_backward_torch(grad, x, B)
     g = grad.to(x.dtype)
     return _factor_input_grad(g, B, NONE, NONE), _factor_block_grad(g, x, B, NONE, NONE)
 
@@ -151,10 +120,6 @@ def _chain_modes(m: int):
 
 def gs_chain(x, blocks):
     blocks = list(blocks)
-    why = _unsupported([x, *blocks], blocks[0].shape[1])
-    if why:
-        _outside_kernels("gs_chain", why)
-        return ref.gs_chain(x, blocks)
     y = x
     for B, in_mode in zip(blocks, _chain_modes(len(blocks))):
         y = _factor(y, B, in_mode, NONE)
@@ -163,10 +128,6 @@ def gs_chain(x, blocks):
 
 def gs_chain_backward(grad, x, blocks):
     blocks = list(blocks)
-    why = _unsupported([grad, x, *blocks], blocks[0].shape[1])
-    if why:
-        _outside_kernels("gs_chain_backward", why)
-        return custom.gs_chain_backward_torch(grad, x, blocks)
     modes = _chain_modes(len(blocks))
     inputs = [x]  # the (unpermuted) input of every factor, recomputed
     for B, in_mode in zip(blocks[:-1], modes[:-1]):
@@ -180,18 +141,10 @@ def gs_chain_backward(grad, x, blocks):
 
 
 def gs_apply(x, L, R):
-    why = _unsupported([x, L, R], R.shape[1])
-    if why:
-        _outside_kernels("gs_apply", why)
-        return ref.gs_apply(x, L, R)
     return _factor(_factor(x, R, NONE, NONE), L, P, PT)  # P^T L P R x: the two permutations fused into L's pass
 
 
 def gs_apply_backward(grad, x, L, R):
-    why = _unsupported([grad, x, L, R], R.shape[1])
-    if why:
-        _outside_kernels("gs_apply_backward", why)
-        return custom.gs_apply_backward_torch(grad, x, L, R)
     g = grad.to(x.dtype)
     u = _factor(x, R, NONE, NONE)
     dL = _factor_block_grad(g, u, L, P, PT)
@@ -203,19 +156,11 @@ def gs_apply_backward(grad, x, L, R):
 # ----------------------------------------------------------------------------- Cayley
 
 def cayley_exact(K):
-    why = _unsupported([K], K.shape[-1])
-    if why:
-        _outside_kernels("cayley_exact", why)
-        return ref.cayley_exact(K.detach())
     Q, _M = _ops.cayley_forward(K.contiguous())
     return Q
 
 
 def cayley_exact_backward(grad, Q):
-    why = _unsupported([grad, Q], Q.shape[-1])
-    if why:
-        _outside_kernels("cayley_exact_backward", why)
-        return custom.cayley_exact_backward_torch(grad, Q)
     eye = torch.eye(Q.shape[-1], dtype=torch.float32, device=Q.device)
     M = ((Q.to(torch.float32) + eye) / 2).contiguous()  # the contract saves Q = 2M - I
     return _ops.cayley_backward(M, grad.to(Q.dtype).contiguous())
@@ -223,34 +168,21 @@ def cayley_exact_backward(grad, Q):
 
 # ----------------------------------------------------------------------------- grouped convolution exponential
 
-class _ConvExpCUDA(torch.autograd.Function):
-    """``exp(L) x`` by the fused Taylor kernel; ``dx = exp(L^T) dy`` (same kernel, adjoint)."""
-
-    @staticmethod
-    def forward(ctx, x, L, terms, groups):
-        x = x.contiguous()
-        ctx.save_for_backward(x, L)
-        ctx.terms, ctx.groups = terms, groups
-        return _ops.conv_exp_forward(x, L, terms, groups, False)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, L = ctx.saved_tensors
-        dy = dy.to(x.dtype).contiguous()
-        dx = dL = None
-        if ctx.needs_input_grad[0]:
-            dx = _ops.conv_exp_forward(dy, L, ctx.terms, ctx.groups, True)
-        if ctx.needs_input_grad[1]:
-            dL = _ops.conv_exp_weight_grad(x, dy, L, ctx.terms, ctx.groups).to(L.dtype)
-        return dx, dL, None, None
+def conv_exp(x, L, terms, groups):
+    """``(y, zs)``: ``exp(L) x`` by the fused Taylor kernel, and an empty ``zs`` (the backward
+    recomputes the terms from ``x``)."""
+    x = x.contiguous()
+    y = _ops.conv_exp_forward(x, L, terms, groups, False)
+    return y, x.new_empty((0,) + tuple(x.shape[1:]))
 
 
-def conv_exp(x, L, terms, groups=1):
-    why = _unsupported([x, L])
-    if why:
-        _outside_kernels("conv_exp", why)
-        return conv_ref.conv_exp(x, L, terms, groups)
-    return _ConvExpCUDA.apply(x, L, terms, groups)
+def conv_exp_backward(grad, x, L, zs, terms, groups):
+    """``dx = exp(L^T) dy`` (the same kernel, adjoint) and the weight gradient kernel."""
+    dy = grad.to(x.dtype).contiguous()
+    x = x.contiguous()
+    dx = _ops.conv_exp_forward(dy, L, terms, groups, True)
+    dL = _ops.conv_exp_weight_grad(x, dy, L, terms, groups).to(L.dtype)
+    return dx, dL
 
 
 # ----------------------------------------------------------------------------- fake kernels (torch.compile)
@@ -285,12 +217,10 @@ def _(x, dy, weight, terms, groups):
     return weight.new_empty(weight.shape, dtype=torch.float32)
 
 
-for _name, _fn in [
-    ("block_diag_mm", block_diag_mm), ("block_diag_mm_backward", block_diag_mm_backward),
-    ("gs_chain", gs_chain), ("gs_chain_backward", gs_chain_backward),
-    ("gs_apply", gs_apply), ("gs_apply_backward", gs_apply_backward),
-    ("cayley_exact", cayley_exact), ("cayley_exact_backward", cayley_exact_backward),
-    ("conv_exp", conv_exp),
-]:
-    dispatch.register("cuda", _name, _fn)
-# cayley_neumann has no CUDA kernel: GSOPS_BACKEND=cuda says so; auto takes Triton or the reference.
+KERNELS = {
+    "block_diag_mm": block_diag_mm, "block_diag_mm_backward": block_diag_mm_backward,
+    "gs_chain": gs_chain, "gs_chain_backward": gs_chain_backward,
+    "gs_apply": gs_apply, "gs_apply_backward": gs_apply_backward,
+    "cayley_exact": cayley_exact, "cayley_exact_backward": cayley_exact_backward,
+    "conv_exp": conv_exp, "conv_exp_backward": conv_exp_backward,
+}

@@ -1,11 +1,19 @@
-"""The reference backend: pure PyTorch, any device."""
-from .. import reference as ref
-from ..ops import dispatch
+"""The reference backend: pure PyTorch, any device, every dtype.
+
+Its kernels are the reference definitions of the ops; each op module of
+:mod:`gsops.ops` registers its own (through :func:`gsops.ops.library.define`),
+so this module only says that it takes any tensor.
+"""
+from __future__ import annotations
 
 DESCRIPTION = "pure PyTorch reference path"
 
-dispatch.register("torch", "block_diag_mm", ref.block_diag_mm)
-dispatch.register("torch", "gs_chain", ref.gs_chain)
-dispatch.register("torch", "gs_apply", ref.gs_apply)
-dispatch.register("torch", "cayley_exact", ref.cayley_exact)
-dispatch.register("torch", "cayley_neumann", ref.cayley_neumann)
+KERNELS: dict = {}  # registered by gsops.ops.library from each op's reference
+
+
+def device_reason(device) -> None:
+    return None
+
+
+def supports(op: str, *tensors) -> None:
+    return None

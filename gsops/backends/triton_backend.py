@@ -1,12 +1,14 @@
-"""The Triton backend: kernels from ``triton_kernels/`` registered with the dispatch.
+"""The Triton backend: the kernels of ``triton_kernels/`` and what they can take.
 
-Forward ops keep the dispatch contract of the reference (``x, ... -> y``).
-Backward ops (names ``<op>_backward``, contract in :mod:`gsops.ops.custom`)
-let the custom ops run the whole training step on this backend.  Runs on CUDA
-tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-set before this module is first imported). Every op checks that its tensors share one
-device (``ValueError`` naming the arguments otherwise) and launches with that CUDA device
-current: Triton launches on the current device, not the tensors'.
+``KERNELS`` holds the forward ops and their ``<op>_backward`` ops with the
+signatures of :mod:`gsops.ops.library`. :func:`supports` says, before any
+launch, why a call cannot run here: tensors not on a CUDA device (CPU tensors
+run under the Triton interpreter, ``TRITON_INTERPRET=1``, set before this
+module is first imported), a dtype other than float16/bfloat16/float32/float64,
+or float64 blocks larger than :data:`MAX_FLOAT64_BLOCK_ON_GPU` on a GPU. Every
+kernel checks that its tensors share one device (``ValueError`` naming the
+arguments otherwise) and launches with that CUDA device current: Triton
+launches on the current device, not the tensors'.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import inspect
 
 import torch
 
-from . import BackendUnavailable
+from . import BackendUnavailable, triton_interpret
 
 try:
     import triton  # noqa: F401
@@ -23,94 +25,60 @@ except ImportError as e:
     raise BackendUnavailable(f"the triton package is not importable ({e})") from None
 
 from gsops.triton_kernels import cayley as _cayley
+from gsops.triton_kernels import conv_exp as _conv
 from gsops.triton_kernels import gs_apply as _gs
 
-import warnings
-
-from .. import reference as ref
 from ..checks import accumulate_dtype
-from ..ops import custom, dispatch
 
 DESCRIPTION = f"Triton {triton.__version__} kernels (gsops.triton_kernels, the triton_kernels/ folder)"
 
 # float64 tiles of 128 x 128 need more shared memory than a GPU has (checked by compiling for
 # sm_90: up to 384 KiB); smaller float64 blocks and every float32/16 size fit.
 MAX_FLOAT64_BLOCK_ON_GPU = 64
-_warned: set = set()
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _kernels_run(op: str, tensors, b: int) -> bool:
-    """False (after a one-time warning) when auto must use the reference path; raises when forced."""
-    if b <= MAX_FLOAT64_BLOCK_ON_GPU or not any(t.dtype == torch.float64 and t.is_cuda for t in tensors):
-        return True
-    reason = f"float64 blocks of size b={b} > {MAX_FLOAT64_BLOCK_ON_GPU} exceed the GPU's shared memory"
-    if dispatch.requested() == "triton":
-        raise TypeError(f"GSOPS_BACKEND=triton cannot run {op}: {reason}; use GSOPS_BACKEND=torch or auto")
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(f"gsops: {op} on the triton backend uses the torch reference path ({reason})")
-    return False
+def device_reason(device: torch.device) -> str | None:
+    """None when the kernels run on tensors on ``device``; else why not."""
+    if device.type == "cuda" or triton_interpret():
+        return None
+    return (f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+            f"got tensors on {device}")
 
 
-def block_diag_mm(x, B):
-    if _kernels_run("block_diag_mm", (x, B), B.shape[1]):
-        return _gs.block_diag_mm(x, B)
-    return ref.block_diag_mm(x, B)
+def _block_size(op: str, tensors) -> int | None:
+    if op.startswith("conv_exp"):
+        return None
+    if op.startswith("cayley"):
+        return tensors[0].shape[-1]
+    return tensors[-1].shape[-1]  # (x, *blocks): the blocks come last
 
 
-def block_diag_mm_backward(grad, x, B):
-    if _kernels_run("block_diag_mm_backward", (x, B), B.shape[1]):
-        return _gs.block_diag_mm_backward(grad, x, B)
-    return custom.block_diag_mm_backward_torch(grad, x, B)
-
-
-def gs_chain(x, blocks):
-    if _kernels_run("gs_chain", (x, *blocks), blocks[0].shape[1]):
-        return _gs.gs_chain(x, blocks)
-    return ref.gs_chain(x, blocks)
-
-
-def gs_chain_backward(grad, x, blocks):
-    if _kernels_run("gs_chain_backward", (x, *blocks), blocks[0].shape[1]):
-        return _gs.gs_chain_backward(grad, x, blocks)
-    return custom.gs_chain_backward_torch(grad, x, blocks)
-
-
-def gs_apply(x, L, R):
-    if _kernels_run("gs_apply", (x, L, R), R.shape[1]):
-        return _gs.gs_apply(x, L, R)
-    return ref.gs_apply(x, L, R)
-
-
-def gs_apply_backward(grad, x, L, R):
-    if _kernels_run("gs_apply_backward", (x, L, R), R.shape[1]):
-        return _gs.gs_apply_backward(grad, x, L, R)
-    return custom.gs_apply_backward_torch(grad, x, L, R)
+def supports(op: str, *tensors: torch.Tensor) -> str | None:
+    """None when the Triton kernel for ``op`` takes ``tensors``; else the reason."""
+    if not tensors:
+        return None
+    why = device_reason(tensors[0].device)
+    if why:
+        return why
+    for t in tensors:
+        if t.dtype not in DTYPES:
+            return f"the triton kernels take float16/bfloat16/float32/float64, got {t.dtype}"
+    b = _block_size(op, tensors)
+    if (b is not None and b > MAX_FLOAT64_BLOCK_ON_GPU
+            and any(t.dtype == torch.float64 and t.is_cuda for t in tensors)):
+        return f"float64 blocks of size b={b} > {MAX_FLOAT64_BLOCK_ON_GPU} exceed the GPU's shared memory"
+    return None
 
 
 def cayley_exact(K: torch.Tensor) -> torch.Tensor:
     """Q in K's dtype, computed in float32 (float64 for float64 K)."""
-    if not _kernels_run("cayley_exact", (K,), K.shape[-1]):
-        return ref.cayley_exact(K)
     return _cayley.cayley_exact(K.to(accumulate_dtype(K.dtype))).to(K.dtype)
 
 
 def cayley_exact_backward(grad: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    if not _kernels_run("cayley_exact_backward", (Q,), Q.shape[-1]):
-        return custom.cayley_exact_backward_torch(grad, Q)
-    return _cayley.cayley_exact_backward(grad.to(accumulate_dtype(Q.dtype)), Q.to(accumulate_dtype(Q.dtype))).to(Q.dtype)
-
-
-def cayley_neumann(K, terms):
-    if _kernels_run("cayley_neumann", (K,), K.shape[-1]):
-        return _cayley.cayley_neumann(K, terms)
-    return ref.cayley_neumann(K, terms)
-
-
-def cayley_neumann_backward(grad, K, terms):
-    if _kernels_run("cayley_neumann_backward", (K,), K.shape[-1]):
-        return _cayley.cayley_neumann_backward(grad, K, terms)
-    return custom.cayley_neumann_backward_torch(grad, K, terms)
+    acc = accumulate_dtype(Q.dtype)
+    return _cayley.cayley_exact_backward(grad.to(acc), Q.to(acc)).to(Q.dtype)
 
 
 def _named_tensors(sig, args, kwargs):
@@ -154,10 +122,13 @@ def on_tensor_device(fn, op: str | None = None):
     return wrapper
 
 
-for _name in ("block_diag_mm", "gs_chain", "gs_apply", "cayley_exact", "cayley_neumann"):
-    for _op in (_name, _name + "_backward"):
-        globals()[_op] = on_tensor_device(globals()[_op], _op)
-        dispatch.register("triton", _op, globals()[_op])
-
-# --- conv_exp (GS-SOC issue): registration of triton_kernels.conv_exp goes here ---
-# (the GS-SOC engineer registers it lazily from gsops/ops/conv_exp.py)
+_LAUNCHERS = {
+    "block_diag_mm": _gs.block_diag_mm, "block_diag_mm_backward": _gs.block_diag_mm_backward,
+    "gs_chain": _gs.gs_chain, "gs_chain_backward": _gs.gs_chain_backward,
+    "gs_apply": _gs.gs_apply, "gs_apply_backward": _gs.gs_apply_backward,
+    "cayley_exact": cayley_exact, "cayley_exact_backward": cayley_exact_backward,
+    "cayley_neumann": _cayley.cayley_neumann, "cayley_neumann_backward": _cayley.cayley_neumann_backward,
+    "conv_exp": _conv.conv_exp_forward, "conv_exp_backward": _conv.conv_exp_backward,
+}
+KERNELS = {op: on_tensor_device(fn, op) for op, fn in _LAUNCHERS.items()}
+globals().update(KERNELS)  # tb.gs_apply(...) etc.: the guarded kernels by name

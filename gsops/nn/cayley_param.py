@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..checks import check_int, has_values
-from ..reference.cayley import neumann_error_bound, spectral_norm
+from ..ops.cayley import neumann_error_bound, spectral_norm
 from ..reference.peft_cayley import peft_cayley_neumann
 from ..tolerances import NEUMANN_WARN_ERROR
 

@@ -1,22 +1,24 @@
-"""One dispatch: picks the backend for an op from ``GSOPS_BACKEND`` and the tensors' device.
+"""One dispatch decision: the backend for an op, from ``GSOPS_BACKEND`` and the tensors.
 
-``GSOPS_BACKEND=auto`` (default) takes the best backend that runs on the
-device (triton > cuda > torch on CUDA tensors, torch on CPU; :data:`AUTO_ORDER_REASON`
-says why) and says once,
-with the reason, when a CUDA tensor falls back to the reference path. A forced
-backend that cannot run raises :class:`~gsops.backends.BackendUnavailable`.
+``GSOPS_BACKEND=auto`` (default) takes, for tensors on a CUDA device, the first
+of triton > cuda > torch (:data:`AUTO_ORDER_REASON` says why) whose
+:func:`gsops.backends.supports` has no objection, and says once, with every
+backend's reason, when it lands on the reference path; on other devices it
+takes torch. A forced backend (``GSOPS_BACKEND=triton`` or :func:`use_backend`)
+that cannot take the tensors raises :class:`~gsops.backends.BackendUnavailable`
+with the reason, before any kernel runs. The op's backward is asked about too
+when a gradient will flow, so that forward and backward run on one backend.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
 from .. import backends
+from ..flags import env_choice
 
-_IMPLS: dict[str, dict[str, object]] = {}
 _override: list[str] = []
 _warned: set = set()
 
@@ -29,15 +31,8 @@ AUTO_ORDER_REASON = (
 )
 
 
-def register(backend: str, op: str, fn) -> None:
-    _IMPLS.setdefault(op, {})[backend] = fn
-
-
 def requested() -> str:
-    name = _override[-1] if _override else os.environ.get("GSOPS_BACKEND", "auto").strip().lower() or "auto"
-    if name not in CHOICES:
-        raise ValueError(f"GSOPS_BACKEND={name!r} must be one of {CHOICES}")
-    return name
+    return _override[-1] if _override else env_choice("GSOPS_BACKEND", CHOICES, "auto")
 
 
 @contextlib.contextmanager
@@ -52,52 +47,50 @@ def use_backend(name: str):
         _override.pop()
 
 
-def _has(backend: str, op: str, device: torch.device, also=()) -> tuple[bool, str]:
-    ok, reason = backends.runs_on(backend, device)
-    if ok:
-        for name in (op, *also):
-            if backend not in _IMPLS.get(name, {}):
-                return False, f"the {backend} backend has no kernel for {name}"
-    return ok, reason
+def why_not(backend: str, ops, tensors) -> str | None:
+    """None when ``backend`` runs every op of ``ops`` on ``tensors``; else the first reason."""
+    for op in ops:
+        why = backends.supports(backend, op, *tensors)
+        if why is not None:
+            return why
+    return None
 
 
-def choose(op: str, device: torch.device, also=()) -> str:
-    """The backend that runs ``op`` on ``device``; it must also have the ops in ``also``
-    (e.g. ``op + "_backward"`` when a gradient will be needed), so that forward and
-    backward run on the same backend."""
+def choose(op: str, *tensors: torch.Tensor, also=()) -> str:
+    """The backend that runs ``op`` on ``tensors``; it must also run the ops in ``also``
+    (``op + "_backward"`` when a gradient will be needed)."""
+    ops = (op, *also)
     name = requested()
     if name != "auto":
-        ok, reason = _has(name, op, device, also)
-        if not ok:
-            raise backends.BackendUnavailable(f"GSOPS_BACKEND={name} cannot run {op}: {reason}")
+        why = why_not(name, ops, tensors)
+        if why is not None:
+            raise backends.BackendUnavailable(f"GSOPS_BACKEND={name} cannot run {op}: {why}")
         return name
-    if device.type != "cuda":
-        _has("torch", op, device, also)
+    if not tensors or tensors[0].device.type != "cuda":
+        why = why_not("torch", ops, tensors)
+        if why is not None:
+            raise backends.BackendUnavailable(f"the torch backend cannot run {op}: {why}")
         return "torch"
     reasons = []
     for cand in AUTO_ORDER:
-        ok, reason = _has(cand, op, device, also)
-        if ok:
+        why = why_not(cand, ops, tensors)
+        if why is None:
             break
-        reasons.append(f"{cand}: {reason}")
+        reasons.append(f"{cand}: {why}")
+    else:
+        raise backends.BackendUnavailable(f"no backend runs {op}: {'; '.join(reasons)}")
     if cand == "torch" and (op, "fallback") not in _warned:
         _warned.add((op, "fallback"))
         warnings.warn(f"gsops: {op} on CUDA uses the torch reference path ({'; '.join(reasons)})")
     return cand
 
 
-def get(op: str, device: torch.device):
-    """The implementation of ``op`` for tensors on ``device``."""
-    backend = choose(op, device)  # loads the backend, which registers its kernels
-    return _IMPLS[op][backend]
+def for_call(op: str, *tensors: torch.Tensor) -> str:
+    """:func:`choose` for a call: the backward must exist too when a gradient will flow."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return choose(op, *tensors, also=(op + "_backward",) if needs_grad else ())
 
 
 def impl(op: str, backend: str):
-    """The implementation of ``op`` registered by ``backend`` (loading the backend first)."""
-    ok, reason = backends.load(backend)
-    if not ok:
-        raise backends.BackendUnavailable(f"backend {backend} cannot run {op}: {reason}")
-    try:
-        return _IMPLS[op][backend]
-    except KeyError:
-        raise backends.BackendUnavailable(f"the {backend} backend has no kernel for {op}") from None
+    """The kernel of ``op`` registered by ``backend`` (loading the backend first)."""
+    return backends.kernel(backend, op)

@@ -62,7 +62,6 @@ def install(path) -> object:
             return current
         raise RuntimeError(f"gsops._C is already imported ({getattr(current, '__file__', current)})")
     mod = load(os.path.abspath(os.fspath(path)))
-    mod.emulated = True  # read by cuda backends that tell the emulator build apart by this attribute
     sys.modules["gsops._C"] = mod
     parent = sys.modules.get("gsops")
     if parent is not None:

@@ -1,0 +1,247 @@
+"""Orthogonal blocks from skew ones (SPEC "Orthogonal blocks"): ``skew``/``unskew`` and the Cayley
+transform, exact or by OFTv2's truncated Neumann series.
+
+``Q = (I + K)(I - K)^{-1} = 2M - I`` with ``M = (I - K)^{-1}``; backward
+``dL/dK = 2 M^T G M^T`` for ``G = dL/dQ``. The series is ``Q_t = 2 M_t - I``
+with ``M_t = I + K + ... + K^t``.
+
+Reading order: the references (definitions and backward formulas), the custom
+ops ``gsops::cayley_exact`` / ``gsops::cayley_neumann`` and their ``_backward``
+ops, then the checked public functions and the unchecked one the layers call.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..checks import accumulate_dtype, check_finite, check_int, check_tensor, has_values
+from ..tolerances import NEUMANN_NORM_MARGIN, NEUMANN_REFUSE_ERROR, NEUMANN_WARN_ERROR, SKEW_TOL
+from . import dispatch, library
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _triu_index(b: int, device=None):
+    return torch.triu_indices(b, b, offset=1, device=device)
+
+
+def skew_reference(params: Tensor, b: int) -> Tensor:
+    """Packed ``b(b-1)/2`` numbers (strict upper triangle, row major) -> skew ``K`` of shape (..., b, b)."""
+    iu = _triu_index(b, params.device)
+    K = params.new_zeros(*params.shape[:-1], b, b)
+    K[..., iu[0], iu[1]] = params
+    return K - K.transpose(-1, -2)
+
+
+def unskew_reference(K: Tensor) -> Tensor:
+    """The packed strict upper triangle (row major) of ``K``; inverse of :func:`skew_reference`."""
+    b = K.shape[-1]
+    iu = _triu_index(b, K.device)
+    return K[..., iu[0], iu[1]]
+
+
+@contextlib.contextmanager
+def lapack_single_thread(device: torch.device):
+    """Run the enclosed CPU LAPACK call on one thread.
+
+    Batched small-matrix factorisations gain nothing from a second thread, and their parallel
+    region stalls whenever a thread is descheduled: 64 inverses of 32x32 took ~1 ms quiet but
+    85-420 ms at the 95th percentile beside one busy process with 2 threads, ~13 ms with one
+    (``python -m perf.cayley_load``). The thread count is restored on exit.
+    """
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def cayley_exact_reference(K: Tensor) -> Tensor:
+    """``(I + K)(I - K)^{-1}`` for a batch of skew ``K`` (..., b, b), computed in float32 (float64
+    for float64 K) and returned in K's dtype; differentiable by torch autograd."""
+    acc = accumulate_dtype(K.dtype)
+    eye = torch.eye(K.shape[-1], dtype=acc, device=K.device)
+    # I - K has singular values >= 1 (its symmetric part is I), so the explicit inverse is as
+    # accurate as a solve; batched inv is also far faster than batched solve on a busy CPU
+    # (measured: 38 ms vs 837 ms for 64 blocks of 32x32 with 2 threads under load), and it runs
+    # on one thread (see lapack_single_thread).
+    with lapack_single_thread(K.device):
+        M = torch.linalg.inv_ex(eye - K.to(acc)).inverse  # no error check: I - K is never singular, and
+        # the check would read the info flags on the host (a device sync on CUDA)
+    return (2 * M - eye).to(K.dtype)
+
+
+def cayley_exact_backward_reference(grad: Tensor, Q: Tensor) -> Tensor:
+    """``dK = 2 M^T G M^T`` with ``M = (Q + I) / 2`` (the saved Q gives M)."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    Mt = ((Q + eye) / 2).transpose(-1, -2)
+    return 2 * Mt @ grad.to(Q.dtype) @ Mt
+
+
+def cayley_neumann_reference(K: Tensor, terms: int) -> Tensor:
+    """OFTv2's Cayley–Neumann: ``Q = 2 M_t - I`` with ``M_t = I + K + ... + K^terms``.
+
+    Valid only while ``||K||_2 < 1``; see :func:`neumann_error_bound`.
+    """
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    M = eye.expand_as(K).clone()
+    power = eye.expand_as(K)
+    for _ in range(terms):
+        power = power @ K
+        M = M + power
+    return 2 * M - eye
+
+
+def cayley_neumann_backward_reference(grad: Tensor, K: Tensor, terms: int) -> Tensor:
+    """``dK = 2 sum_{j=1..t} sum_{a<j} (K^T)^a G (K^T)^(j-1-a)`` for ``Q = 2 sum_j K^j - I``."""
+    Kt = K.transpose(-1, -2)
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device).expand_as(K)
+    powers = [eye]
+    for _ in range(terms - 1):
+        powers.append(powers[-1] @ Kt)
+    G = grad.to(K.dtype)
+    dK = torch.zeros_like(K)
+    for j in range(1, terms + 1):
+        for a in range(j):
+            dK = dK + powers[a] @ G @ powers[j - 1 - a]
+    return 2 * dK
+
+
+def spectral_norm(K: Tensor) -> Tensor:
+    """``||K||_2`` per block, for skew K: ``sqrt(lambda_max(K^T K))``."""
+    Kd = K.detach().to(torch.float64)
+    gram = Kd.transpose(-1, -2) @ Kd
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+
+
+def neumann_error_bound(norm: Tensor, terms: int) -> Tensor:
+    """Bound on ``||Q_neumann - Q_exact||_2`` for ``||K||_2 = norm < 1``.
+
+    ``Q_exact - Q_t = 2 sum_{j>terms} K^j``, so the error is at most
+    ``2 norm^(terms+1) / (1 - norm)``.
+    """
+    return 2 * norm ** (terms + 1) / (1 - norm)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+# K float32 or float64 (the public op casts); the backward reads M from the saved output Q = 2M - I.
+EXACT = library.define(library.OpSpec(
+    name="cayley_exact",
+    inputs="Tensor K", returns="Tensor",
+    saved="Tensor Q", grads="Tensor",
+    save=lambda args, Q: (Q,),
+    reference=cayley_exact_reference,
+    reference_backward=cayley_exact_backward_reference,
+    fake=lambda K, backend: K.new_empty(K.shape),
+    grad_like=lambda Q: (Q,),
+))
+
+NEUMANN = library.define(library.OpSpec(
+    name="cayley_neumann",
+    inputs="Tensor K, int terms", returns="Tensor",
+    saved="Tensor K, int terms", grads="Tensor",
+    save=lambda args, Q: args,
+    reference=cayley_neumann_reference,
+    reference_backward=cayley_neumann_backward_reference,
+    fake=lambda K, terms, backend: K.new_empty(K.shape),
+    grad_like=lambda K, terms: (K,),
+    eager=cayley_neumann_reference,  # torch autograd of the series: linear in terms, the formula quadratic
+))
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def skew(params: Tensor, b: int) -> Tensor:
+    """Packed ``b(b-1)/2`` numbers (upper triangle, row major) -> skew ``K`` of shape (..., b, b)."""
+    check_tensor("params", params)
+    b = check_int("b", b)
+    need = b * (b - 1) // 2
+    if params.shape[-1] != need:
+        raise ValueError(f"params.shape[-1]={params.shape[-1]} must equal b*(b-1)/2={need} for b={b}")
+    return skew_reference(params, b)
+
+
+def _check_square(name, K):
+    check_tensor(name, K, min_dim=2)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"{name} must have square trailing dimensions (..., b, b), got {tuple(K.shape)}")
+
+
+def unskew(K: Tensor) -> Tensor:
+    """The packed strict upper triangle of skew ``K`` (..., b, b); inverse of :func:`skew`."""
+    _check_square("K", K)
+    return unskew_reference(K)
+
+
+_neumann_warned = [False]
+
+
+def cayley(K: Tensor, method: str = "exact", terms: int = 5) -> Tensor:
+    """Batched Cayley transform ``(I + K)(I - K)^{-1}`` of skew ``K`` (..., b, b).
+
+    ``method="exact"`` inverts ``I - K`` (always valid for skew K) with the
+    SPEC's exact backward. ``method="neumann"`` is OFTv2's truncated series
+    ``M ~ I + K + ... + K^terms``. With ``n = max ||K||_2`` (taken a relative
+    ``NEUMANN_NORM_MARGIN`` above the eigen-solver's value) it raises when
+    ``n >= 1`` (the series diverges) or when the error bound
+    ``2 n^(terms+1) / (1 - n)`` exceeds ``NEUMANN_REFUSE_ERROR`` (1e-2: Q would be
+    visibly non-orthogonal), and warns once when the bound exceeds
+    ``NEUMANN_WARN_ERROR`` (1e-3).
+    """
+    _check_square("K", K)
+    check_finite("K", K)
+    if method not in ("exact", "neumann"):
+        raise ValueError(f"method={method!r} must be 'exact' or 'neumann'")
+    # A value check: skipped for meta tensors and while torch.compile traces (there are no values,
+    # and reading one would break the graph); eager calls always check.
+    if K.numel() and has_values(K):
+        Kd = K.detach()
+        asym = float((Kd + Kd.transpose(-1, -2)).abs().amax())
+        if asym > SKEW_TOL[K.dtype] * max(1.0, float(Kd.abs().amax())):
+            raise ValueError(f"K must be skew-symmetric (K = -K^T); max |K + K^T| = {asym:.3g}")
+    if method == "exact":
+        # the op works in float32 (float64 for float64 K) and saves Q = 2M - I for its backward
+        acc = accumulate_dtype(K.dtype)
+        return library.call(EXACT, dispatch.for_call("cayley_exact", K), K.to(acc)).to(K.dtype)
+    terms = check_int("terms", terms, minimum=1)
+    if K.numel() and has_values(K):
+        norm = float(spectral_norm(K).max()) * (1 + NEUMANN_NORM_MARGIN)
+        if not norm < 1:
+            raise ValueError(
+                f"method='neumann' needs ||K||_2 < 1 for every block, got max ||K||_2 = {norm:.4g}: "
+                "the series diverges and Q would not be orthogonal; use method='exact'"
+            )
+        err = float(neumann_error_bound(torch.tensor(norm, dtype=torch.float64), terms))
+        if err > NEUMANN_REFUSE_ERROR:
+            raise ValueError(
+                f"method='neumann' with terms={terms}: max ||K||_2 = {norm:.4g} gives an orthogonality error "
+                f"bound {err:.3g} > NEUMANN_REFUSE_ERROR = {NEUMANN_REFUSE_ERROR} (needs a smaller ||K||_2 < 1); "
+                "use method='exact' or more terms"
+            )
+        if err > NEUMANN_WARN_ERROR and not _neumann_warned[0]:
+            _neumann_warned[0] = True
+            warnings.warn(
+                f"cayley(method='neumann', terms={terms}): max ||K||_2 = {norm:.3g} gives an orthogonality "
+                f"error up to {err:.3g}; use more terms or method='exact'"
+            )
+    return library.call(NEUMANN, dispatch.for_call("cayley_neumann", K), K, terms)
+
+
+def cayley_unchecked(K: Tensor, method: str = "exact", terms: int = 5) -> Tensor:
+    """:func:`cayley` for a K that is skew by construction: no checks, no refusal, no host sync.
+
+    ``method="neumann"`` returns the series whatever ``||K||_2``: the caller owns the policy
+    (the adapters measure ``||Q^T Q - I||`` on the device, see :mod:`gsops.nn.adapters`).
+    """
+    if method == "exact":
+        Kc = K.to(accumulate_dtype(K.dtype))
+        return library.call_unchecked(EXACT, dispatch.for_call("cayley_exact", Kc), Kc).to(K.dtype)
+    return library.call_unchecked(NEUMANN, dispatch.for_call("cayley_neumann", K), K, terms)
