@@ -47,6 +47,25 @@ def triton_interpret() -> bool:
     return env_flag("TRITON_INTERPRET", False)
 
 
+def block_size(op: str, tensors) -> int | None:
+    """The block size ``b`` an op's kernel works with (None for conv_exp): the trailing size of K for
+    the Cayley ops, of the blocks (the last tensor arguments) for the block products."""
+    if op.startswith("conv_exp"):
+        return None
+    if op.startswith("cayley"):
+        return tensors[0].shape[-1]
+    return tensors[-1].shape[-1]
+
+
+def dtype_reason(backend: str, tensors, dtypes) -> str | None:
+    """None when every tensor's dtype is one of ``dtypes``; else the reason, naming the backend."""
+    for t in tensors:
+        if t.dtype not in dtypes:
+            names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+            return f"the {backend} kernels take {names}, got {t.dtype}"
+    return None
+
+
 def register(backend: str, op: str, fn) -> None:
     """Add ``fn`` as ``backend``'s kernel for ``op`` (the reference backend's kernels come this way)."""
     _KERNELS[backend][op] = fn

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import BackendUnavailable
+from . import BackendUnavailable, block_size, dtype_reason
 
 try:
     from gsops import _C
@@ -57,26 +57,15 @@ def device_reason(device: torch.device) -> str | None:
     return f"the cuda backend runs on {DEVICE_TYPE} tensors, got tensors on {device}"
 
 
-def _block_size(op: str, tensors) -> int | None:
-    if op.startswith("conv_exp"):
-        return None
-    if op.startswith("cayley"):
-        return tensors[0].shape[-1]
-    return tensors[-1].shape[-1]  # (x, *blocks): the blocks come last
-
-
 def supports(op: str, *tensors: torch.Tensor) -> str | None:
     """None when the CUDA kernel for ``op`` takes ``tensors``; else the reason."""
     if not tensors:
         return None
-    for t in tensors:
-        why = device_reason(t.device)
-        if why:
-            return why
-    for t in tensors:
-        if t.dtype not in _KERNEL_DTYPES:
-            return f"the CUDA kernels take float32/float16/bfloat16, got {t.dtype}"
-    b = _block_size(op, tensors)
+    why = next(filter(None, map(device_reason, (t.device for t in tensors))), None)
+    why = why or dtype_reason("cuda", tensors, _KERNEL_DTYPES)
+    if why:
+        return why
+    b = block_size(op, tensors)
     if b is not None and b > MAX_BLOCK:
         return f"the CUDA kernels take blocks of size b <= {MAX_BLOCK}, got b={b}"
     return None

@@ -17,7 +17,7 @@ import inspect
 
 import torch
 
-from . import BackendUnavailable, triton_interpret
+from . import BackendUnavailable, block_size, dtype_reason, triton_interpret
 
 try:
     import triton  # noqa: F401
@@ -46,25 +46,14 @@ def device_reason(device: torch.device) -> str | None:
             f"got tensors on {device}")
 
 
-def _block_size(op: str, tensors) -> int | None:
-    if op.startswith("conv_exp"):
-        return None
-    if op.startswith("cayley"):
-        return tensors[0].shape[-1]
-    return tensors[-1].shape[-1]  # (x, *blocks): the blocks come last
-
-
 def supports(op: str, *tensors: torch.Tensor) -> str | None:
     """None when the Triton kernel for ``op`` takes ``tensors``; else the reason."""
     if not tensors:
         return None
-    why = device_reason(tensors[0].device)
+    why = device_reason(tensors[0].device) or dtype_reason("triton", tensors, DTYPES)
     if why:
         return why
-    for t in tensors:
-        if t.dtype not in DTYPES:
-            return f"the triton kernels take float16/bfloat16/float32/float64, got {t.dtype}"
-    b = _block_size(op, tensors)
+    b = block_size(op, tensors)
     if (b is not None and b > MAX_FLOAT64_BLOCK_ON_GPU
             and any(t.dtype == torch.float64 and t.is_cuda for t in tensors)):
         return f"float64 blocks of size b={b} > {MAX_FLOAT64_BLOCK_ON_GPU} exceed the GPU's shared memory"
