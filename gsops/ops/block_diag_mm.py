@@ -55,17 +55,10 @@ def block_diag_mm_backward_reference(grad: Tensor, x: Tensor, B: Tensor):
 
 # ----------------------------------------------------------------------------- custom ops
 
-SPEC = library.define(library.OpSpec(
-    name="block_diag_mm",
-    inputs="Tensor x, Tensor B", returns="Tensor",
-    saved="Tensor x, Tensor B", grads="(Tensor, Tensor)",
-    save=lambda args, out: args,
-    reference=block_diag_mm_reference,
-    reference_backward=block_diag_mm_backward_reference,
-    fake=lambda x, B, backend: x.new_empty(x.shape),
-    grad_like=lambda x, B: (x, B),
-    eager=block_diag_mm_bmm,
-))
+# y = diag(B) x; the backward reads x and B and returns (dx, dB)
+SPEC = library.define(library.OpSpec("block_diag_mm", "Tensor x, Tensor B", "Tensor", "(Tensor, Tensor)",
+                                     block_diag_mm_reference, block_diag_mm_backward_reference,
+                                     eager=block_diag_mm_bmm))
 
 # ----------------------------------------------------------------------------- dispatch
 

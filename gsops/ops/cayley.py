@@ -133,28 +133,16 @@ def neumann_error_bound(norm: Tensor, terms: int) -> Tensor:
 # ----------------------------------------------------------------------------- custom ops
 
 # K float32 or float64 (the public op casts); the backward reads M from the saved output Q = 2M - I.
-EXACT = library.define(library.OpSpec(
-    name="cayley_exact",
-    inputs="Tensor K", returns="Tensor",
-    saved="Tensor Q", grads="Tensor",
-    save=lambda args, Q: (Q,),
-    reference=cayley_exact_reference,
-    reference_backward=cayley_exact_backward_reference,
-    fake=lambda K, backend: K.new_empty(K.shape),
-    grad_like=lambda Q: (Q,),
-))
+# Q = 2(I - K)^{-1} - I; the backward reads Q (M = (Q + I) / 2) and returns dK
+EXACT = library.define(library.OpSpec("cayley_exact", "Tensor K", "Tensor", "Tensor",
+                                      cayley_exact_reference, cayley_exact_backward_reference,
+                                      saved="Tensor Q", save=lambda args, Q: (Q,)))
 
-NEUMANN = library.define(library.OpSpec(
-    name="cayley_neumann",
-    inputs="Tensor K, int terms", returns="Tensor",
-    saved="Tensor K, int terms", grads="Tensor",
-    save=lambda args, Q: args,
-    reference=cayley_neumann_reference,
-    reference_backward=cayley_neumann_backward_reference,
-    fake=lambda K, terms, backend: K.new_empty(K.shape),
-    grad_like=lambda K, terms: (K,),
-    eager=cayley_neumann_reference,  # torch autograd of the series: linear in terms, the formula quadratic
-))
+# Q = 2(I + K + ... + K^terms) - I; the backward reads K and returns dK. Eager unchecked calls take
+# torch's autograd of the series (linear in terms; the closed formula is quadratic).
+NEUMANN = library.define(library.OpSpec("cayley_neumann", "Tensor K, int terms", "Tensor", "Tensor",
+                                        cayley_neumann_reference, cayley_neumann_backward_reference,
+                                        eager=cayley_neumann_reference))
 
 # ----------------------------------------------------------------------------- dispatch
 

@@ -42,16 +42,9 @@ def gs_dense_reference(L: Tensor, R: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- custom ops
 
-SPEC = library.define(library.OpSpec(
-    name="gs_apply",
-    inputs="Tensor x, Tensor L, Tensor R", returns="Tensor",
-    saved="Tensor x, Tensor L, Tensor R", grads="(Tensor, Tensor, Tensor)",
-    save=lambda args, out: args,
-    reference=gs_apply_reference,
-    reference_backward=gs_apply_backward_reference,
-    fake=lambda x, L, R, backend: x.new_empty(x.shape),
-    grad_like=lambda x, L, R: (x, L, R),
-))
+# y = P^T L P R x; the backward reads x, L and R and returns (dx, dL, dR)
+SPEC = library.define(library.OpSpec("gs_apply", "Tensor x, Tensor L, Tensor R", "Tensor", "(Tensor, Tensor, Tensor)",
+                                     gs_apply_reference, gs_apply_backward_reference))
 
 # ----------------------------------------------------------------------------- dispatch
 

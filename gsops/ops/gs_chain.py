@@ -54,16 +54,11 @@ def gs_chain_backward_reference(grad: Tensor, x: Tensor, blocks):
 
 # ----------------------------------------------------------------------------- custom ops
 
-SPEC = library.define(library.OpSpec(
-    name="gs_chain",
-    inputs="Tensor x, Tensor[] blocks", returns="Tensor",
-    saved="Tensor x, Tensor[] blocks", grads="Tensor[]",
-    save=lambda args, out: (args[0], list(args[1])),
-    reference=lambda x, blocks: gs_chain_reference(x, list(blocks)),
-    reference_backward=gs_chain_backward_reference,
-    fake=lambda x, blocks, backend: x.new_empty(x.shape),
-    grad_like=lambda x, blocks: [x, *blocks],
-))
+# y = B_m P ... P B_1 x; the backward reads x and the blocks and returns [dx, dB_1, ..., dB_m]
+SPEC = library.define(library.OpSpec("gs_chain", "Tensor x, Tensor[] blocks", "Tensor", "Tensor[]",
+                                     lambda x, blocks: gs_chain_reference(x, list(blocks)),
+                                     gs_chain_backward_reference,
+                                     save=lambda args, out: (args[0], list(args[1]))))
 
 # ----------------------------------------------------------------------------- dispatch
 

@@ -32,16 +32,27 @@ class OpSpec:
     name: str
     inputs: str                      # forward arguments without the backend, schema syntax
     returns: str                     # forward returns, schema syntax
-    saved: str                       # the backward's arguments after ``grad``, schema syntax
     grads: str                       # the backward's returns: "Tensor", "Tensor[]" or "(Tensor, ...)"
-    save: Callable                   # (forward args tuple, forward output) -> tuple in ``saved`` order
     reference: Callable              # the torch backend's forward kernel
     reference_backward: Callable     # the torch backend's backward kernel: (grad, *saved) -> grads
-    fake: Callable                   # (*forward args, backend) -> outputs like the forward's
-    grad_like: Callable              # (*saved) -> the tensors whose dtype and shape the grads take
+    saved: Optional[str] = None      # the backward's arguments after ``grad``, schema syntax; default: inputs
+    save: Optional[Callable] = None  # (forward args, forward output) -> tuple in ``saved`` order; default: args
+    fake: Optional[Callable] = None  # (*forward args, backend) -> outputs; default: one like the first input
+    grad_like: Optional[Callable] = None  # (*saved) -> the tensors the grads take dtype and shape from;
+    #                                  default: the tensors (and tensor lists) among ``saved``
     eager: Optional[Callable] = None  # reference path for eager unchecked calls (plain torch autograd)
     op: object = field(default=None, init=False)
     backward_op: object = field(default=None, init=False)
+
+    def __post_init__(self):
+        if self.saved is None:
+            self.saved = self.inputs
+        if self.save is None:
+            self.save = lambda args, out: tuple(args)
+        if self.fake is None:
+            self.fake = lambda first, *rest: first.new_empty(first.shape)
+        if self.grad_like is None:
+            self.grad_like = lambda *saved: [t for t in saved if not isinstance(t, (int, float, bool, str))]
 
 
 def _flatten(obj) -> list:
