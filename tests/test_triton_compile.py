@@ -37,13 +37,6 @@ def _configs():
         out.append((f"block_grad+dx b={b} {dt}", G._block_grad_kernel,
                     {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "out_ptr": "*fp32", "w_ptr": "*fp32", "dx_ptr": ptr[dt]},
                     c, 8 if bb * g >= 128 else 4))
-    for b, sup in [(16, False), (64, True)]:
-        nb = b if sup else 3
-        c = dict(ITERS=4, SUPER=sup, NB=nb, SG_FEATS=nb * b, BB=b, BLOCK_N=64 if b <= 32 else 32,
-                 DOT_DTYPE=tl.bfloat16, IEEE=False)
-        out.append((f"gsoft_fused b={b} super={sup}", G._gsoft_fused_kernel,
-                    {"x_ptr": "*bf16", "l_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*bf16", "scratch_ptr": "*bf16"},
-                    c, 4))
     # one-pass GS apply: band tilings (b | r), whole-row tilings (gather), b < 16 (no tensor-core dot),
     # the fused backward and the two backward kernels of larger tiles
     for b, r, dt, kind in [(16, 32, tl.bfloat16, "fwd"), (16, 32, tl.bfloat16, "bwd"), (8, 16, tl.float16, "fwd"),

@@ -23,12 +23,10 @@ intermediate ``R x`` instead of saving it (activation memory).
 
 ``gs_apply`` runs in one pass (:func:`gs_onepass`, at the end of this file: x read
 once, y written once, the permutation done on chip) whenever a super group fits on
-chip (:func:`onepass_plan`); otherwise, chosen before launch, it falls back to two
-steps (the intermediate ``R x`` makes one round trip through memory and the permuted
-side is strided: the slower path).  :func:`gs_apply_fused` (one launch, the
-intermediate in a per-program slab sized for L2, ``GSOPS_TRITON_ONE_LAUNCH=1``) is
-an older opt-in variant that the one-pass kernel supersedes; it moves the
-intermediate through the slab, so it is slower than :func:`gs_onepass` too.
+chip (:func:`onepass_plan`).  Only where it does not (padded super groups above
+``ONEPASS_MAX_TILE`` features, e.g. ``b >= 128``), chosen before launch, it falls back
+to two block steps, the slower path: the intermediate ``R x`` makes one round trip
+through memory (forward 2x the minimal activation bytes, backward 8/3x).
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -435,18 +433,11 @@ def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
     return g, grads
 
 
-def _use_one_launch(b: int) -> bool:
-    """``GSOPS_TRITON_ONE_LAUNCH=1`` routes GSOFT forwards with ``b >= 16`` to :func:`gs_apply_fused`."""
-    return b >= 16 and os.environ.get("GSOPS_TRITON_ONE_LAUNCH", "0") not in ("", "0")
-
-
 def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """GSOFT's ``P^T L P R x``: one pass (:func:`gs_onepass`) when the shape has a one-pass plan, else
     two block steps (P in the second step's loads and P^T in its stores; the intermediate ``R x``
     makes one round trip through memory)."""
     r, b, _ = R.shape
-    if _use_one_launch(b):
-        return gs_apply_fused(x, L, R)
     if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
         return gs_onepass(x, L, R)
     return _forward(x, [R, L], True)
@@ -458,120 +449,6 @@ def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: t
         return gs_onepass_backward(grad, x, L, R)
     dx, (dR, dL) = _backward(grad, x, [R, L], True)
     return dx, dL, dR
-
-
-# ----------------------------------------------------------------------------- one-launch GSOFT forward
-
-@triton.jit
-def _gsoft_fused_kernel(
-    x_ptr, l_ptr, r_ptr, y_ptr, scratch_ptr,
-    N, r, b, n_items, n_super, r_over_b,
-    stride_xn, stride_xd, stride_yn, stride_yd,
-    ITERS: tl.constexpr, SUPER: tl.constexpr, NB: tl.constexpr, SG_FEATS: tl.constexpr,
-    BB: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-):
-    """``y = P^T L P R x`` with the intermediate ``t = R x`` kept in a per-program slab.
-
-    A work item is (token tile, super group).  With ``r % b == 0`` (``SUPER``),
-    the ``b`` L-blocks ``p = s*b + u`` read exactly the ``b`` R-blocks
-    ``j = q*(r/b) + s`` (``(P t)[p*b+q] = t[q*r+p]`` lies in block ``q*(r/b) + s``,
-    entry ``u``), so a super group of ``NB = b`` blocks is closed and its slab is
-    ``BLOCK_N x b*b``.  Otherwise (``NB = r``) the program owns whole rows.
-    Phase 1 writes ``t`` of the group to the slab, phase 2 gathers ``P t`` from
-    the slab and scatters ``P^T (L P t)`` to ``y``.  The slab is reused by the
-    program's next item, so on a GPU it stays in L2.
-    """
-    pid = tl.program_id(0)
-    c = tl.arange(0, BB)
-    valid = c < b
-    rows = tl.arange(0, BLOCK_N)
-    ci = c[:, None]
-    co = c[None, :]
-    wmask = valid[:, None] & valid[None, :]
-    slab = scratch_ptr + pid.to(tl.int64) * BLOCK_N * SG_FEATS
-    slab_rows = rows[:, None].to(tl.int64) * SG_FEATS
-    for it in range(0, ITERS):
-        item = pid + it * tl.num_programs(0)
-        live = item < n_items
-        s = item % n_super
-        tile = item // n_super
-        n = tile * BLOCK_N + rows
-        n64 = n.to(tl.int64)
-        mask = ((n < N) & live)[:, None] & valid[None, :]
-        # phase 1: t_j = R_j x_j for the group's R-blocks, into the slab
-        for q in range(0, NB):
-            if SUPER:
-                j = q * r_over_b + s
-            else:
-                j = q
-            xt = tl.load(x_ptr + n64[:, None] * stride_xn + (j * b + c).to(tl.int64)[None, :] * stride_xd,
-                         mask=mask, other=0.0)
-            w = tl.load(r_ptr + j.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            t = _dot(xt.to(DOT_DTYPE), w, IEEE, tl.float32)  # float32: tl.dot's default accumulator
-            tl.store(slab + slab_rows + (q * b + c)[None, :], t.to(x_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()
-        # phase 2: y[i*r + p] = (L_p (P t)_p)_i
-        for u in range(0, NB):
-            if SUPER:
-                p = s * b + u
-                t_idx = c * b + u
-            else:
-                p = u
-                t_idx = c * r + u
-            tt = tl.load(slab + slab_rows + t_idx[None, :], mask=mask, other=0.0)
-            w = tl.load(l_ptr + p.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            yt = _dot(tt.to(DOT_DTYPE), w, IEEE, tl.float32)
-            tl.store(y_ptr + n64[:, None] * stride_yn + (c * r + p).to(tl.int64)[None, :] * stride_yd,
-                     yt.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # the next item overwrites the slab
-
-
-SLAB_BUDGET_BYTES = 24 << 20  # all programs' slabs together, to stay inside a GPU's L2
-
-
-def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """GSOFT's ``P^T L P R x`` in ONE launch (``b >= 16``); the intermediate lives in an L2-sized slab.
-
-    Same result as :func:`gs_apply`. Opt-in only (``GSOPS_TRITON_ONE_LAUNCH=1``): the one-pass
-    kernel (:func:`gs_onepass`, the default) keeps the intermediate on chip instead.
-    """
-    r, b, _ = R.shape
-    if b < 16:
-        raise ValueError(f"gs_apply_fused needs block size b >= 16 (tl.dot tiles), got b={b}; use gs_apply")
-    d = r * b
-    lead, x2, y2 = _tokens_and_output(x, d)
-    n_tok = x2.shape[0]
-    if n_tok == 0:
-        return y2.reshape(*lead, d)
-    bb = triton.next_power_of_2(b)
-    sup = r % b == 0
-    nb = b if sup else r
-    n_super = r // b if sup else 1
-    sg_feats = nb * b
-    esize = x.element_size()
-    if _interpreting():
-        block_n = max(16, min(128, triton.next_power_of_2(n_tok)))
-    else:
-        block_n = 64
-        while block_n > 16 and block_n * sg_feats * esize * _n_sm(x.device) > SLAB_BUDGET_BYTES:
-            block_n //= 2
-    n_items = triton.cdiv(n_tok, block_n) * n_super
-    if _interpreting():
-        n_prog = n_items
-    else:
-        slab = block_n * sg_feats * esize
-        n_prog = min(n_items, max(_n_sm(x.device), min(4 * _n_sm(x.device), SLAB_BUDGET_BYTES // slab)))
-    iters = triton.next_power_of_2(triton.cdiv(n_items, n_prog))
-    scratch = torch.empty((n_prog, block_n, sg_feats), dtype=x.dtype, device=x.device)
-    dot_dtype, ieee = _dot_config(x.dtype, L.dtype)
-    _gsoft_fused_kernel[(n_prog,)](
-        x2, L.contiguous(), R.contiguous(), y2, scratch,
-        n_tok, r, b, n_items, n_super, max(r // b, 1),
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        ITERS=iters, SUPER=sup, NB=nb, SG_FEATS=sg_feats, BB=bb, BLOCK_N=block_n,
-        DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=_num_warps(bb),
-    )
-    return y2.reshape(*lead, d)
 
 
 # ----------------------------------------------------------------------------- one-pass GS apply
