@@ -73,6 +73,8 @@ def test_two_launch_fallback_is_coalesced(monkeypatch):
     import gsops.triton_kernels.gs_apply as G
 
     monkeypatch.setitem(G.ONEPASS_MAX_TILE, 2, 16)
+    monkeypatch.setitem(G.CHUNK_MAX_TILE, 2, 16)
+    assert G.pair_path(16, 16) == "two-launch" and G.pair_backward_path(16, 16) == "two-launch"
     fwd, bwd = traffic.measure("gs_apply", 256, 16, n_tokens=3)
     assert fwd.launches == 2 and fwd.byte_ratio == 2.0 and fwd.sector_ratio == 2.0
     assert bwd.launches == 3 and bwd.byte_ratio == 8 / 3 and bwd.sector_ratio == 8 / 3
