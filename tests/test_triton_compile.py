@@ -16,6 +16,12 @@ import pytest
 H100_SHARED_BYTES = 227 * 1024
 
 
+class _Stub:
+    """Stands in for a bf16 tensor where a launcher helper only reads the dtype."""
+    import torch
+    dtype = torch.bfloat16
+
+
 def _configs():
     import triton.language as tl
 
@@ -64,6 +70,36 @@ def _configs():
             out.append((name, G._onepass_bwd_kernel,
                         {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "l_ptr": "*fp32", "r_ptr": "*fp32", "dx_ptr": ptr[dt],
                          "dl_ptr": "*fp32", "dr_ptr": "*fp32"}, c, G._onepass_warps(plan, bn)))
+    # b = 64: the chunked band kernel (forward and transposed), the row kernel with blocks in pieces (a GSOFT
+    # pair and a 3-factor chain, forward and backward)
+    for transposed in (False, True):
+        plan = G.chunk_plan(64, 64, 2)
+        c = dict(TILES=4, TRANSPOSED=transposed, LINEAR_OUT=False, UC=plan.uc, KS=plan.ks, BB=plan.bb, BN=16,
+                 DOT_DTYPE=tl.bfloat16, IEEE=False, ACC=tl.float32, USE_DOT=True)
+        out.append((f"gs_chunked b=64 transposed={transposed}", G._chunk_kernel,
+                    {"x_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32", "y_ptr": "*bf16"}, c, (16, 1)))
+    for r, b, m, kind in [(16, 64, 2, "fwd"), (16, 64, 2, "bwd"), (48, 16, 3, "fwd"), (48, 16, 3, "bwd"),
+                          (32, 32, 3, "bwd")]:
+        plan = G.row_plan(r, b, 2)
+        old = G._interpreting
+        G._interpreting = lambda: False
+        try:
+            bn = G._row_block_n(plan.nr * plan.bb, 2, 1 << 20)
+        finally:
+            G._interpreting = old
+        c = dict(TILES=4, M=m, LINEAR_OUT=m > 2, KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=tl.bfloat16,
+                 IEEE=False, ACC=tl.float32, USE_DOT=plan.bb >= 16)
+        consts = G._row_consts(plan, _Stub(), _Stub(), m > 2, m, bn, 4)
+        warps = (consts["num_warps"], consts["num_stages"])
+        name = f"gs_row {kind} m={m} r={r} b={b} ks={plan.ks}"
+        if kind == "fwd":
+            out.append((name, G._row_fwd_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16"}, c, warps))
+        else:
+            groups = G.row_backward_groups(r, b, m, 2)
+            c.update(GRADS=sum(1 << f for f in groups[0]), LOW=0, WITH_DX=True)
+            out.append((name + f" grads={groups[0]}", G._row_bwd_kernel,
+                        {"g_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "dx_ptr": "*bf16", "dw_ptr": "*fp32"},
+                        c, warps))
     # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
     esz = {tl.bfloat16: 2, tl.float32: 4}
     for b, r, dt, grad in [(64, 64, tl.bfloat16, False), (64, 64, tl.bfloat16, True), (128, 32, tl.bfloat16, True),
@@ -105,11 +141,12 @@ def _compile_all():
     from triton.compiler import ASTSource
 
     for name, fn, ptrs, constexprs, num_warps in _configs():
+        warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, 3)
         sig = {a: ptrs.get(a) or ("constexpr" if a in constexprs else ("i64" if a.startswith("stride") else "i32"))
                for a in fn.arg_names}
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             rec = {"name": name, "ok": bool(k.asm.get("ptx")), "shared": k.metadata.shared}
         except Exception as e:  # noqa: BLE001 - reported to the parent test
             rec = {"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}

@@ -21,12 +21,28 @@ per token tile (programs = block groups x token splits; partial sums per split
 are added by torch, deterministically).  The backward recomputes the
 intermediate ``R x`` instead of saving it (activation memory).
 
-``gs_apply`` runs in one pass (:func:`gs_onepass`, at the end of this file: x read
-once, y written once, the permutation done on chip) whenever a super group fits on
-chip (:func:`onepass_plan`).  Only where it does not (padded super groups above
-``ONEPASS_MAX_TILE`` features, e.g. ``b >= 128``), chosen before launch, it falls back
-to two block steps, the slower path: the intermediate ``R x`` makes one round trip
-through memory (forward 2x the minimal activation bytes, backward 8/3x).
+Which kernel runs a shape is decided before launch, from the shape alone
+(:func:`pair_path`, :func:`pair_backward_path`, :func:`chain_path`):
+
+* ``gs_apply`` / a two-factor ``gs_chain``: :func:`gs_onepass` (one super group of the
+  b R-blocks that feed b L-blocks, or a whole row, on chip; b <= 32 and rows up to
+  1024 features), else :func:`gs_chunked` (a band super group of b = 64, 4096
+  features: the L-blocks produced UC at a time from an on-chip x), else :func:`gs_row`
+  (whole rows, each factor's blocks streamed in pieces: b = 64 with r < b, b = 128).
+  Forward: x read once, y written once.  Backward: :func:`gs_onepass_backward` (x and dy
+  read once, dx written once; tiles above ``ONEPASS_FUSED_BWD_TILE`` read dy twice) or
+  :func:`gs_row_backward` (once per group of factors whose block-gradient accumulators
+  fit on chip).
+* ``gs_chain`` with m = 3..``MAX_CHAIN`` factors: :func:`gs_row` over whole rows (the
+  support of three factors is the whole row as soon as r > b) where a row fits
+  (<= 1024 padded features for half data); else the first two factors as above and one
+  block step per further factor.
+* The two-launch path (:func:`_forward` / :func:`_backward`: two block steps, the
+  intermediate ``R x`` makes one round trip through memory; forward 2x the minimal
+  activation bytes, backward 8/3x) is the slower fallback, used only where no one-pass
+  plan fits: forward for b > 128 or rows above the limits, backward for band super
+  groups of b = 64 (their block gradients, 2 b^3 floats per super group, do not fit on
+  chip).
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -1105,8 +1121,7 @@ def _row_bwd_kernel(
         n64, m3 = _split_token_tile(split, t, N, m2, TILES, BN)
         g = _load_tile(g_ptr, n64, fo, stride_gn, stride_gd, m3).to(DOT_DTYPE)     # [p, n, i]: dy of factor M
         xt = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3).to(DOT_DTYPE)
-        for i in tl.static_range(M):
-            f: tl.constexpr = M - 1 - i
+        for f in tl.static_range(M - 1, -1, -1):
             if (GRADS >> f) & 1:
                 a = _row_chain(xt, w_ptr, blk, rows_ok, m2, to_cols, r, b, f, KS, NR, BB, BN, DOT_DTYPE, USE_DOT,
                                IEEE, ACC)                                          # [p, n, q]: input of factor f
@@ -1185,7 +1200,8 @@ def _row_consts(plan: _RowPlan, x, w, linear_out, m, block_n, tiles):
     elems = plan.nr * plan.bb * block_n
     return dict(TILES=tiles, M=m, LINEAR_OUT=bool(linear_out), KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=block_n,
                 DOT_DTYPE=dot_dtype, IEEE=ieee, ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32,
-                USE_DOT=plan.bb >= 16, num_warps=4 if elems <= 8192 else (8 if elems <= 16384 else 16))
+                USE_DOT=plan.bb >= 16, num_warps=4 if elems <= 8192 else (8 if elems <= 16384 else 16),
+                num_stages=1)  # the blocks are loaded inside the token loop: no multi-buffered copies
 
 
 def _stack(blocks) -> torch.Tensor:
@@ -1372,6 +1388,6 @@ def gs_chunked(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
             x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
             TILES=tiles, TRANSPOSED=bool(transposed), LINEAR_OUT=bool(linear_out), UC=plan.uc, KS=plan.ks,
             BB=plan.bb, BN=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
-            ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=True, num_warps=16,
+            ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=True, num_warps=16, num_stages=1,
         )
     return _per_token(x, r * b, launch)
