@@ -149,6 +149,7 @@ class Figures:
     min_bytes: int
     weight_sectors: int
     weight_bytes: int
+    kernels: str = ""  # the launched kernels, in order
 
     @property
     def sector_ratio(self) -> float:
@@ -163,7 +164,12 @@ def _figures(name, d, b, n, tr: Traffic, passes: int, esize: int) -> Figures:
     s, by = tr.total(True)
     ws, wb = tr.total(False)
     t_bytes = n * d * esize
-    return Figures(name, d, b, n, len(tr.launches), s, by, passes * math.ceil(t_bytes / SECTOR), passes * t_bytes, ws, wb)
+    return Figures(name, d, b, n, len(tr.launches), s, by, passes * math.ceil(t_bytes / SECTOR), passes * t_bytes, ws, wb,
+                   _kernel_names(tr.launches))
+
+
+def _kernel_names(launches) -> str:
+    return "+".join(k.strip("_").removesuffix("_kernel") for k in launches)
 
 
 def _blocks(r, b, dtype, gen):
@@ -243,10 +249,10 @@ SHAPES = [(d, b) for d in (768, 1024, 4096) for b in (16, 24, 32, 64) if d % b =
 
 def table(rows) -> str:
     lines = [f"{'kernel':26s} {'d':>5s} {'b':>4s} {'launch':>6s} {'sectors/min':>11s} {'bytes/min':>9s} "
-             f"{'weight kB':>9s}"]
+             f"{'weight kB':>9s}  kernels"]
     for f in rows:
         lines.append(f"{f.name:26s} {f.d:5d} {f.b:4d} {f.launches:6d} {f.sector_ratio:11.2f} {f.byte_ratio:9.2f} "
-                     f"{f.weight_bytes / 1024:9.1f}")
+                     f"{f.weight_bytes / 1024:9.1f}  {f.kernels}")
     return "\n".join(lines)
 
 

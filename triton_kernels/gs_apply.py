@@ -1290,12 +1290,17 @@ def gs_row_backward(grad: torch.Tensor, x: torch.Tensor, blocks, linear_out: boo
 # [u, tokens, i], L^T, P^T, R^T in chunks of UC R-blocks, dx stored) is the input gradient
 # ``dx = Q^T dy`` in one pass over dy and dx.
 #
-# On chip per program for b = 64, fp16/bf16, BN = 16 tokens, UC = 16, KS = 4 (sm_90: 228 KB shared
-# memory and 256 KB of registers per SM): the loaded tile 64 x 16 x 64 x 2 B = 128 KB; a piece of R x
-# (64 x 16 x 16, float32 accumulator) 64 KB; the UC L-blocks' outputs (16 x 16 x 64, float32) 64 KB;
-# a weight piece 64 x 16 x 16 x 2 B = 32 KB.  16 warps (512 threads).  A GPU run should check the
-# registers and spills of this configuration (tests/test_triton_compile.py checks that it compiles and
-# its shared memory).
+# Tiles for b = 64, fp16/bf16: BN = 16 tokens, UC = 16 L-blocks per chunk, KS = 4 pieces, 16 warps, one
+# pipeline stage.  On chip per program (sm_90: 227 KB of shared memory and 256 KB of registers per SM):
+# the loaded tile 64 x 16 x 64 x 2 B = 128 KB; a piece of R x (64 x 16 x 16, float32) 64 KB; the chunk's
+# L outputs (16 x 16 x 64, float32) 64 KB; a weight piece 64 x 16 x 16 x 2 B = 32 KB.  Compiled for sm_90
+# (tests/test_triton_compile.py) it uses 224 KB of shared memory (229376 B) and ptxas reports a
+# 3.7 KB stack frame per thread (6.5 KB of spill stores): a GPU run should time it against the
+# two-launch path before relying on it.
+#
+# The row kernels for b = 64 (r = 16, KS = 2, BN = 16, 16 warps) compile to 128 KB of shared memory
+# (forward); a three-factor chain backward at r = 48, b = 16 to 160 KB with a 19 KB stack frame per
+# thread (its three block-gradient accumulators of 16K floats each spill).
 
 CHUNK_MAX_TILE = {2: 4096, 4: 2048, 8: 1024}  # padded features of a chunked band super group (b x b)
 CHUNK_UC = 16
