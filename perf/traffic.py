@@ -226,7 +226,8 @@ def measure_cayley(r: int, b: int, dtype=torch.float32) -> list:
 
 def _all_figures(name, d, b, tr: Traffic, min_bytes) -> Figures:
     s, by = tr.total(None)
-    return Figures(name, d, b, 0, len(tr.launches), s, by, math.ceil(min_bytes / SECTOR), min_bytes, 0, 0)
+    return Figures(name, d, b, 0, len(tr.launches), s, by, math.ceil(min_bytes / SECTOR), min_bytes, 0, 0,
+                   _kernel_names(tr.launches))
 
 
 def measure_conv_exp(c: int = 16, hw: int = 8, k: int = 3, terms: int = 4, dtype=torch.float32) -> Figures:
@@ -241,7 +242,7 @@ def measure_conv_exp(c: int = 16, hw: int = 8, k: int = 3, terms: int = 4, dtype
     s, by = tf.total(None)
     nbytes = x.numel() * x.element_size()
     return Figures(f"conv_exp C={c} {hw}x{hw} k={k} terms={terms}", c * hw * hw, k, 1, len(tf.launches), s, by,
-                   2 * math.ceil(nbytes / SECTOR), 2 * nbytes, 0, 0)
+                   2 * math.ceil(nbytes / SECTOR), 2 * nbytes, 0, 0, _kernel_names(tf.launches))
 
 
 SHAPES = [(d, b) for d in (768, 1024, 4096) for b in (16, 24, 32, 64) if d % b == 0]

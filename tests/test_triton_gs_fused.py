@@ -336,3 +336,28 @@ def test_chain_of_three_dtypes_against_reference(dtype):
     for mine, theirs in zip(leaves, ref_leaves):
         scale = theirs.grad.abs().max()
         torch.testing.assert_close(mine.grad.float() / scale, theirs.grad / scale, **tol(dtype))
+
+
+def test_chunk_and_row_kernels_with_the_gpu_launch_plan(monkeypatch, float64_big_tiles):
+    """The GPU launch plans of the chunk and row kernels (16-token tiles, several per program, token splits of
+    the row backward, a ragged last tile) under the interpreter by pretending not to interpret; non-contiguous
+    inputs and no tokens."""
+    import gsops.triton_kernels.gs_apply as G
+
+    monkeypatch.setattr(G, "_interpreting", lambda: False)
+    monkeypatch.setattr(G, "_n_sm", lambda device: 1)
+    b, r, n = 16, 32, 150  # chunked band, 2 super groups; 10 token tiles of 16
+    L, R = _blocks(r, b), _blocks(r, b)
+    x = torch.randn(r * b, 2 * n, dtype=torch.float64).t()[::2]  # (n, d), features not contiguous
+    A = gsoft_matrix(np64(L), np64(R))
+    torch.testing.assert_close(G.gs_chunked(x, L, R), torch.from_numpy(np64(x) @ A.T), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(G.gs_chunked(x, L, R, transposed=True), torch.from_numpy(np64(x) @ A),
+                               rtol=1e-11, atol=1e-11)
+    b, r, n = 8, 12, 700
+    blocks = [_blocks(r, b) for _ in range(3)]
+    _check_chain_float64(blocks, torch.randn(n, r * b, dtype=torch.float64), torch.randn(n, r * b, dtype=torch.float64))
+    e = torch.empty(0, r * b, dtype=torch.float64)
+    assert G.gs_row(e, blocks).shape == (0, r * b)
+    assert G.gs_chunked(torch.empty(0, 512, dtype=torch.float64), L, R).shape == (0, 512)
+    dx, dBs = G.gs_row_backward(e, e, blocks)
+    assert dx.shape == (0, r * b) and len(dBs) == 3 and not any(d.any() for d in dBs)
