@@ -17,12 +17,14 @@ H100_SHARED_BYTES = 227 * 1024
 
 
 class _Stub:
-    """Stands in for a bf16 tensor where a launcher helper only reads the dtype."""
-    import torch
-    dtype = torch.bfloat16
+    """Stands in for a tensor where a launcher helper only reads its dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
 
 
 def _configs():
+    import torch
     import triton.language as tl
 
     import gsops.triton_kernels.cayley as C
@@ -78,26 +80,29 @@ def _configs():
                  DOT_DTYPE=tl.bfloat16, IEEE=False, ACC=tl.float32, USE_DOT=True)
         out.append((f"gs_chunked b=64 transposed={transposed}", G._chunk_kernel,
                     {"x_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32", "y_ptr": "*bf16"}, c, (16, 1)))
-    for r, b, m, kind in [(16, 64, 2, "fwd"), (16, 64, 2, "bwd"), (48, 16, 3, "bwd")]:
-        plan = G.row_plan(r, b, 2)
+    for r, b, m, kind, dt in [(16, 64, 2, "fwd", tl.bfloat16), (16, 64, 2, "bwd", tl.bfloat16),
+                              (48, 16, 3, "bwd", tl.bfloat16), (8, 32, 3, "bwd", tl.float32)]:
+        esize = 2 if dt == tl.bfloat16 else 4
+        tdt = torch.bfloat16 if dt == tl.bfloat16 else torch.float32
+        plan = G.row_plan(r, b, esize)
         old = G._interpreting
         G._interpreting = lambda: False
         try:
-            bn = G._row_block_n(plan.nr * plan.bb, 2, 1 << 20)
+            bn = G._row_block_n(plan.nr * plan.bb, esize, 1 << 20)
+            consts = G._row_consts(plan, _Stub(tdt), _Stub(tdt), m > 2, m, bn, 4)
         finally:
             G._interpreting = old
-        c = dict(TILES=4, M=m, LINEAR_OUT=m > 2, KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=tl.bfloat16,
-                 IEEE=False, ACC=tl.float32, USE_DOT=plan.bb >= 16)
-        consts = G._row_consts(plan, _Stub(), _Stub(), m > 2, m, bn, 4)
+        c = dict(TILES=4, M=m, LINEAR_OUT=m > 2, KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=dt,
+                 IEEE=consts["IEEE"], ACC=tl.float32, USE_DOT=plan.bb >= 16)
         warps = (consts["num_warps"], consts["num_stages"])
-        name = f"gs_row {kind} m={m} r={r} b={b} ks={plan.ks}"
+        name = f"gs_row {kind} m={m} r={r} b={b} ks={plan.ks} {dt}"
         if kind == "fwd":
-            out.append((name, G._row_fwd_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16"}, c, warps))
+            out.append((name, G._row_fwd_kernel, {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, warps))
         else:
-            groups = G.row_backward_groups(r, b, m, 2)
+            groups = G.row_backward_groups(r, b, m, esize)
             c.update(GRADS=sum(1 << f for f in groups[0]), LOW=0, WITH_DX=True)
             out.append((name + f" grads={groups[0]}", G._row_bwd_kernel,
-                        {"g_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "dx_ptr": "*bf16", "dw_ptr": "*fp32"},
+                        {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "w_ptr": "*fp32", "dx_ptr": ptr[dt], "dw_ptr": "*fp32"},
                         c, warps))
     # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
     esz = {tl.bfloat16: 2, tl.float32: 4}
