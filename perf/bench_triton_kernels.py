@@ -4,7 +4,8 @@
    16k tokens, b in {16, 32, 64}: time of the forward against a plain copy of
    the same tensors (read x, write y); ``bandwidth_fraction = t_copy / t_gs``
    (target >= 0.70).  Forward+backward time is reported too, which path ran
-   (one-pass or the two-launch fallback) and the two-launch path itself, with its
+   (``triton_kernels.gs_apply.pair_path``: onepass, chunked, row or the two-launch
+   fallback) and the two-launch path itself, with its
    largest difference from the default path.
 2. Batched Cayley, r = 128 blocks of b = 32 (float32): forward+backward of
    ``gsops.cayley`` on the Triton backend against the same transform through
@@ -83,7 +84,7 @@ def bench_gs_apply(d, tokens, block_sizes, dtype, device, rows):
             t_step = _bench(step, warmup=5, rep=20)
         with gsops.use_backend("torch"):
             t_ref = _bench(lambda: gsops.gs_apply(x, L, R))
-        path = "one-pass" if kernels.onepass_plan(r, b, kernels.dot_bytes(x.dtype, L.dtype)) else "two-launch"
+        path = kernels.pair_path(r, b, kernels.dot_bytes(x.dtype, L.dtype))
         t_two = _bench(lambda: kernels._forward(x, [R, L], True))  # the fallback path, for comparison
         err = (kernels._forward(x, [R, L], True).float() - kernels.gs_apply(x, L, R).float()).abs().max().item()
         rows.append({
