@@ -577,7 +577,7 @@ def dot_bytes(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
 
 def onepass_plan(r: int, b: int, esize: int = 2) -> _OnePassPlan | None:
     """The one-pass tiling of ``perm(r, r*b)``-GS matrices for dot inputs of ``esize`` bytes, or None when a
-    super group is too large to hold on chip (then :func:`gs_apply` uses the two-launch path)."""
+    super group is too large to hold on chip (then :func:`pair_path` tries the chunked and row kernels)."""
     bb = max(2, triton.next_power_of_2(b))
     if r % b == 0:
         plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb, esize)
@@ -796,7 +796,7 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
     """``P^T L P R x`` (``L P R x`` with ``linear_out``) in one pass: x read once, y written once.
 
     Raises ValueError when the shape has no one-pass plan (:func:`onepass_plan`); :func:`gs_apply`
-    picks the two-launch path for those before launching.
+    picks another kernel for those before launching (:func:`pair_path`).
     """
     r, b, _ = R.shape
     plan_bytes = dot_bytes(x.dtype, L.dtype)
@@ -805,7 +805,7 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
         raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on "
                          f"chip (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, "
                          f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS} for {plan_bytes}-byte dot inputs); "
-                         f"use the two-launch path")
+                         f"see pair_path")
 
     def launch(x2, y2, n_tok):
         block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
