@@ -151,6 +151,7 @@ class Figures:
     min_bytes: int
     weight_sectors: int
     weight_bytes: int
+    kernels: str = ""  # the launched kernels, in order
 
     @property
     def sector_ratio(self) -> float:
@@ -165,7 +166,12 @@ def _figures(name, d, b, n, tr: Traffic, passes: int, esize: int) -> Figures:
     s, by = tr.total(True)
     ws, wb = tr.total(False)
     t_bytes = n * d * esize
-    return Figures(name, d, b, n, len(tr.launches), s, by, passes * math.ceil(t_bytes / SECTOR), passes * t_bytes, ws, wb)
+    return Figures(name, d, b, n, len(tr.launches), s, by, passes * math.ceil(t_bytes / SECTOR), passes * t_bytes, ws, wb,
+                   _kernel_names(tr.launches))
+
+
+def _kernel_names(launches) -> str:
+    return "+".join(k.strip("_").removesuffix("_kernel") for k in launches)
 
 
 def _blocks(r, b, dtype, gen):
@@ -222,7 +228,8 @@ def measure_cayley(r: int, b: int, dtype=torch.float32) -> list:
 
 def _all_figures(name, d, b, tr: Traffic, min_bytes) -> Figures:
     s, by = tr.total(None)
-    return Figures(name, d, b, 0, len(tr.launches), s, by, math.ceil(min_bytes / SECTOR), min_bytes, 0, 0)
+    return Figures(name, d, b, 0, len(tr.launches), s, by, math.ceil(min_bytes / SECTOR), min_bytes, 0, 0,
+                   _kernel_names(tr.launches))
 
 
 def measure_conv_exp(c: int = 16, hw: int = 8, k: int = 3, terms: int = 4, dtype=torch.float32) -> Figures:
@@ -237,7 +244,7 @@ def measure_conv_exp(c: int = 16, hw: int = 8, k: int = 3, terms: int = 4, dtype
     s, by = tf.total(None)
     nbytes = x.numel() * x.element_size()
     return Figures(f"conv_exp C={c} {hw}x{hw} k={k} terms={terms}", c * hw * hw, k, 1, len(tf.launches), s, by,
-                   2 * math.ceil(nbytes / SECTOR), 2 * nbytes, 0, 0)
+                   2 * math.ceil(nbytes / SECTOR), 2 * nbytes, 0, 0, _kernel_names(tf.launches))
 
 
 SHAPES = [(d, b) for d in (768, 1024, 4096) for b in (16, 24, 32, 64) if d % b == 0]
@@ -245,10 +252,10 @@ SHAPES = [(d, b) for d in (768, 1024, 4096) for b in (16, 24, 32, 64) if d % b =
 
 def table(rows) -> str:
     lines = [f"{'kernel':26s} {'d':>5s} {'b':>4s} {'launch':>6s} {'sectors/min':>11s} {'bytes/min':>9s} "
-             f"{'weight kB':>9s}"]
+             f"{'weight kB':>9s}  kernels"]
     for f in rows:
         lines.append(f"{f.name:26s} {f.d:5d} {f.b:4d} {f.launches:6d} {f.sector_ratio:11.2f} {f.byte_ratio:9.2f} "
-                     f"{f.weight_bytes / 1024:9.1f}")
+                     f"{f.weight_bytes / 1024:9.1f}  {f.kernels}")
     return "\n".join(lines)
 
 

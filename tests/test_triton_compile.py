@@ -16,7 +16,15 @@ import pytest
 H100_SHARED_BYTES = 227 * 1024
 
 
+class _Stub:
+    """Stands in for a tensor where a launcher helper only reads its dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
 def _configs():
+    import torch
     import triton.language as tl
 
     import gsops.triton_kernels.cayley as C
@@ -37,13 +45,6 @@ def _configs():
         out.append((f"block_grad+dx b={b} {dt}", G._block_grad_kernel,
                     {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "out_ptr": "*fp32", "w_ptr": "*fp32", "dx_ptr": ptr[dt]},
                     c, 8 if bb * g >= 128 else 4))
-    for b, sup in [(16, False), (64, True)]:
-        nb = b if sup else 3
-        c = dict(ITERS=4, SUPER=sup, NB=nb, SG_FEATS=nb * b, BB=b, BLOCK_N=64 if b <= 32 else 32,
-                 DOT_DTYPE=tl.bfloat16, IEEE=False)
-        out.append((f"gsoft_fused b={b} super={sup}", G._gsoft_fused_kernel,
-                    {"x_ptr": "*bf16", "l_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*bf16", "scratch_ptr": "*bf16"},
-                    c, 4))
     # one-pass GS apply: band tilings (b | r), whole-row tilings (gather), b < 16 (no tensor-core dot),
     # the fused backward and the two backward kernels of larger tiles
     for b, r, dt, kind in [(16, 32, tl.bfloat16, "fwd"), (16, 32, tl.bfloat16, "bwd"), (8, 16, tl.float16, "fwd"),
@@ -71,6 +72,38 @@ def _configs():
             out.append((name, G._onepass_bwd_kernel,
                         {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "l_ptr": "*fp32", "r_ptr": "*fp32", "dx_ptr": ptr[dt],
                          "dl_ptr": "*fp32", "dr_ptr": "*fp32"}, c, G._onepass_warps(plan, bn)))
+    # b = 64: the chunked band kernel (forward and transposed), the row kernel with blocks in pieces (a GSOFT
+    # pair and a 3-factor chain, forward and backward)
+    for transposed in (False, True):
+        plan = G.chunk_plan(64, 64, 2)
+        c = dict(TILES=4, TRANSPOSED=transposed, LINEAR_OUT=False, UC=plan.uc, KS=plan.ks, BB=plan.bb, BN=16,
+                 DOT_DTYPE=tl.bfloat16, IEEE=False, ACC=tl.float32, USE_DOT=True)
+        out.append((f"gs_chunked b=64 transposed={transposed}", G._chunk_kernel,
+                    {"x_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32", "y_ptr": "*bf16"}, c, (16, 1)))
+    for r, b, m, kind, dt in [(16, 64, 2, "fwd", tl.bfloat16), (16, 64, 2, "bwd", tl.bfloat16),
+                              (48, 16, 3, "bwd", tl.bfloat16), (8, 32, 3, "bwd", tl.float32)]:
+        esize = 2 if dt == tl.bfloat16 else 4
+        tdt = torch.bfloat16 if dt == tl.bfloat16 else torch.float32
+        plan = G.row_plan(r, b, esize)
+        old = G._interpreting
+        G._interpreting = lambda: False
+        try:
+            bn = G._row_block_n(plan.nr * plan.bb, esize, 1 << 20)
+            consts = G._row_consts(plan, _Stub(tdt), _Stub(tdt), m > 2, m, bn, 4)
+        finally:
+            G._interpreting = old
+        c = dict(TILES=4, M=m, LINEAR_OUT=m > 2, KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=bn, DOT_DTYPE=dt,
+                 IEEE=consts["IEEE"], ACC=tl.float32, USE_DOT=plan.bb >= 16)
+        warps = (consts["num_warps"], consts["num_stages"])
+        name = f"gs_row {kind} m={m} r={r} b={b} ks={plan.ks} {dt}"
+        if kind == "fwd":
+            out.append((name, G._row_fwd_kernel, {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, warps))
+        else:
+            groups = G.row_backward_groups(r, b, m, esize)
+            c.update(GRADS=sum(1 << f for f in groups[0]), LOW=0, WITH_DX=True)
+            out.append((name + f" grads={groups[0]}", G._row_bwd_kernel,
+                        {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "w_ptr": "*fp32", "dx_ptr": ptr[dt], "dw_ptr": "*fp32"},
+                        c, warps))
     # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
     esz = {tl.bfloat16: 2, tl.float32: 4}
     for b, r, dt, grad in [(64, 64, tl.bfloat16, False), (64, 64, tl.bfloat16, True), (128, 32, tl.bfloat16, True),
@@ -112,11 +145,12 @@ def _compile_all():
     from triton.compiler import ASTSource
 
     for name, fn, ptrs, constexprs, num_warps in _configs():
+        warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, 3)
         sig = {a: ptrs.get(a) or ("constexpr" if a in constexprs else ("i64" if a.startswith("stride") else "i32"))
                for a in fn.arg_names}
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             rec = {"name": name, "ok": bool(k.asm.get("ptx")), "shared": k.metadata.shared}
         except Exception as e:  # noqa: BLE001 - reported to the parent test
             rec = {"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}

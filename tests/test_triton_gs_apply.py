@@ -164,24 +164,6 @@ def test_gradcheck_float64_tiny(device):
         assert torch.autograd.gradcheck(lambda x, B1, B2: gsops.gs_chain(x, [B1, B2]), (x, R, L), fast_mode=True)
 
 
-@pytest.mark.parametrize("b,r,n", [(16, 3, 9), (16, 32, 7), (32, 4, 3)])
-def test_one_launch_fused_forward(b, r, n, device):
-    """triton_kernels.gs_apply.gs_apply_fused: r % b == 0 (closed super groups) and whole-row slabs."""
-    from gsops.triton_kernels.gs_apply import gs_apply_fused
-
-    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
-    x = torch.randn(n, r * b, dtype=torch.float64)
-    x, L, R = _on(device, x, L, R)
-    A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
-    xh, Lo, Ro = x.to(torch.bfloat16), *_on(device, _orth_blocks(r, b, torch.float32), _orth_blocks(r, b, torch.float32))
-    # the reference also rounds the intermediate R x to x's dtype
-    torch.testing.assert_close(gs_apply_fused(xh, Lo, Ro).float(), ref.gs_apply(xh, Lo, Ro).float(),
-                               **tol(torch.bfloat16))
-    with pytest.raises(ValueError, match="b >= 16"):
-        gs_apply_fused(*_on(device, torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)))
-
-
 def test_gpu_launch_heuristics_loop_and_split(monkeypatch, device):
     """The GPU tiling (several token tiles per program, token splits for block gradients, a ragged
     last program) run under the interpreter by pretending not to interpret; float64 data keeps the
@@ -206,20 +188,6 @@ def test_gpu_launch_heuristics_loop_and_split(monkeypatch, device):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-11, atol=1e-11)
 
 
-def test_one_launch_fused_gpu_heuristics(monkeypatch, device):
-    """gs_apply_fused with the GPU launch plan: few programs, each looping over several (token tile,
-    super group) items with its slab reused, dead items masked."""
-    import gsops.triton_kernels.gs_apply as kernels
-
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    r, b, n = 32, 16, 150  # 3 token tiles x 2 super groups = 6 items on 4 programs, 2 iterations (2 dead)
-    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
-    x = torch.randn(n, r * b, dtype=torch.float64)
-    x, L, R = _on(device, x, L, R)
-    A = gsoft_matrix(np64(L), np64(R))
-    torch.testing.assert_close(kernels.gs_apply_fused(x, L, R), _dense_apply(A, x), rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("b,r", [(64, 2), (128, 1)])
 def test_large_blocks(b, r, device):
     # float64 blocks of b > 64 do not fit a GPU's shared memory (the backend says so): float32 there
@@ -237,23 +205,6 @@ def test_large_blocks(b, r, device):
     for got, want in ((y.detach(), _dense_apply(A, x)), (x.grad, _dense_apply(A.T, g))):
         scale = want.abs().max()  # randn blocks: entries up to ~b; the tolerance is relative to the largest
         torch.testing.assert_close(got.double() / scale, want / scale, **t)
-
-
-def test_one_launch_switch_routes_gs_apply(monkeypatch, device):
-    import gsops.triton_kernels.gs_apply as kernels
-
-    calls = []
-    real = kernels.gs_apply_fused
-    monkeypatch.setattr(kernels, "gs_apply_fused", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("GSOPS_TRITON_ONE_LAUNCH", "1")
-    r, b = 2, 16
-    L, R = torch.randn(r, b, b, dtype=torch.float64), torch.randn(r, b, b, dtype=torch.float64)
-    x = torch.randn(4, r * b, dtype=torch.float64)
-    x, L, R = _on(device, x, L, R)
-    with gsops.use_backend("triton"):
-        y = gsops.gs_apply(x, L, R)
-    assert calls == [1]
-    torch.testing.assert_close(y, _dense_apply(gsoft_matrix(np64(L), np64(R)), x), rtol=1e-12, atol=1e-12)
 
 
 def test_float64_large_blocks_on_gpu_guard():

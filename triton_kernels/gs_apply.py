@@ -21,14 +21,28 @@ per token tile (programs = block groups x token splits; partial sums per split
 are added by torch, deterministically).  The backward recomputes the
 intermediate ``R x`` instead of saving it (activation memory).
 
-``gs_apply`` runs in one pass (:func:`gs_onepass`, at the end of this file: x read
-once, y written once, the permutation done on chip) whenever a super group fits on
-chip (:func:`onepass_plan`); otherwise, chosen before launch, it falls back to two
-steps (the intermediate ``R x`` makes one round trip through memory and the permuted
-side is strided: the slower path).  :func:`gs_apply_fused` (one launch, the
-intermediate in a per-program slab sized for L2, ``GSOPS_TRITON_ONE_LAUNCH=1``) is
-an older opt-in variant that the one-pass kernel supersedes; it moves the
-intermediate through the slab, so it is slower than :func:`gs_onepass` too.
+Which kernel runs a shape is decided before launch, from the shape alone
+(:func:`pair_path`, :func:`pair_backward_path`, :func:`chain_path`):
+
+* ``gs_apply`` / a two-factor ``gs_chain``: :func:`gs_onepass` (one super group of the
+  b R-blocks that feed b L-blocks, or a whole row, on chip; b <= 32 and rows up to
+  1024 features), else :func:`gs_chunked` (a band super group of b = 64, 4096
+  features: the L-blocks produced UC at a time from an on-chip x), else :func:`gs_row`
+  (whole rows, each factor's blocks streamed in pieces: b = 64 with r < b, b = 128).
+  Forward: x read once, y written once.  Backward: :func:`gs_onepass_backward` (x and dy
+  read once, dx written once; tiles above ``ONEPASS_FUSED_BWD_TILE`` read dy twice) or
+  :func:`gs_row_backward` (once per group of factors whose block-gradient accumulators
+  fit on chip).
+* ``gs_chain`` with m = 3..``MAX_CHAIN`` factors: :func:`gs_row` over whole rows (the
+  support of three factors is the whole row as soon as r > b) where a row fits
+  (<= 1024 padded features for half data); else the first two factors as above and one
+  block step per further factor.
+* The two-launch path (:func:`_forward` / :func:`_backward`: two block steps, the
+  intermediate ``R x`` makes one round trip through memory; forward 2x the minimal
+  activation bytes, backward 8/3x) is the slower fallback, used only where no one-pass
+  plan fits: forward for b > 128 or rows above the limits, backward for band super
+  groups of b = 64 (their block gradients, 2 b^3 floats per super group, do not fit on
+  chip).
 
 Tiling: a program owns ``G`` consecutive blocks (a tile of ``TILE = G*BB``
 features, ``BB = next_pow2(b)``) and a run of token tiles of ``BLOCK_N``
@@ -43,12 +57,13 @@ tokens by masking ``n >= N``.  Accumulation is float32; half inputs are fed to
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from gsops.flags import env_flag
 
 LINEAR = 0
 STRIDED = 1
@@ -58,7 +73,7 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET", False)
 
 
 @triton.jit
@@ -403,175 +418,112 @@ def block_diag_mm_backward(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor)
     return block_grad(grad, x, r, b, LINEAR, LINEAR, B.dtype, B=B)
 
 
-def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
-    """``B_m P ... P B_1 x`` with ``P = perm(r, d)`` fused into the loads.
-
-    The first two factors run in one pass (:func:`gs_onepass` with ``linear_out``) when the shape
-    has a one-pass plan; each further factor is one block step (one more round trip).
-    """
-    blocks = list(blocks)
-    r, b, _ = blocks[0].shape
-    if len(blocks) >= 2 and onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is not None:
-        y = gs_onepass(x, blocks[1], blocks[0], linear_out=True)
-        for B in blocks[2:]:
-            y = _step(y, B, STRIDED, LINEAR)
-        return y
-    return _forward(x, blocks, False)
+def pair_path(r: int, b: int, esize: int = 2) -> str:
+    """Which kernel runs two factors (GSOFT's ``P^T L P R x``, a chain's ``L P R x``) forward: ``"onepass"``
+    (:func:`gs_onepass`), ``"chunked"`` (:func:`gs_chunked`, band super groups of b = 64), ``"row"``
+    (:func:`gs_row`, whole rows) or ``"two-launch"``, the slower fallback (two block steps, the intermediate
+    ``R x`` through memory) where none of the one-pass plans fits."""
+    if onepass_plan(r, b, esize) is not None:
+        return "onepass"
+    if chunk_plan(r, b, esize) is not None:
+        return "chunked"
+    if row_plan(r, b, esize) is not None:
+        return "row"
+    return "two-launch"
 
 
-def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
-    blocks = list(blocks)
-    r, b, _ = blocks[0].shape
-    if len(blocks) < 2 or onepass_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype)) is None:
-        return _backward(grad, x, blocks, False)
-    acts = [gs_onepass(x, blocks[1], blocks[0], linear_out=True)] if len(blocks) > 2 else []
-    for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
-        acts.append(_step(acts[-1], B, STRIDED, LINEAR))
-    grads = [None] * len(blocks)
-    g = grad
-    for j in range(len(blocks) - 1, 1, -1):
-        g, grads[j] = _step_grad(g, acts[j - 2], blocks[j], STRIDED, LINEAR)
-    g, grads[1], grads[0] = gs_onepass_backward(g, x, blocks[1], blocks[0], linear_out=True)
-    return g, grads
+def pair_backward_path(r: int, b: int, esize: int = 2) -> str:
+    """Which kernels run the backward of two factors: ``"onepass"`` (:func:`gs_onepass_backward`), ``"row"``
+    (:func:`gs_row_backward`) or ``"two-launch"`` (the fallback's transposed block steps; where the block-gradient
+    accumulators of a super group do not fit on chip, e.g. the 4096-feature band super groups of b = 64)."""
+    if onepass_plan(r, b, esize) is not None:
+        return "onepass"
+    if row_backward_groups(r, b, 2, esize) is not None:
+        return "row"
+    return "two-launch"
 
 
-def _use_one_launch(b: int) -> bool:
-    """``GSOPS_TRITON_ONE_LAUNCH=1`` routes GSOFT forwards with ``b >= 16`` to :func:`gs_apply_fused`."""
-    return b >= 16 and os.environ.get("GSOPS_TRITON_ONE_LAUNCH", "0") not in ("", "0")
-
-
-def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """GSOFT's ``P^T L P R x``: one pass (:func:`gs_onepass`) when the shape has a one-pass plan, else
-    two block steps (P in the second step's loads and P^T in its stores; the intermediate ``R x``
-    makes one round trip through memory)."""
+def _pair(x, R, L, linear_out):
+    """``P^T L P R x`` (``L P R x`` with ``linear_out``) by :func:`pair_path`."""
     r, b, _ = R.shape
-    if _use_one_launch(b):
-        return gs_apply_fused(x, L, R)
-    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
-        return gs_onepass(x, L, R)
-    return _forward(x, [R, L], True)
+    path = pair_path(r, b, dot_bytes(x.dtype, L.dtype))
+    if path == "onepass":
+        return gs_onepass(x, L, R, linear_out=linear_out)
+    if path == "chunked":
+        return gs_chunked(x, L, R, linear_out=linear_out)
+    if path == "row":
+        return gs_row(x, [R, L], linear_out=linear_out)
+    return _forward(x, [R, L], not linear_out)
 
 
-def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
+def _pair_backward(grad, x, R, L, linear_out):
+    """``(dx, dL, dR)`` of :func:`_pair` by :func:`pair_backward_path`."""
     r, b, _ = R.shape
-    if onepass_plan(r, b, dot_bytes(x.dtype, L.dtype)) is not None:
-        return gs_onepass_backward(grad, x, L, R)
-    dx, (dR, dL) = _backward(grad, x, [R, L], True)
+    path = pair_backward_path(r, b, dot_bytes(x.dtype, L.dtype))
+    if path == "onepass":
+        return gs_onepass_backward(grad, x, L, R, linear_out=linear_out)
+    if path == "row":
+        dx, (dR, dL) = gs_row_backward(grad, x, [R, L], linear_out=linear_out)
+        return dx, dL, dR
+    dx, (dR, dL) = _backward(grad, x, [R, L], not linear_out)
     return dx, dL, dR
 
 
-# ----------------------------------------------------------------------------- one-launch GSOFT forward
-
-@triton.jit
-def _gsoft_fused_kernel(
-    x_ptr, l_ptr, r_ptr, y_ptr, scratch_ptr,
-    N, r, b, n_items, n_super, r_over_b,
-    stride_xn, stride_xd, stride_yn, stride_yd,
-    ITERS: tl.constexpr, SUPER: tl.constexpr, NB: tl.constexpr, SG_FEATS: tl.constexpr,
-    BB: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-):
-    """``y = P^T L P R x`` with the intermediate ``t = R x`` kept in a per-program slab.
-
-    A work item is (token tile, super group).  With ``r % b == 0`` (``SUPER``),
-    the ``b`` L-blocks ``p = s*b + u`` read exactly the ``b`` R-blocks
-    ``j = q*(r/b) + s`` (``(P t)[p*b+q] = t[q*r+p]`` lies in block ``q*(r/b) + s``,
-    entry ``u``), so a super group of ``NB = b`` blocks is closed and its slab is
-    ``BLOCK_N x b*b``.  Otherwise (``NB = r``) the program owns whole rows.
-    Phase 1 writes ``t`` of the group to the slab, phase 2 gathers ``P t`` from
-    the slab and scatters ``P^T (L P t)`` to ``y``.  The slab is reused by the
-    program's next item, so on a GPU it stays in L2.
-    """
-    pid = tl.program_id(0)
-    c = tl.arange(0, BB)
-    valid = c < b
-    rows = tl.arange(0, BLOCK_N)
-    ci = c[:, None]
-    co = c[None, :]
-    wmask = valid[:, None] & valid[None, :]
-    slab = scratch_ptr + pid.to(tl.int64) * BLOCK_N * SG_FEATS
-    slab_rows = rows[:, None].to(tl.int64) * SG_FEATS
-    for it in range(0, ITERS):
-        item = pid + it * tl.num_programs(0)
-        live = item < n_items
-        s = item % n_super
-        tile = item // n_super
-        n = tile * BLOCK_N + rows
-        n64 = n.to(tl.int64)
-        mask = ((n < N) & live)[:, None] & valid[None, :]
-        # phase 1: t_j = R_j x_j for the group's R-blocks, into the slab
-        for q in range(0, NB):
-            if SUPER:
-                j = q * r_over_b + s
-            else:
-                j = q
-            xt = tl.load(x_ptr + n64[:, None] * stride_xn + (j * b + c).to(tl.int64)[None, :] * stride_xd,
-                         mask=mask, other=0.0)
-            w = tl.load(r_ptr + j.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            t = _dot(xt.to(DOT_DTYPE), w, IEEE, tl.float32)  # float32: tl.dot's default accumulator
-            tl.store(slab + slab_rows + (q * b + c)[None, :], t.to(x_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()
-        # phase 2: y[i*r + p] = (L_p (P t)_p)_i
-        for u in range(0, NB):
-            if SUPER:
-                p = s * b + u
-                t_idx = c * b + u
-            else:
-                p = u
-                t_idx = c * r + u
-            tt = tl.load(slab + slab_rows + t_idx[None, :], mask=mask, other=0.0)
-            w = tl.load(l_ptr + p.to(tl.int64) * b * b + co * b + ci, mask=wmask, other=0.0).to(DOT_DTYPE)
-            yt = _dot(tt.to(DOT_DTYPE), w, IEEE, tl.float32)
-            tl.store(y_ptr + n64[:, None] * stride_yn + (c * r + p).to(tl.int64)[None, :] * stride_yd,
-                     yt.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # the next item overwrites the slab
+def chain_path(r: int, b: int, m: int, esize: int = 2) -> str:
+    """Which kernels run an m-factor chain forward: ``"row"`` (m >= 3, the whole row of a token tile on chip,
+    :func:`gs_row`) where a row fits, else the first two factors by :func:`pair_path` and one block step per
+    further factor (``"pair+steps"``: one more round trip each)."""
+    if 3 <= m <= MAX_CHAIN and row_plan(r, b, esize) is not None:
+        return "row"
+    return "pair+steps" if m >= 2 else "step"
 
 
-SLAB_BUDGET_BYTES = 24 << 20  # all programs' slabs together, to stay inside a GPU's L2
+def gs_chain(x: torch.Tensor, blocks) -> torch.Tensor:
+    """``B_m P ... P B_1 x`` with ``P = perm(r, d)``: one pass over whole rows (:func:`chain_path`) where a row
+    fits on chip, else the first two factors in one pass and one block step per further factor."""
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    path = chain_path(r, b, len(blocks), dot_bytes(x.dtype, blocks[0].dtype))
+    if path == "row":
+        return gs_row(x, blocks, linear_out=True)
+    if path == "step":
+        return _forward(x, blocks, False)
+    y = _pair(x, blocks[0], blocks[1], True)
+    for B in blocks[2:]:
+        y = _step(y, B, STRIDED, LINEAR)
+    return y
 
 
-def gs_apply_fused(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """GSOFT's ``P^T L P R x`` in ONE launch (``b >= 16``); the intermediate lives in an L2-sized slab.
+def gs_chain_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
+    """``(dx, [dB_1..dB_m])`` of :func:`gs_chain`: one pass (:func:`gs_row_backward`) where its accumulators fit
+    (:func:`row_backward_groups`), else transposed block steps for factors m..3 and the pair's backward."""
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    m = len(blocks)
+    esize = dot_bytes(x.dtype, blocks[0].dtype)
+    if m < 2:
+        return _backward(grad, x, blocks, False)
+    if chain_path(r, b, m, esize) == "row" and row_backward_groups(r, b, m, esize) is not None:
+        return gs_row_backward(grad, x, blocks, linear_out=True)
+    acts = [_pair(x, blocks[0], blocks[1], True)] if m > 2 else []
+    for B in blocks[2:-1]:  # recompute the inputs of factors 3..m
+        acts.append(_step(acts[-1], B, STRIDED, LINEAR))
+    grads = [None] * m
+    g = grad
+    for j in range(m - 1, 1, -1):
+        g, grads[j] = _step_grad(g, acts[j - 2], blocks[j], STRIDED, LINEAR)
+    g, grads[1], grads[0] = _pair_backward(g, x, blocks[0], blocks[1], True)
+    return g, grads
 
-    Same result as :func:`gs_apply`. Opt-in only (``GSOPS_TRITON_ONE_LAUNCH=1``): the one-pass
-    kernel (:func:`gs_onepass`, the default) keeps the intermediate on chip instead.
-    """
-    r, b, _ = R.shape
-    if b < 16:
-        raise ValueError(f"gs_apply_fused needs block size b >= 16 (tl.dot tiles), got b={b}; use gs_apply")
-    d = r * b
-    lead, x2, y2 = _tokens_and_output(x, d)
-    n_tok = x2.shape[0]
-    if n_tok == 0:
-        return y2.reshape(*lead, d)
-    bb = triton.next_power_of_2(b)
-    sup = r % b == 0
-    nb = b if sup else r
-    n_super = r // b if sup else 1
-    sg_feats = nb * b
-    esize = x.element_size()
-    if _interpreting():
-        block_n = max(16, min(128, triton.next_power_of_2(n_tok)))
-    else:
-        block_n = 64
-        while block_n > 16 and block_n * sg_feats * esize * _n_sm(x.device) > SLAB_BUDGET_BYTES:
-            block_n //= 2
-    n_items = triton.cdiv(n_tok, block_n) * n_super
-    if _interpreting():
-        n_prog = n_items
-    else:
-        slab = block_n * sg_feats * esize
-        n_prog = min(n_items, max(_n_sm(x.device), min(4 * _n_sm(x.device), SLAB_BUDGET_BYTES // slab)))
-    iters = triton.next_power_of_2(triton.cdiv(n_items, n_prog))
-    scratch = torch.empty((n_prog, block_n, sg_feats), dtype=x.dtype, device=x.device)
-    dot_dtype, ieee = _dot_config(x.dtype, L.dtype)
-    _gsoft_fused_kernel[(n_prog,)](
-        x2, L.contiguous(), R.contiguous(), y2, scratch,
-        n_tok, r, b, n_items, n_super, max(r // b, 1),
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        ITERS=iters, SUPER=sup, NB=nb, SG_FEATS=sg_feats, BB=bb, BLOCK_N=block_n,
-        DOT_DTYPE=dot_dtype, IEEE=ieee, num_warps=_num_warps(bb),
-    )
-    return y2.reshape(*lead, d)
+
+def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """GSOFT's ``P^T L P R x`` in one pass where a plan fits (:func:`pair_path`), else by the two-launch fallback."""
+    return _pair(x, R, L, False)
+
+
+def gs_apply_backward(grad: torch.Tensor, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor):
+    """``(dx, dL, dR)`` of :func:`gs_apply` (:func:`pair_backward_path`)."""
+    return _pair_backward(grad, x, R, L, False)
 
 
 # ----------------------------------------------------------------------------- one-pass GS apply
@@ -626,7 +578,7 @@ def dot_bytes(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
 
 def onepass_plan(r: int, b: int, esize: int = 2) -> _OnePassPlan | None:
     """The one-pass tiling of ``perm(r, r*b)``-GS matrices for dot inputs of ``esize`` bytes, or None when a
-    super group is too large to hold on chip (then :func:`gs_apply` uses the two-launch path)."""
+    super group is too large to hold on chip (then :func:`pair_path` tries the chunked and row kernels)."""
     bb = max(2, triton.next_power_of_2(b))
     if r % b == 0:
         plan = _OnePassPlan(True, b, r // b, r, r // b, bb, bb, esize)
@@ -845,7 +797,7 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
     """``P^T L P R x`` (``L P R x`` with ``linear_out``) in one pass: x read once, y written once.
 
     Raises ValueError when the shape has no one-pass plan (:func:`onepass_plan`); :func:`gs_apply`
-    picks the two-launch path for those before launching.
+    picks another kernel for those before launching (:func:`pair_path`).
     """
     r, b, _ = R.shape
     plan_bytes = dot_bytes(x.dtype, L.dtype)
@@ -854,7 +806,7 @@ def gs_onepass(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bo
         raise ValueError(f"r={r}, b={b}: a super group of {r * b if r % b else b * b} features does not fit on "
                          f"chip (ONEPASS_MAX_TILE={ONEPASS_MAX_TILE[plan_bytes]}, "
                          f"ONEPASS_MAX_BLOCK_ELEMS={ONEPASS_MAX_BLOCK_ELEMS} for {plan_bytes}-byte dot inputs); "
-                         f"use the two-launch path")
+                         f"see pair_path")
 
     def launch(x2, y2, n_tok):
         block_n, tiles, progs = _onepass_launch_plan(plan, n_tok, 8 * _n_sm(x.device))
@@ -1027,3 +979,421 @@ def strided_step_grad(grad: torch.Tensor, x: torch.Tensor, B: torch.Tensor, out_
         g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1), **consts,
     )
     return dx2.reshape(x.shape), part.sum(0).to(B.dtype)
+
+
+# ----------------------------------------------------------------------------- weights streamed in pieces
+#
+# Where one factor's blocks of a super group are too large to hold on chip at once (b = 64), a
+# batched product ``a @ W`` ([P, BN, K] x [P, K, N]) is split along K into KS pieces: ``a`` is cut on
+# chip (reshape + split) and each piece of W, [P, K/KS, N], is loaded just before its dot, so at most
+# one piece is live.  The pieces are read from L2 for every token tile (weights, not activations).
+
+
+@triton.jit
+def _halves(a):
+    """``a[..., :K/2], a[..., K/2:]`` of a 3-D ``a`` (cut on chip)."""
+    P: tl.constexpr = a.shape[0]
+    N: tl.constexpr = a.shape[1]
+    K: tl.constexpr = a.shape[2]
+    return tl.split(tl.permute(tl.reshape(a, (P, N, 2, K // 2)), (0, 1, 3, 2)))
+
+
+@triton.jit
+def _block_piece(w_ptr, blk, rows_ok, b, c0, e0, TRANS: tl.constexpr, KW: tl.constexpr, NW: tl.constexpr):
+    """``W[j, c, e] = B_{blk[j]}[e0 + e, c0 + c]`` ([P, KW, NW], zero outside the blocks); with ``TRANS``
+    ``B_{blk[j]}[c0 + c, e0 + e]``: ``a @ W`` applies ``B`` (``B^T``) to entries ``c0..c0+KW`` of each row of ``a``,
+    giving its outputs ``e0..e0+NW``."""
+    c = c0 + tl.arange(0, KW)
+    e = e0 + tl.arange(0, NW)
+    if TRANS:
+        off = blk[:, None, None] * b * b + c[None, :, None] * b + e[None, None, :]
+    else:
+        off = blk[:, None, None] * b * b + e[None, None, :] * b + c[None, :, None]
+    msk = rows_ok[:, None, None] & (c < b)[None, :, None] & (e < b)[None, None, :]
+    return tl.load(w_ptr + off, mask=msk, other=0.0)
+
+
+@triton.jit
+def _bmm_pieces(a, w_ptr, blk, rows_ok, b, e0, TRANS: tl.constexpr, KS: tl.constexpr, NW: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """``a @ W`` (``W`` of :func:`_block_piece` over all of ``a``'s K entries) with W loaded in ``KS`` in {1, 2, 4}
+    pieces along K."""
+    K: tl.constexpr = a.shape[2]
+    if KS == 1:
+        out = _bmm(a, _block_piece(w_ptr, blk, rows_ok, b, 0, e0, TRANS, K, NW).to(DOT_DTYPE), USE_DOT, IEEE, ACC)
+    elif KS == 2:
+        a0, a1 = _halves(a)
+        out = _bmm(a0, _block_piece(w_ptr, blk, rows_ok, b, 0, e0, TRANS, K // 2, NW).to(DOT_DTYPE),
+                   USE_DOT, IEEE, ACC)
+        out += _bmm(a1, _block_piece(w_ptr, blk, rows_ok, b, K // 2, e0, TRANS, K // 2, NW).to(DOT_DTYPE),
+                    USE_DOT, IEEE, ACC)
+    else:
+        a0, a1 = _halves(a)
+        a00, a01 = _halves(a0)
+        a10, a11 = _halves(a1)
+        Q: tl.constexpr = K // 4
+        out = _bmm(a00, _block_piece(w_ptr, blk, rows_ok, b, 0, e0, TRANS, Q, NW).to(DOT_DTYPE), USE_DOT, IEEE, ACC)
+        out += _bmm(a01, _block_piece(w_ptr, blk, rows_ok, b, Q, e0, TRANS, Q, NW).to(DOT_DTYPE), USE_DOT, IEEE, ACC)
+        out += _bmm(a10, _block_piece(w_ptr, blk, rows_ok, b, 2 * Q, e0, TRANS, Q, NW).to(DOT_DTYPE),
+                    USE_DOT, IEEE, ACC)
+        out += _bmm(a11, _block_piece(w_ptr, blk, rows_ok, b, 3 * Q, e0, TRANS, Q, NW).to(DOT_DTYPE),
+                    USE_DOT, IEEE, ACC)
+    return out
+
+
+# ----------------------------------------------------------------------------- one-pass chain of m factors
+#
+# ``B_m P ... P B_1 x`` (and GSOFT's ``P^T L P R x``): a factor after the first reads its input through
+# P, so the support of a token's output grows with every factor; from the third factor on it is the
+# whole row as soon as r > b (block p' of factor 3 reads factor-2 blocks q*(r/b) + p'//b for all q < b,
+# which lie in every super group).  The row kernels below hold the whole row of BN tokens on chip,
+# [rows = blocks, tokens, in-block entries] as in the whole-row one-pass tiling, apply the m factors
+# with the permutation as an on-chip gather between them, and store the row once: x read once, y
+# written once.  The m factors' blocks are one stacked [m, r, b, b] tensor, each factor's blocks loaded
+# in KS pieces (:func:`_bmm_pieces`).  The backward recomputes the inputs of every factor on chip from
+# one read of x, reads dy once, writes dx once, and accumulates the block gradients of the factors in
+# ``GRADS`` (all of them, or one: then one launch per factor, each reading x and dy again).
+
+MAX_CHAIN = 4  # factors of a one-pass chain (one accumulator each in the backward)
+ROW_MAX_GRAD_ELEMS = 65536  # float32 block-gradient accumulators one row program holds
+
+
+@triton.jit
+def _row_index(r, b, n_rows, LINEAR_OUT: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr):
+    j, v, m2, fx, fo, rb, lb, to_cols, to_rows = _onepass_index(0, r, b, 1, b, n_rows, False, LINEAR_OUT, NR, BB)
+    return j < n_rows, m2, fx, fo, j.to(tl.int64), to_cols, to_rows
+
+
+@triton.jit
+def _row_chain(a, w_ptr, blk, rows_ok, m2, to_cols, r, b, F: tl.constexpr, KS: tl.constexpr,
+               NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """The input of factor ``F`` (``P B_F ... P B_1 a``, ``a`` itself for ``F == 0``) in ``DOT_DTYPE``."""
+    for h in tl.static_range(F):
+        if h > 0:
+            a = _onepass_move(a, to_cols, m2, False, NR, BB, BN)
+        a = _bmm_pieces(a, w_ptr + h * r * b * b, blk, rows_ok, b, 0, False, KS, BB, DOT_DTYPE, USE_DOT, IEEE,
+                        ACC).to(DOT_DTYPE)
+    if F > 0:
+        a = _onepass_move(a, to_cols, m2, False, NR, BB, BN)
+    return a
+
+
+@triton.jit
+def _row_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, r, b,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, M: tl.constexpr, LINEAR_OUT: tl.constexpr, KS: tl.constexpr,
+    NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = B_M P ... P B_1 x`` (``P^T`` of it without ``LINEAR_OUT``) for whole rows x ``TILES`` token tiles."""
+    pid_n = tl.program_id(0)
+    rows_ok, m2, fx, fo, blk, to_cols, to_rows = _row_index(r, b, r, LINEAR_OUT, NR, BB)
+    for t in range(0, TILES):
+        n64, m3 = _split_token_tile(pid_n, t, N, m2, TILES, BN)
+        a = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3).to(DOT_DTYPE)
+        a = _row_chain(a, w_ptr, blk, rows_ok, m2, to_cols, r, b, M - 1, KS, NR, BB, BN, DOT_DTYPE, USE_DOT, IEEE,
+                       ACC)
+        z = _bmm_pieces(a, w_ptr + (M - 1) * r * b * b, blk, rows_ok, b, 0, False, KS, BB, DOT_DTYPE, USE_DOT,
+                        IEEE, ACC)
+        _store_tile(y_ptr, n64, fo, stride_yn, stride_yd, z, m3)
+
+
+@triton.jit
+def _row_bwd_kernel(
+    g_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr,
+    N, r, b, n_splits,
+    stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
+    TILES: tl.constexpr, M: tl.constexpr, LINEAR_OUT: tl.constexpr, KS: tl.constexpr, GRADS: tl.constexpr,
+    LOW: tl.constexpr, WITH_DX: tl.constexpr, NR: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """dx (``WITH_DX``) and this token split's partial block gradients ``dw[f, split]`` ([m, splits, r, b, b]) of the
+    factors ``f`` in the bit mask ``GRADS`` (bit f set) of :func:`_row_fwd_kernel`; ``LOW`` is the lowest of them."""
+    split = tl.program_id(0)
+    rows_ok, m2, fx, fo, blk, to_cols, to_rows = _row_index(r, b, r, LINEAR_OUT, NR, BB)
+    acc0 = tl.zeros((NR, BB, BB), dtype=ACC)
+    acc1 = tl.zeros((NR, BB, BB), dtype=ACC)
+    acc2 = tl.zeros((NR, BB, BB), dtype=ACC)
+    acc3 = tl.zeros((NR, BB, BB), dtype=ACC)
+    for t in range(0, TILES):
+        n64, m3 = _split_token_tile(split, t, N, m2, TILES, BN)
+        g = _load_tile(g_ptr, n64, fo, stride_gn, stride_gd, m3).to(DOT_DTYPE)     # [p, n, i]: dy of factor M
+        xt = _load_tile(x_ptr, n64, fx, stride_xn, stride_xd, m3).to(DOT_DTYPE)
+        for f in tl.static_range(M - 1, -1, -1):
+            if (GRADS >> f) & 1:
+                a = _row_chain(xt, w_ptr, blk, rows_ok, m2, to_cols, r, b, f, KS, NR, BB, BN, DOT_DTYPE, USE_DOT,
+                               IEEE, ACC)                                          # [p, n, q]: input of factor f
+                contrib = _bmm(tl.permute(g, (0, 2, 1)), a, USE_DOT, IEEE, ACC)     # [p, i, q]
+                if f == 0:
+                    acc0 += contrib
+                elif f == 1:
+                    acc1 += contrib
+                elif f == 2:
+                    acc2 += contrib
+                else:
+                    acc3 += contrib
+            if WITH_DX or f > LOW:
+                du = _bmm_pieces(g, w_ptr + f * r * b * b, blk, rows_ok, b, 0, True, KS, BB, DOT_DTYPE, USE_DOT,
+                                 IEEE, ACC)                                         # [p, n, q]: B_f^T g
+                if f > 0:
+                    g = _onepass_move(du.to(DOT_DTYPE), to_rows, m2, False, NR, BB, BN)  # output grad of f - 1
+                else:
+                    _store_tile(dx_ptr, n64, fx, stride_dxn, stride_dxd, du, m3)
+    for f in tl.static_range(M):
+        if (GRADS >> f) & 1:
+            if f == 0:
+                acc = acc0
+            elif f == 1:
+                acc = acc1
+            elif f == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            _store_partial(dw_ptr + f * n_splits * r * b * b, acc, split, blk, r, b, m2, BB)
+
+
+class _RowPlan(NamedTuple):
+    nr: int      # padded r
+    bb: int      # padded b
+    ks: int      # pieces a factor's blocks are loaded in
+    esize: int   # bytes of a dot input on a GPU
+
+    @property
+    def grad_elems(self) -> int:
+        return self.nr * self.bb * self.bb
+
+
+def _pieces(rows: int, bb: int) -> int | None:
+    """Fewest pieces in {1, 2, 4} along K (each >= 16 wide for tl.dot) that keep one piece of ``rows`` blocks within
+    ``ONEPASS_MAX_BLOCK_ELEMS``; None when no split does."""
+    for ks in (1, 2, 4):
+        if ks > 1 and bb // ks < 16:
+            break
+        if rows * (bb // ks) * bb <= ONEPASS_MAX_BLOCK_ELEMS:
+            return ks
+    return None
+
+
+def row_plan(r: int, b: int, esize: int = 2) -> _RowPlan | None:
+    """The whole-row tiling (all ``d = r*b`` features of a token tile on chip) for dot inputs of ``esize`` bytes, or
+    None when a row does not fit (padded features above ``ONEPASS_MAX_TILE``, or a factor's blocks not within
+    ``ONEPASS_MAX_BLOCK_ELEMS`` even in 4 pieces)."""
+    nr, bb = max(2, triton.next_power_of_2(r)), max(2, triton.next_power_of_2(b))
+    ks = _pieces(nr, bb)
+    if nr * bb > ONEPASS_MAX_TILE[esize] or ks is None:
+        return None
+    return _RowPlan(nr, bb, ks, esize)
+
+
+def _row_block_n(feats: int, esize: int, n_tok: int) -> int:
+    if _interpreting():
+        return max(16, min(64, triton.next_power_of_2(max(n_tok, 1))))
+    if esize > 2:
+        return 16
+    return 64 if feats <= 256 else (32 if feats <= 512 else 16)
+
+
+def _row_consts(plan: _RowPlan, x, w, linear_out, m, block_n, tiles):
+    dot_dtype, ieee = _dot_config(x.dtype, w.dtype)
+    elems = plan.nr * plan.bb * block_n
+    return dict(TILES=tiles, M=m, LINEAR_OUT=bool(linear_out), KS=plan.ks, NR=plan.nr, BB=plan.bb, BN=block_n,
+                DOT_DTYPE=dot_dtype, IEEE=ieee, ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32,
+                USE_DOT=plan.bb >= 16, num_warps=4 if elems <= 8192 else (8 if elems <= 16384 else 16),
+                num_stages=1)  # the blocks are loaded inside the token loop: no multi-buffered copies
+
+
+def _stack(blocks) -> torch.Tensor:
+    return torch.stack([B.contiguous() for B in blocks]).contiguous()
+
+
+def gs_row(x: torch.Tensor, blocks, linear_out: bool = True) -> torch.Tensor:
+    """``B_m P ... P B_1 x`` (``P^T`` of it without ``linear_out``: GSOFT's ``P^T L P R x`` for ``[R, L]``) in one
+    pass over whole rows; ValueError when the shape has no :func:`row_plan` or m > ``MAX_CHAIN``."""
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    plan = row_plan(r, b, dot_bytes(x.dtype, blocks[0].dtype))
+    if plan is None or not 1 <= len(blocks) <= MAX_CHAIN:
+        raise ValueError(f"r={r}, b={b}, m={len(blocks)}: no whole-row one-pass plan (ONEPASS_MAX_TILE, "
+                         f"ONEPASS_MAX_BLOCK_ELEMS, MAX_CHAIN={MAX_CHAIN})")
+    W = _stack(blocks)
+
+    def launch(x2, y2, n_tok):
+        block_n = _row_block_n(plan.nr * plan.bb, plan.esize, n_tok)
+        n_tiles = triton.cdiv(n_tok, block_n)
+        tiles = _loop_count(n_tiles, 1, 8 * _n_sm(x.device))
+        _row_fwd_kernel[(triton.cdiv(n_tiles, tiles),)](
+            x2, W, y2, n_tok, r, b, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+            **_row_consts(plan, x, blocks[0], linear_out, len(blocks), block_n, tiles),
+        )
+    return _per_token(x, r * b, launch)
+
+
+def row_backward_groups(r: int, b: int, m: int, esize: int = 2) -> list | None:
+    """The factors whose block gradients each kernel of :func:`gs_row_backward` accumulates: as many consecutive
+    factors per kernel as ``ROW_MAX_GRAD_ELEMS`` holds (one kernel, x and dy read once, when all m fit; each
+    further kernel reads x and dy again); None when one factor's do not fit (no one-pass backward)."""
+    plan = row_plan(r, b, esize)
+    if plan is None or not 1 <= m <= MAX_CHAIN:
+        return None
+    per = ROW_MAX_GRAD_ELEMS // plan.grad_elems
+    if per < 1:
+        return None
+    return [list(range(f, min(f + per, m))) for f in range(0, m, per)]
+
+
+def gs_row_backward(grad: torch.Tensor, x: torch.Tensor, blocks, linear_out: bool = True):
+    """``(dx, [dB_1..dB_m])`` of :func:`gs_row`: x and dy read once and dx written once when the m factors'
+    block-gradient accumulators fit on chip, else one kernel per group of factors (:func:`row_backward_groups`)."""
+    blocks = list(blocks)
+    r, b, _ = blocks[0].shape
+    m = len(blocks)
+    esize = dot_bytes(x.dtype, blocks[0].dtype)
+    groups = row_backward_groups(r, b, m, esize)
+    if groups is None:
+        raise ValueError(f"r={r}, b={b}, m={m}: no whole-row one-pass backward (ONEPASS_MAX_TILE, "
+                         f"ONEPASS_MAX_BLOCK_ELEMS, ROW_MAX_GRAD_ELEMS={ROW_MAX_GRAD_ELEMS}, MAX_CHAIN)")
+    plan = row_plan(r, b, esize)
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n_tok = x2.shape[0]
+    dx2 = torch.empty(x2.shape, dtype=grad.dtype, device=x.device)
+    if n_tok == 0:
+        return dx2.reshape(x.shape), [torch.zeros((r, b, b), dtype=B.dtype, device=x.device) for B in blocks]
+    W = _stack(blocks)
+    block_n = _row_block_n(plan.nr * plan.bb, plan.esize, n_tok)
+    n_tiles = triton.cdiv(n_tok, block_n)
+    tiles = _loop_count(n_tiles, 1, 4 * _n_sm(x.device))
+    if not _interpreting():
+        tiles = max(tiles, _min_tiles_for_partials(plan.bb, block_n, n_tiles, 1, _n_sm(x.device)))
+    splits = triton.cdiv(n_tiles, tiles)
+    acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+    dw = torch.empty((m, splits, r, b, b), dtype=acc_dtype, device=x.device)
+    args = (g2, x2, W, dx2, dw, n_tok, r, b, splits,
+            g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0), dx2.stride(1))
+    consts = _row_consts(plan, x, blocks[0], linear_out, m, block_n, tiles)
+    for fs in groups:
+        _row_bwd_kernel[(splits,)](*args, GRADS=sum(1 << f for f in fs), LOW=fs[0], WITH_DX=fs[0] == 0, **consts)
+    return dx2.reshape(x.shape), [dw[f].sum(0).to(B.dtype) for f, B in enumerate(blocks)]
+
+
+# ----------------------------------------------------------------------------- one-pass band apply in chunks
+#
+# A band super group of b = 64 (the b R-blocks j = q*k + s and the b L-blocks p = s*b + u, 4096
+# features) is too large to hold R x, L P R x and both factors' blocks on chip together.  The chunk
+# kernel holds the loaded side, x as [q, tokens, v] (b x BN x b), and produces the output UC L-blocks
+# at a time: entries u = c*UC..c*UC+UC of every R-block, t[q, n, u] = (R_q x_q)[u] (a [b, BN, UC] piece
+# of R x: the rows of the R-blocks that feed those L-blocks, so R x is computed once in total), the
+# permutation as a transpose of that piece to [u, n, q], the UC L-blocks on it, and a store of their
+# outputs (runs of UC contiguous features of y).  Both products stream their blocks in KS pieces along
+# K.  x is read once and y written once.  The transposed kernel (``TRANSPOSED``: dy loaded as
+# [u, tokens, i], L^T, P^T, R^T in chunks of UC R-blocks, dx stored) is the input gradient
+# ``dx = Q^T dy`` in one pass over dy and dx.
+#
+# Tiles for b = 64, fp16/bf16: BN = 16 tokens, UC = 16 L-blocks per chunk, KS = 4 pieces, 16 warps, one
+# pipeline stage.  On chip per program (sm_90: 227 KB of shared memory and 256 KB of registers per SM):
+# the loaded tile 64 x 16 x 64 x 2 B = 128 KB; a piece of R x (64 x 16 x 16, float32) 64 KB; the chunk's
+# L outputs (16 x 16 x 64, float32) 64 KB; a weight piece 64 x 16 x 16 x 2 B = 32 KB.  Compiled for sm_90
+# (tests/test_triton_compile.py) it uses 224 KB of shared memory (229376 B) and ptxas reports a
+# 3.7 KB stack frame per thread (6.5 KB of spill stores): a GPU run should time it against the
+# two-launch path before relying on it.
+#
+# The row kernels for b = 64 (r = 16, KS = 2, BN = 16, 16 warps) compile to 128 KB of shared memory
+# (forward); a three-factor chain backward at r = 48, b = 16 to 160 KB with a 19 KB stack frame per
+# thread (its three block-gradient accumulators of 16K floats each spill).
+
+CHUNK_MAX_TILE = {2: 4096, 4: 2048, 8: 1024}  # padded features of a chunked band super group (b x b)
+CHUNK_UC = 16
+
+
+@triton.jit
+def _chunk_kernel(
+    x_ptr, w1_ptr, w2_ptr, y_ptr,
+    N, r, b, k, n_super,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    TILES: tl.constexpr, TRANSPOSED: tl.constexpr, LINEAR_OUT: tl.constexpr, UC: tl.constexpr, KS: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """``y = P^T L P R x`` (``L P R x`` with ``LINEAR_OUT``; with ``TRANSPOSED`` the transposed map, ``x`` being dy,
+    ``w1`` L and ``w2`` R) for band super group ``s`` x ``TILES`` token tiles."""
+    s, pid_n = _program_split(n_super)
+    j = tl.arange(0, BB)
+    v = tl.arange(0, BB)
+    rows_ok = j < b
+    m2 = rows_ok[:, None] & (v < b)[None, :]
+    uu = tl.arange(0, UC)
+    if TRANSPOSED:  # load dy as L-block u rows, store dx as R-block rows
+        if LINEAR_OUT:
+            fin = ((s * b + j)[:, None] * b + v[None, :]).to(tl.int64)
+        else:
+            fin = (v[None, :] * r + s * b + j[:, None]).to(tl.int64)
+        blk1 = (s * b + j).to(tl.int64)
+    else:
+        fin = (j[:, None] * r + s * b + v[None, :]).to(tl.int64)
+        blk1 = (j * k + s).to(tl.int64)
+    for t in range(0, TILES):
+        n64, m3 = _split_token_tile(pid_n, t, N, m2, TILES, BN)
+        a = _load_tile(x_ptr, n64, fin, stride_xn, stride_xd, m3).to(DOT_DTYPE)            # [rows, n, entries]
+        for c in range(0, BB // UC):
+            tc = _bmm_pieces(a, w1_ptr, blk1, rows_ok, b, c * UC, TRANSPOSED, KS, UC, DOT_DTYPE, USE_DOT, IEEE,
+                             ACC)                                                            # [rows, n, UC]
+            ac = tl.permute(tc.to(DOT_DTYPE), (2, 1, 0))                                     # [UC, n, rows]
+            row2 = c * UC + uu
+            ok2 = row2 < b
+            if TRANSPOSED:
+                blk2 = (row2 * k + s).to(tl.int64)
+                fout = (row2[:, None] * r + s * b + v[None, :]).to(tl.int64)
+            else:
+                blk2 = (s * b + row2).to(tl.int64)
+                if LINEAR_OUT:
+                    fout = ((s * b + row2)[:, None] * b + v[None, :]).to(tl.int64)
+                else:
+                    fout = (v[None, :] * r + s * b + row2[:, None]).to(tl.int64)
+            z = _bmm_pieces(ac, w2_ptr, blk2, ok2, b, 0, TRANSPOSED, KS, BB, DOT_DTYPE, USE_DOT, IEEE, ACC)
+            m3c = (ok2[:, None] & (v < b)[None, :])[:, None, :] & (n64 < N)[None, :, None]
+            _store_tile(y_ptr, n64, fout, stride_yn, stride_yd, z, m3c)
+
+
+class _ChunkPlan(NamedTuple):
+    k: int        # r // b: super groups
+    bb: int       # padded b
+    uc: int       # output blocks per chunk
+    ks: int       # pieces the blocks are loaded in
+    esize: int
+
+
+def chunk_plan(r: int, b: int, esize: int = 2) -> _ChunkPlan | None:
+    """The chunked band tiling (``r % b == 0``, b >= 16) for dot inputs of ``esize`` bytes, or None."""
+    bb = triton.next_power_of_2(b)
+    if r % b or b < 16 or bb * bb > CHUNK_MAX_TILE[esize]:
+        return None
+    uc = min(CHUNK_UC, bb)
+    ks = next((ks for ks in (1, 2, 4) if bb // ks >= 16 and bb * (bb // ks) * uc <= 16384), 4 if bb >= 64 else 1)
+    return _ChunkPlan(r // b, bb, uc, ks, esize)
+
+
+def gs_chunked(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, linear_out: bool = False,
+               transposed: bool = False) -> torch.Tensor:
+    """``P^T L P R x`` (``L P R x`` with ``linear_out``; with ``transposed`` its transpose applied to ``x``) in one
+    pass by chunks of L-blocks (:func:`chunk_plan`); ValueError where there is no chunk plan."""
+    r, b, _ = R.shape
+    plan = chunk_plan(r, b, dot_bytes(x.dtype, L.dtype))
+    if plan is None:
+        raise ValueError(f"r={r}, b={b}: no chunked one-pass plan (r % b == 0, b >= 16, CHUNK_MAX_TILE)")
+    w1, w2 = (L, R) if transposed else (R, L)
+
+    def launch(x2, y2, n_tok):
+        block_n = 16 if not _interpreting() else max(16, min(64, triton.next_power_of_2(n_tok)))
+        n_tiles = triton.cdiv(n_tok, block_n)
+        tiles = _loop_count(n_tiles, plan.k, 8 * _n_sm(x.device))
+        dot_dtype, ieee = _dot_config(x.dtype, L.dtype)
+        _chunk_kernel[(plan.k * triton.cdiv(n_tiles, tiles),)](
+            x2, w1.contiguous(), w2.contiguous(), y2, n_tok, r, b, plan.k, plan.k,
+            x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+            TILES=tiles, TRANSPOSED=bool(transposed), LINEAR_OUT=bool(linear_out), UC=plan.uc, KS=plan.ks,
+            BB=plan.bb, BN=block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+            ACC=tl.float64 if dot_dtype == tl.float64 else tl.float32, USE_DOT=True, num_warps=16, num_stages=1,
+        )
+    return _per_token(x, r * b, launch)
