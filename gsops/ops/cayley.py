@@ -63,9 +63,8 @@ def lapack_single_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def cayley_exact_reference(K: Tensor) -> Tensor:
-    """``(I + K)(I - K)^{-1}`` for a batch of skew ``K`` (..., b, b), computed in float32 (float64
-    for float64 K) and returned in K's dtype; differentiable by torch autograd."""
+def _cayley_m(K: Tensor) -> tuple[Tensor, Tensor]:
+    """``M = (I - K)^{-1}`` in float32 (float64 for float64 K), and the identity it used."""
     acc = accumulate_dtype(K.dtype)
     eye = torch.eye(K.shape[-1], dtype=acc, device=K.device)
     # I - K has singular values >= 1 (its symmetric part is I), so the explicit inverse is as
@@ -75,7 +74,32 @@ def cayley_exact_reference(K: Tensor) -> Tensor:
     with lapack_single_thread(K.device):
         M = torch.linalg.inv_ex(eye - K.to(acc)).inverse  # no error check: I - K is never singular, and
         # the check would read the info flags on the host (a device sync on CUDA)
+    return M, eye
+
+
+def cayley_exact_reference(K: Tensor) -> Tensor:
+    """``(I + K)(I - K)^{-1} = 2M - I`` for a batch of skew ``K`` (..., b, b), computed in float32
+    (float64 for float64 K) and returned in K's dtype; differentiable by torch autograd."""
+    M, eye = _cayley_m(K)
     return (2 * M - eye).to(K.dtype)
+
+
+class _CayleyExactEager(torch.autograd.Function):
+    """The reference with the formula of :func:`cayley_exact_backward_reference`, reading the M it
+    kept (eager unchecked calls: fewer small ops than rebuilding M from Q)."""
+
+    @staticmethod
+    def forward(ctx, K):
+        M, eye = _cayley_m(K)
+        ctx.save_for_backward(M)
+        ctx.in_dtype = K.dtype
+        return (2 * M - eye).to(K.dtype)
+
+    @staticmethod
+    def backward(ctx, G):
+        (M,) = ctx.saved_tensors
+        Mt = M.transpose(-1, -2)
+        return (2 * Mt @ G.to(M.dtype) @ Mt).to(ctx.in_dtype)
 
 
 def cayley_exact_backward_reference(grad: Tensor, Q: Tensor) -> Tensor:
@@ -133,10 +157,11 @@ def neumann_error_bound(norm: Tensor, terms: int) -> Tensor:
 # ----------------------------------------------------------------------------- custom ops
 
 # K float32 or float64 (the public op casts); the backward reads M from the saved output Q = 2M - I.
-# Q = 2(I - K)^{-1} - I; the backward reads Q (M = (Q + I) / 2) and returns dK
+# Q = 2(I - K)^{-1} - I; the backward reads Q (M = (Q + I) / 2) and returns dK. Eager unchecked calls
+# keep M itself (_CayleyExactEager).
 EXACT = library.define(library.OpSpec("cayley_exact", "Tensor K", "Tensor", "Tensor",
                                       cayley_exact_reference, cayley_exact_backward_reference,
-                                      saved="Tensor Q", save=lambda args, Q: (Q,)))
+                                      saved="Tensor Q", save=lambda args, Q: (Q,), eager=_CayleyExactEager.apply))
 
 # Q = 2(I + K + ... + K^terms) - I; the backward reads K and returns dK. Eager unchecked calls take
 # torch's autograd of the series (linear in terms; the closed formula is quadratic).
