@@ -6,6 +6,14 @@ The ``device`` fixture is where the kernel tests put their tensors: a CUDA devic
 present (and TRITON_INTERPRET is not set), else the CPU (the Triton interpreter, tiny shapes).
 The same test functions thus run the Triton kernels on CUDA tensors on a GPU machine and
 under the interpreter elsewhere.
+
+The files are named by the layer they test, lowest first: ``test_checks``, ``test_flags``,
+``test_perm`` (base modules); ``test_reference_*`` (the op references against float64 loops);
+``test_ops_*`` (custom ops, dispatch, fuzzing of the public ops); ``test_triton_*`` (Triton
+kernels); ``test_csrc_*`` / ``test_cuda_*`` (CUDA sources, build, emulator, backend); ``test_nn_*``
+(layers); ``test_methods_*``; ``test_adapters_*`` (model verbs, files, PEFT); ``test_models_*``;
+``test_perf_*`` (the harness and its tools); ``test_e2e_*`` (whole workflows); ``test_layers`` and
+``test_packaging`` (the import layers and the installed package).
 """
 import os
 
