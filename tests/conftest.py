@@ -45,6 +45,18 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test leaves os.environ as it found it. PEFT's BOFT sets CC=gcc and CXX=gcc while it tries
+    to build its CUDA extension and leaves them set when the build fails (no CUDA): a later C++ build
+    (cmake, the CUDA emulator) would then link C++ with gcc."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
