@@ -18,21 +18,29 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype every op accumulates in: float32 for float16/bfloat16 inputs, else the input's own."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
-# Checking parameters for NaN/inf costs a device sync; it is on by default and
-# can be switched off for production runs (GSOPS_CHECK_FINITE=0 or
-# gsops.checks.set_check_finite(False); the values a flag takes: gsops.flags).
-# Activations are never scanned.
-_CHECK_FINITE = env_flag("GSOPS_CHECK_FINITE", True)
+# Two switches, each read from its environment variable at import (the values a flag takes:
+# gsops.flags) and settable at run time. Checking parameters for NaN/inf is on by default and can
+# be switched off for production runs (GSOPS_CHECK_FINITE=0 or set_check_finite(False)); inputs
+# (activations) are scanned only on opt-in (GSOPS_CHECK_INPUTS=1 or set_check_inputs(True)).
+_SWITCHES = {"finite": env_flag("GSOPS_CHECK_FINITE", True), "inputs": env_flag("GSOPS_CHECK_INPUTS", False)}
 
 
 def set_check_finite(enabled: bool) -> None:
     """Turn the non-finite scan of parameters (blocks, skew matrices) on or off."""
-    global _CHECK_FINITE
-    _CHECK_FINITE = bool(enabled)
+    _SWITCHES["finite"] = bool(enabled)
 
 
 def check_finite_enabled() -> bool:
-    return _CHECK_FINITE
+    return _SWITCHES["finite"]
+
+
+def set_check_inputs(enabled: bool) -> None:
+    """Turn the opt-in non-finite scan of adapter layer inputs on or off."""
+    _SWITCHES["inputs"] = bool(enabled)
+
+
+def check_inputs_enabled() -> bool:
+    return _SWITCHES["inputs"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -78,7 +86,7 @@ def has_values(t: torch.Tensor) -> bool:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if _CHECK_FINITE and t.numel() and has_values(t) and not torch.isfinite(t).all():
+    if _SWITCHES["finite"] and t.numel() and has_values(t) and not torch.isfinite(t).all():
         raise ValueError(
             f"{name} contains NaN or inf values; refusing to continue (they would poison training). "
             "Set GSOPS_CHECK_FINITE=0 to skip this check."
@@ -110,18 +118,3 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 def check_features(name_x: str, x: torch.Tensor, n: int, what: str) -> None:
     if x.shape[-1] != n:
         raise ValueError(f"{name_x}.shape[-1]={x.shape[-1]} must equal {what}={n}")
-
-
-# Inputs (activations) are not scanned for NaN/inf by default (a pass over every
-# activation); opt in with GSOPS_CHECK_INPUTS=1 or gsops.checks.set_check_inputs(True).
-_CHECK_INPUTS = env_flag("GSOPS_CHECK_INPUTS", False)
-
-
-def set_check_inputs(enabled: bool) -> None:
-    """Turn the opt-in non-finite scan of adapter layer inputs on or off."""
-    global _CHECK_INPUTS
-    _CHECK_INPUTS = bool(enabled)
-
-
-def check_inputs_enabled() -> bool:
-    return _CHECK_INPUTS
