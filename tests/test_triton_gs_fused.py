@@ -97,15 +97,19 @@ def test_onepass_forward_backward_float64(b, r, n, float64_big_tiles):
     _check_onepass_float64(x, L, R, g, linear_out=True)  # the two-factor chain L P R x
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,r", [(24, 48), (8, 12), (16, 2)])
-def test_onepass_dtypes_through_public_ops(dtype, b, r):
-    """gs_apply on the triton backend (the one-pass kernel) in each dtype against the float32 reference."""
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype,b,r,n", [(dt, b, r, 13) for dt in _DTYPES for b, r in [(24, 48), (8, 12), (16, 2)]]
+                         + [(dt, 64, 3, 7) for dt in _DTYPES] + [(torch.bfloat16, 64, 64, 7)])
+def test_onepass_dtypes_through_public_ops(dtype, b, r, n):
+    """gs_apply on the triton backend (the one-pass kernels, b = 64 included) in each dtype against the
+    float32 reference."""
     torch.manual_seed(1)
     L = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
     R = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
-    x = torch.randn(13, r * b).to(dtype)
-    g = torch.randn(13, r * b).to(dtype)
+    x = torch.randn(n, r * b).to(dtype)
+    g = torch.randn(n, r * b).to(dtype)
     assert_triton_gs_apply_matches_reference(x, L, R, g)
 
 
@@ -252,17 +256,6 @@ def test_chunk_kernel_float64(b, r, n, linear_out, float64_big_tiles):
                                rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(G.gs_chunked(x, L, R, linear_out=linear_out, transposed=True),
                                torch.from_numpy(np64(x) @ A), rtol=1e-11, atol=1e-11)
-
-
-@pytest.mark.parametrize("dtype,b,r", [(torch.float32, 64, 3), (torch.float16, 64, 3), (torch.bfloat16, 64, 3),
-                                     (torch.bfloat16, 64, 64)])
-def test_block_size_64_dtypes_through_public_ops(dtype, b, r):
-    torch.manual_seed(2)
-    L = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
-    R = torch.linalg.qr(torch.randn(r, b, b, dtype=torch.float64))[0].to(dtype)
-    x = torch.randn(7, r * b).to(dtype)
-    g = torch.randn(7, r * b).to(dtype)
-    assert_triton_gs_apply_matches_reference(x, L, R, g)
 
 
 def _check_chain_float64(blocks, x, g):
