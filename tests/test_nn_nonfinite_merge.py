@@ -1,6 +1,6 @@
 """Adapter layers under stress: non-finite policy, merge safety, determinism.
 
-Policy (see gsops/nn/adapters.py module docstring): a layer whose adapter parameters hold NaN/inf
+Policy (see the gsops/nn/mergeable.py module docstring): a layer whose adapter parameters hold NaN/inf
 raises ValueError naming the layer and the parameter before any op runs; inputs are scanned only
 on opt-in (GSOPS_CHECK_INPUTS=1 / gsops.checks.set_check_inputs); GSOPS_CHECK_FINITE=0 /
 gsops.set_check_finite(False) is the global opt-out; merge() always checks.
