@@ -97,10 +97,6 @@ def module(name: str):
     return _modules[name]
 
 
-def has_kernel(name: str, op: str) -> bool:
-    return load(name)[0] and op in _KERNELS[name]
-
-
 def supports(name: str, op: str, *tensors: torch.Tensor) -> str | None:
     """None when backend ``name`` loads, has a kernel for ``op`` and takes ``tensors``; else why not."""
     ok, reason = load(name)
