@@ -362,5 +362,13 @@ def test_linear_is_input_centric(method, monkeypatch):
         return real(x, W, b)
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    import gsops.nn.orthogonal as orth
+    fused = orth.rotated_linear_unchecked  # the torch path: rotation and frozen GEMM in one node
+
+    def spy_fused(x, factors, W, *rest):
+        calls.append(tuple(W.shape))
+        return fused(x, factors, W, *rest)
+
+    monkeypatch.setattr(orth, "rotated_linear_unchecked", spy_fused)
     layer(torch.randn(3, 24)).sum().backward()
     assert calls == [(12, 24)] and layer.rotation.factors.params.grad is not None

@@ -21,7 +21,12 @@ layer at initialisation; the scale ``s`` starts at 1.
 One forward computes the blocks of every rotation once (one batched Cayley call
 for the exact ones), checks parameters and Neumann errors on the device without
 a host sync (:meth:`MergeableAdapter.check_parameters_finite`) and applies the
-rotations with ``gsops.ops``.
+rotations with ``gsops.ops``. On the torch backend in eager mode (float32/float64,
+no autocast) a Linear-like layer of ``gsoft``, ``oft`` or ``double_gsoft`` runs its
+input rotation, the frozen GEMM and (without an output rotation) scale and bias as
+one autograd node, :func:`gsops.ops.rotated_linear`, which keeps the rotation in
+a feature-major layout where the shuffle costs no copy; its numbers are those of
+the separate ops up to rounding.
 
 Determinism: on CPU every method's forward and backward is bitwise
 reproducible for a fixed seed. GPU kernels that reduce block gradients with
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_int
+from ..ops.rotated_linear import fits as rotated_linear_fits, rotated_linear_unchecked
 from .cayley_param import blocks_batched
 from .layers import adapter_param_dtype, is_linear_like, layer_dims
 from .mergeable import MergeableAdapter, method_registry
@@ -103,7 +109,19 @@ class OrthogonalAdapter(MergeableAdapter):
         base = self.base_layer
         if is_linear_like(base):
             # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
-            y = F.linear(self.rotation.rotate(x, B_in.to(x.dtype)), self._flat_weight())
+            B_in = B_in.to(x.dtype)
+            W = self._flat_weight()
+            factors = self.rotation.linear_factors(B_in)
+            if factors is not None and rotated_linear_fits(x, W, factors):
+                # rotation, frozen GEMM (and, without an output rotation, scale and bias) in one node
+                if self.rotation_out is not None:
+                    y = rotated_linear_unchecked(x, factors, W)
+                else:
+                    s = None if self.scale is None else self.scale.to(x.dtype)
+                    c = None if base.bias is None else base.bias.to(x.dtype)
+                    return rotated_linear_unchecked(x, factors, W, c, s)
+            else:
+                y = F.linear(self.rotation.rotate(x, B_in), W)
             if self.rotation_out is not None:
                 y = self.rotation_out.rotate(y, B_out.to(y.dtype))
             if self.scale is not None:

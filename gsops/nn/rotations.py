@@ -52,6 +52,10 @@ class Rotation(nn.Module):
     def blocks(self, dtype=None) -> torch.Tensor:
         return self.factors(dtype)
 
+    def linear_factors(self, blocks: torch.Tensor):
+        """The factors :func:`gsops.ops.rotated_linear` takes for this ``Q`` (None: it takes none)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # blocks are built in the parameters' dtype (float32 on a half-precision model), used in x's dtype
         return self.rotate(x, self.factors().to(x.dtype))
@@ -70,6 +74,9 @@ class GSRotation(Rotation):
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 2, **cayley_kw)
 
+    def linear_factors(self, blocks):
+        return blocks[0], blocks[1]  # (R, L)
+
     def rotate(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks
         R, L = B[0], B[1]
@@ -87,6 +94,9 @@ class BlockDiagRotation(Rotation):
 
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 1, **cayley_kw)
+
+    def linear_factors(self, blocks):
+        return (blocks[0],)
 
     def rotate(self, x, blocks=None, transpose=False):
         B = self.factors() if blocks is None else blocks

@@ -6,6 +6,7 @@
 ``gs_apply.py``                 GSOFT's ``P^T L P R x`` and the dense ``Q`` (``gs_dense``)
 ``cayley.py``                   ``skew``/``unskew``, Cayley exact and Neumann
 ``conv_exp.py``                 GS-SOC's grouped convolution exponential and SOC helpers
+``rotated_linear.py``           ``s * (W (Q x)) + c`` in one node (the torch path of adapted Linears)
 ``gs_project.py``               projection onto the GS class (Algorithm 1; not dispatched)
 ``library.py``                  the one helper that builds every op's ``torch.library`` custom ops
 ``dispatch.py``                 the one backend decision (``GSOPS_BACKEND``)
@@ -30,9 +31,11 @@ from .gs_chain import gs_chain
 from .gs_apply import gs_apply, gs_apply_unchecked, gs_dense
 from .cayley import skew, unskew, cayley, cayley_unchecked, neumann_error_bound, spectral_norm  # noqa: F401
 from .gs_project import gs_project
+from .rotated_linear import rotated_linear, rotated_linear_unchecked
 from . import conv_exp  # noqa: F401  (the submodule: gsops.ops.conv_exp.*)
 
 __all__ = [
     "block_diag_mm", "gs_chain", "gs_apply", "gs_dense", "skew", "unskew", "cayley", "gs_project",
-    "block_diag_mm_unchecked", "gs_apply_unchecked", "cayley_unchecked",
+    "rotated_linear",
+    "block_diag_mm_unchecked", "gs_apply_unchecked", "cayley_unchecked", "rotated_linear_unchecked",
 ]

@@ -1,0 +1,188 @@
+"""``y = s * (W (Q x)) + c`` as one autograd node: the torch backend's path for an adapted ``nn.Linear``.
+
+``Q`` is OFT's ``diag(B)`` (one factor) or GSOFT's ``P^T L P R`` (factors ``(R, L)``,
+``P = perm(r, d)``, SPEC "GSOFT"); ``W`` is the frozen ``d_out x d`` weight, ``c`` the
+bias and ``s`` the per-output scale (both optional).
+
+Reading order: the reference (the composition of the op references with ``F.linear``),
+the fused node, then the checked public function and the unchecked one the layers call.
+
+Why one node. The block products are cheap in flops (``2 N d b`` each against the
+GEMM's ``2 N d d_out``) but each is a pass over the activations, and the shuffle
+``P`` is a layout change: between two BLAS calls in token-major layout (``x`` as
+``N x d``) it costs a copy per permutation. The fused node keeps the rotation
+*feature-major* (``Q x`` held as ``d x N``): there every factor is one ``bmm`` over
+the blocks whose operands are strided views (``P`` and ``P^T`` become strides,
+``stride(p) = r N``, with unit stride along the tokens), and the GEMM with ``W``
+takes the transposed ``Q x`` as it is. In the backward the gradient of ``Q x`` is
+computed feature-major by the same GEMM (``W^T dy^T``), so the frozen layer's own
+backward is not run separately and no token-major transpose is ever copied.
+
+Passes over the activations (``N x d`` each), forward: the block products (1 for
+OFT, 2 for GSOFT) and one row-block copy for ``P^T`` (GSOFT); backward: ``R x``
+recomputed (GSOFT), one ``bmm`` per factor for ``dx`` and one per factor for its
+block gradient, one row-block copy for ``P`` (GSOFT) and one for ``dx``'s
+token-major layout. Saved for the backward: ``x`` (a view, no copy) and, with the
+scale, ``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checks import check_blocks, check_features, check_same_device, check_tensor
+from . import dispatch
+from .block_diag_mm import block_diag_mm_reference
+from .gs_apply import gs_apply_reference
+
+DTYPES = (torch.float32, torch.float64)
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rotated_linear_reference(x: Tensor, factors, W: Tensor, bias: Tensor | None = None,
+                             scale: Tensor | None = None) -> Tensor:
+    """``s * (W (Q x)) + c``: ``Q = diag(B)`` for ``factors = (B,)``, ``P^T L P R`` for ``(R, L)``."""
+    u = block_diag_mm_reference(x, factors[0]) if len(factors) == 1 else gs_apply_reference(x, factors[1], factors[0])
+    y = F.linear(u, W)
+    if scale is not None:
+        y = y * scale
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- the fused node
+
+
+def _rotate_feature_major(x2: Tensor, factors) -> Tensor:
+    """``(Q x)^T`` as a contiguous ``d x N`` tensor (two activation-sized buffers for GSOFT, one for OFT)."""
+    N, d = x2.shape
+    B = factors[0]
+    r, b, _ = B.shape
+    zT = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # block i: B_i x_i for every token, (r, b, N)
+    if len(factors) == 1:
+        return zT.view(d, N)
+    # L's block q reads features p*r + q of R x (P), and its output entry p goes to feature p*r + q (P^T)
+    wT = torch.bmm(factors[1], zT.view(b, r, N).transpose(0, 1))  # (q, p, N)
+    return zT.view(b, r, N).copy_(wT.transpose(0, 1)).view(d, N)  # R x is no longer needed: its buffer
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """The fused node. A large intermediate takes over the buffer of one already read (a fresh
+    activation-sized buffer costs page faults on the CPU, and peak memory)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, scale, *factors):
+        d, d_out = x.shape[-1], W.shape[0]
+        x2 = x.reshape(-1, d)
+        u = _rotate_feature_major(x2, factors).t()  # Q x, token-major view of the feature-major result
+        if scale is None:
+            out = torch.mm(u, W.t()) if bias is None else torch.addmm(bias, u, W.t())
+            h = None
+        else:
+            h = torch.mm(u, W.t())
+            out = h * scale if bias is None else torch.addcmul(bias, h, scale)
+        ctx.save_for_backward(x2, W, scale, h if ctx.needs_input_grad[3] else None, *factors)
+        ctx.lead = x.shape[:-1]
+        return out.view(*ctx.lead, d_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, W, scale, h, *factors = ctx.saved_tensors
+        need_x, need_W, need_bias, need_scale, *need_f = ctx.needs_input_grad
+        N, d = x2.shape
+        g = grad.reshape(N, W.shape[0])
+        dbias = g.sum(0) if need_bias else None
+        dscale = (g * h).sum(0) if need_scale else None
+        gs = None  # s * g, once built
+        if scale is None:
+            gs = g
+            dyT = torch.mm(W.t(), g.t())
+        elif W.shape[1] <= N:  # fold s into the weight when it is the smaller operand
+            dyT = torch.mm((W * scale[:, None]).t(), g.t())
+        else:
+            gs = g * scale
+            dyT = torch.mm(W.t(), gs.t())
+        # dyT: the gradient of Q x, feature-major (d, N)
+        dW = None
+        if need_W:
+            gs = g * scale if gs is None else gs
+            dW = torch.mm(gs.t(), _rotate_feature_major(x2, factors).t())
+        B = factors[0]
+        r, b, _ = B.shape
+        grads = [None] * len(factors)
+        if len(factors) == 1:
+            dzT = dyT.view(r, b, N)
+        else:
+            L = factors[1]
+            dwq = dyT.view(b, r, N).transpose(0, 1)  # (q, p, N): the gradient of L's output
+            if need_f[1]:
+                zT = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # R x, recomputed
+                grads[1] = torch.bmm(dwq, zT.view(b, r, N).transpose(0, 1).transpose(1, 2))
+                del zT
+            dzq = torch.bmm(L.transpose(1, 2), dwq)  # (q, p, N): L^T
+            dzT = dyT.view(b, r, N).copy_(dzq.transpose(0, 1)).view(r, b, N)  # P^T, in dyT's buffer
+            del dzq
+        if need_f[0]:
+            grads[0] = torch.bmm(dzT, x2.view(N, r, b).transpose(0, 1))
+        dx = None
+        if need_x:
+            dx = torch.empty_like(x2)
+            dx.view(N, r, b).transpose(0, 1).copy_(torch.bmm(dzT.transpose(1, 2), B))
+            dx = dx.view(*ctx.lead, d)
+        return (dx, dW, dbias, dscale, *grads)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def fits(x: Tensor, W: Tensor, factors) -> bool:
+    """Whether the fused node runs this call: eager, torch backend, float32/float64 throughout, no autocast."""
+    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype:
+        return False
+    if torch.is_autocast_enabled(x.device.type) or not x.numel() or x.dim() < 1:
+        return False
+    if any(B.dtype != x.dtype for B in factors):
+        return False
+    op = "block_diag_mm" if len(factors) == 1 else "gs_apply"
+    return dispatch.for_call(op, x, *factors) == "torch"
+
+
+def rotated_linear_unchecked(x: Tensor, factors, W: Tensor, bias: Tensor | None = None,
+                             scale: Tensor | None = None) -> Tensor:
+    """:func:`rotated_linear` without argument checks (inputs valid by construction, :func:`fits` true)."""
+    return _RotatedLinear.apply(x, W, bias, scale, *factors)
+
+
+def rotated_linear(x: Tensor, factors, W: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """``s * (W (Q x)) + c`` with ``Q = diag(B)`` (``factors = (B,)``) or ``P^T L P R`` (``factors = (R, L)``).
+
+    ``x`` (..., d) with ``d = r*b``; each factor (r, b, b); ``W`` (d_out, d); ``bias`` and
+    ``scale`` (d_out,) or None. Float32 or float64, one dtype and device for all; gradients
+    flow to every argument that requires them.
+    """
+    check_tensor("x", x)
+    factors = tuple(factors)
+    if len(factors) not in (1, 2):
+        raise ValueError(f"factors must be (B,) or (R, L), got {len(factors)} tensors")
+    names = ["B"] if len(factors) == 1 else ["R", "L"]
+    check_blocks(names[0], factors[0])
+    r, b = factors[0].shape[0], factors[0].shape[1]
+    for name, B in zip(names[1:], factors[1:]):
+        check_blocks(name, B, r=r, b=b)
+    check_tensor("W", W)
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (d_out, d), got shape {tuple(W.shape)}")
+    check_features("x", x, r * b, "r*b of the blocks")
+    check_features("W", W, r * b, "r*b of the blocks")
+    for name, v in (("bias", bias), ("scale", scale)):
+        if v is not None and tuple(v.shape) != (W.shape[0],):
+            raise ValueError(f"{name} must have shape ({W.shape[0]},) (d_out of W), got {tuple(v.shape)}")
+    tensors = dict(x=x, W=W, **dict(zip(names, factors)))
+    tensors.update({k: v for k, v in (("bias", bias), ("scale", scale)) if v is not None})
+    check_same_device(**tensors)
+    bad = {k: v.dtype for k, v in tensors.items() if v.dtype != x.dtype}
+    if x.dtype not in DTYPES or bad:
+        raise TypeError(f"rotated_linear takes float32 or float64 tensors of one dtype; x is {x.dtype}"
+                        + (f", {bad}" if bad else ""))
+    return _RotatedLinear.apply(x, W, bias, scale, *factors)
