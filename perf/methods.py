@@ -245,6 +245,9 @@ def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
     if method == "gsoft_noscale":  # GSOFT without the magnitude scale s (which needs W Q x saved for its gradient)
         method = "gsoft"
         kw["scale"] = False
+    elif method == "oft_neumann":  # OFT with PEFT OFT's defaults: the Cayley-Neumann series, no scale
+        method = "oft"
+        kw.update(cayley="neumann", scale=False)
     spec = registry.get(method)
     orth = spec.family == "orthogonal"
     n_factors = None
@@ -261,7 +264,8 @@ def build_gsops(base, case, method, backend="torch", rank=LORA_RANK, **_):
         _check_gsops_factors(model, method, n_factors, case.block_size)
     return Built(model, impl=f"gsops {gsops.__version__} [{backend}]",
                  block_size=kw.get("block_size"), n_factors=n_factors, orthogonal=orth,
-                 note=f"rank {rank}" if not orth else ("" if kw.get("scale", True) else "scale=False"))
+                 note=f"rank {rank}" if not orth else ", ".join(
+                     ([f"cayley={kw['cayley']}"] if "cayley" in kw else []) + ([] if kw.get("scale", True) else ["scale=False"])))
 
 
 def _check_gsops_factors(model, method, n_stack, block_size) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..checks import check_int, has_values
-from ..ops.cayley import neumann_error_bound, spectral_norm
+from ..ops.cayley import cayley_packed_fits, cayley_packed_unchecked, neumann_error_bound, spectral_norm
 from ..reference.peft_cayley import peft_cayley_neumann
 from ..tolerances import NEUMANN_WARN_ERROR
 
@@ -134,6 +134,9 @@ class CayleyBlocks(nn.Module):
 
         No host sync: the caller decides when to read ``err`` (see :mod:`gsops.nn.guard`).
         """
+        if self.exact and self.packed and (dtype is None or dtype == self.params.dtype) \
+                and cayley_packed_fits(self.params):
+            return cayley_packed_unchecked(self.params, self.skew_index, self.skew_sign, self.b), None
         K = self.skew_matrices(dtype)
         if self.cayley == "peft_neumann":  # PEFT's own series, for adapters imported from PEFT
             return peft_cayley_neumann(K, self.neumann_terms), None
@@ -142,9 +145,11 @@ class CayleyBlocks(nn.Module):
         Q = ops.cayley_unchecked(K, "neumann", self.neumann_terms)
         with torch.no_grad():
             Qd = Q.detach().flatten(0, -3)
-            gram = Qd.transpose(-1, -2) @ Qd
-            gram.diagonal(dim1=-2, dim2=-1).sub_(1)
-            err = gram.abs().amax().double().reshape(1) if gram.numel() else gram.new_zeros(1, dtype=torch.float64)
+            if Qd.numel():
+                eye = torch.eye(Qd.shape[-1], dtype=Qd.dtype, device=Qd.device)
+                err = torch.baddbmm(eye, Qd.transpose(-1, -2), Qd, alpha=1, beta=-1).abs().amax().double().reshape(1)
+            else:
+                err = Qd.new_zeros(1, dtype=torch.float64)
         return Q, err
 
     def judge_series(self, err: float) -> bool:
@@ -179,8 +184,15 @@ class CayleyBlocks(nn.Module):
 def blocks_batched(stacks: list) -> list:
     """``blocks_and_error()`` of several CayleyBlocks, with one Cayley call for all exact ones of one block size."""
     exact = [f for f in stacks if f.exact]
-    if len(exact) < 2 or len({(f.b, f.params.dtype) for f in exact}) != 1:
+    if len(exact) < 2 or len({(f.b, f.params.dtype, f.packed) for f in exact}) != 1:
         return [f.blocks_and_error() for f in stacks]
+    f0 = exact[0]
+    if f0.packed and cayley_packed_fits(f0.params):
+        Q = cayley_packed_unchecked(torch.cat([f.params.flatten(0, 1) for f in exact]), f0.skew_index,
+                                    f0.skew_sign, f0.b)
+        parts = iter(Q.split([f.n * f.r for f in exact]))
+        return [(next(parts).view(f.n, f.r, f.b, f.b), None) if f.exact else f.blocks_and_error()
+                for f in stacks]
     Ks = [f.skew_matrices() for f in exact]
     Q = ops.cayley_unchecked(torch.cat([K.flatten(0, 1) for K in Ks]), "exact")
     parts = iter(Q.split([K.shape[0] * K.shape[1] for K in Ks]))

@@ -12,6 +12,7 @@ ops, then the checked public functions and the unchecked one the layers call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -102,6 +103,63 @@ class _CayleyExactEager(torch.autograd.Function):
         return (2 * Mt @ G.to(M.dtype) @ Mt).to(ctx.in_dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _eye_pair(b: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
+    eye = torch.eye(b, dtype=dtype, device=device)
+    return eye, -eye
+
+
+@functools.lru_cache(maxsize=64)
+def _triu_flat(b: int, device: str) -> Tensor:
+    """Flat indices ``i*b + j`` of the strict upper triangle, row major (the packed layout)."""
+    iu = torch.triu_indices(b, b, offset=1, device="cpu")
+    return (iu[0] * b + iu[1]).to(device)
+
+
+class _CayleyPackedEager(torch.autograd.Function):
+    """Packed skew parameters -> exact Cayley blocks in one node (eager, float32/float64): the skew
+    layout, ``M = (I - K)^{-1}`` and ``Q = 2M - I``; backward ``dK = 2 M^T G M^T`` and
+    ``dp = (dK - dK^T)`` on the packed triangle. Fewer small ops and autograd nodes than the
+    separate skew gather and Cayley transform (what a small layer's step is made of)."""
+
+    @staticmethod
+    def forward(ctx, p, index, sign, b):
+        flat = p.reshape(-1, p.shape[-1])
+        K = (flat.index_select(1, index) * sign).view(-1, b, b)
+        eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
+        with lapack_single_thread(p.device):
+            M = torch.linalg.inv_ex(torch.sub(eye, K)).inverse  # I - K is never singular (SPEC)
+        ctx.save_for_backward(M)
+        ctx.shape, ctx.b = p.shape, b
+        return torch.add(neg_eye, M, alpha=2).view(*p.shape[:-1], b, b)
+
+    @staticmethod
+    def backward(ctx, G):
+        (M,) = ctx.saved_tensors
+        b = ctx.b
+        Mt = M.transpose(-1, -2)
+        T = torch.bmm(Mt, G.reshape(-1, b, b).to(M.dtype))
+        dK = torch.baddbmm(T, T, Mt, beta=0, alpha=2)  # 2 M^T G M^T (beta=0: T itself is not added)
+        dA = torch.sub(dK, dK.transpose(-1, -2)).view(-1, b * b)
+        dp = dA.index_select(1, _triu_flat(b, str(M.device))).view(ctx.shape)
+        return dp, None, None, None
+
+
+def cayley_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int) -> Tensor:
+    """Exact Cayley blocks ``(..., b, b)`` of packed skew parameters ``p`` (..., b(b-1)/2), given the
+    gather ``index``/``sign`` of the packed layout (``K_flat = p[..., index] * sign``), on the torch
+    path in eager mode with float32/float64 ``p`` (:func:`cayley_packed_fits`); no checks."""
+    return _CayleyPackedEager.apply(p, index, sign, b)
+
+
+def cayley_packed_fits(p: Tensor) -> bool:
+    """Whether :func:`cayley_packed_unchecked` takes ``p`` in this call."""
+    if p.dtype not in (torch.float32, torch.float64) or not p.numel() or torch.compiler.is_compiling():
+        return False
+    backend = dispatch.requested()  # the backend cayley_exact gets: torch when forced, and off CUDA under auto
+    return backend == "torch" or (backend == "auto" and p.device.type != "cuda")
+
+
 def cayley_exact_backward_reference(grad: Tensor, Q: Tensor) -> Tensor:
     """``dK = 2 M^T G M^T`` with ``M = (Q + I) / 2`` (the saved Q gives M)."""
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
@@ -121,6 +179,20 @@ def cayley_neumann_reference(K: Tensor, terms: int) -> Tensor:
         power = power @ K
         M = M + power
     return 2 * M - eye
+
+
+def _cayley_neumann_eager(K: Tensor, terms: int) -> Tensor:
+    """:func:`cayley_neumann_reference` by Horner's rule, ``M_t = I + K (I + K (... (I + K)))``: one
+    batched product per term (fewer small ops under plain autograd, eager unchecked calls)."""
+    if K.dim() < 3 or not K.numel() or terms < 1:
+        return cayley_neumann_reference(K, terms)
+    b = K.shape[-1]
+    eye, neg_eye = _eye_pair(b, K.dtype, str(K.device))
+    Kf = K.reshape(-1, b, b)
+    M = Kf + eye
+    for _ in range(terms - 1):
+        M = torch.baddbmm(eye, Kf, M)
+    return torch.add(neg_eye, M, alpha=2).view(K.shape)
 
 
 def cayley_neumann_backward_reference(grad: Tensor, K: Tensor, terms: int) -> Tensor:
@@ -167,7 +239,7 @@ EXACT = library.define(library.OpSpec("cayley_exact", "Tensor K", "Tensor", "Ten
 # torch's autograd of the series (linear in terms; the closed formula is quadratic).
 NEUMANN = library.define(library.OpSpec("cayley_neumann", "Tensor K, int terms", "Tensor", "Tensor",
                                         cayley_neumann_reference, cayley_neumann_backward_reference,
-                                        eager=cayley_neumann_reference))
+                                        eager=_cayley_neumann_eager))
 
 # ----------------------------------------------------------------------------- dispatch
 
