@@ -45,8 +45,9 @@ def _case(r, b, d_out, lead, n_factors, dtype, seed=0):
 @pytest.mark.parametrize("r,b", [(4, 8), (8, 4), (3, 5), (6, 6), (1, 7)])
 @pytest.mark.parametrize("with_scale,with_bias", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_dense_float64_forward_and_backward(n_factors, r, b, with_scale, with_bias, dtype):
-    x, factors, W, bias, scale, grad = _case(r, b, 11, (2, 3), n_factors, dtype)
+@pytest.mark.parametrize("square", [False, True])  # d_out == d: the output takes a spare buffer
+def test_matches_dense_float64_forward_and_backward(n_factors, r, b, with_scale, with_bias, dtype, square):
+    x, factors, W, bias, scale, grad = _case(r, b, r * b if square else 11, (2, 3), n_factors, dtype)
     bias = bias if with_bias else None
     scale = scale if with_scale else None
     leaves = [x, *factors] + [t for t in (bias, scale) if t is not None]
