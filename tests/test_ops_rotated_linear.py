@@ -172,3 +172,12 @@ def test_adapter_runs_the_fused_node_and_matches_the_op_path(method, scale, monk
     torch.testing.assert_close(y, y2, **tol(torch.float32))
     for a, e in zip(grads, grads2):
         torch.testing.assert_close(a, e, **tol(torch.float32))
+
+
+def test_double_backward_is_refused_clearly():
+    x, factors, W, bias, scale, grad = _case(4, 4, 16, (3,), 2, torch.float64)
+    x = x.requires_grad_()
+    y = gsops.ops.rotated_linear(x, factors, W, bias, scale)
+    (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate|does not require grad"):
+        torch.autograd.grad(dx.sum(), x)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..checks import check_blocks, check_features, check_same_device, check_tensor
 from . import dispatch
@@ -97,6 +98,7 @@ class _RotatedLinear(torch.autograd.Function):
         return out.view(*ctx.lead, d_out)
 
     @staticmethod
+    @once_differentiable  # the backward writes into buffers it owns (no double backward)
     def backward(ctx, grad):
         x2, W, scale, h, *factors = ctx.saved_tensors
         need_x, need_W, need_bias, need_scale, *need_f = ctx.needs_input_grad
