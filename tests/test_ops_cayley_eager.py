@@ -64,3 +64,28 @@ def test_packed_node_runs_for_the_eager_torch_path_only():
     assert C.cayley_packed_fits(p)
     assert not C.cayley_packed_fits(p.half())
     assert not C.cayley_packed_fits(torch.zeros(0, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("terms", [1, 2, 5])
+def test_packed_neumann_node_matches_the_series_and_its_gradient(dtype, terms):
+    b, shape = 6, (2, 3)
+    g = torch.Generator().manual_seed(10 + terms)
+    m = b * (b - 1) // 2
+    p64 = (0.1 * torch.randn(*shape, m, generator=g, dtype=torch.float64)).requires_grad_()
+    G = torch.randn(*shape, b, b, generator=g, dtype=torch.float64)
+    idx, sign = _skew_gather(b)
+    Kp = (p64.reshape(-1, m)[:, idx] * sign.double()).reshape(*shape, b, b)
+    eye = torch.eye(b, dtype=torch.float64)
+    series, power = eye.expand_as(Kp), eye.expand_as(Kp)
+    for _ in range(terms):  # the plain series under float64 autograd
+        power = power @ Kp
+        series = series + power
+    want = 2 * series - eye
+    (want_dp,) = torch.autograd.grad(want, p64, G)
+    p = p64.detach().to(dtype).requires_grad_()
+    got = C.neumann_packed_unchecked(p, idx, sign.to(dtype), b, terms)
+    torch.testing.assert_close(got, want.detach().to(dtype), **tol(dtype))
+    (got_dp,) = torch.autograd.grad(got, p, G.to(dtype))
+    rtol, atol = tol(dtype).values()
+    torch.testing.assert_close(got_dp, want_dp.to(dtype), rtol=10 * rtol, atol=10 * atol)

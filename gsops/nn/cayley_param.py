@@ -35,7 +35,8 @@ from torch import nn
 
 from .. import ops
 from ..checks import check_int, has_values
-from ..ops.cayley import cayley_packed_fits, cayley_packed_unchecked, neumann_error_bound, spectral_norm
+from ..ops.cayley import (cayley_packed_fits, cayley_packed_unchecked, neumann_error_bound, neumann_packed_unchecked,
+                          spectral_norm)
 from ..reference.peft_cayley import peft_cayley_neumann
 from ..tolerances import NEUMANN_WARN_ERROR
 
@@ -134,15 +135,17 @@ class CayleyBlocks(nn.Module):
 
         No host sync: the caller decides when to read ``err`` (see :mod:`gsops.nn.guard`).
         """
-        if self.exact and self.packed and (dtype is None or dtype == self.params.dtype) \
-                and cayley_packed_fits(self.params):
-            return cayley_packed_unchecked(self.params, self.skew_index, self.skew_sign, self.b), None
-        K = self.skew_matrices(dtype)
+        one_node = self.packed and (dtype is None or dtype == self.params.dtype) and cayley_packed_fits(self.params)
         if self.cayley == "peft_neumann":  # PEFT's own series, for adapters imported from PEFT
-            return peft_cayley_neumann(K, self.neumann_terms), None
+            return peft_cayley_neumann(self.skew_matrices(dtype), self.neumann_terms), None
         if not self.series:
-            return ops.cayley_unchecked(K, "exact"), None
-        Q = ops.cayley_unchecked(K, "neumann", self.neumann_terms)
+            if one_node:  # skew layout and Cayley in one autograd node (the eager CPU path)
+                return cayley_packed_unchecked(self.params, self.skew_index, self.skew_sign, self.b), None
+            return ops.cayley_unchecked(self.skew_matrices(dtype), "exact"), None
+        if one_node:
+            Q = neumann_packed_unchecked(self.params, self.skew_index, self.skew_sign, self.b, self.neumann_terms)
+        else:
+            Q = ops.cayley_unchecked(self.skew_matrices(dtype), "neumann", self.neumann_terms)
         with torch.no_grad():
             Qd = Q.detach().flatten(0, -3)
             if Qd.numel():

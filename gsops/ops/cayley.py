@@ -145,6 +145,45 @@ class _CayleyPackedEager(torch.autograd.Function):
         return dp, None, None, None
 
 
+class _NeumannPackedEager(torch.autograd.Function):
+    """Packed skew parameters -> OFTv2's Cayley-Neumann blocks in one node (eager, float32/float64):
+    Horner's ``M_1 = I + K``, ``M_k = I + K M_(k-1)``, ``Q = 2 M_t - I``; backward with
+    ``G_t = 2 dQ``, ``G_(k-1) = K^T G_k`` and ``dK = G_1 + sum_(k>=2) G_k M_(k-1)^T``."""
+
+    @staticmethod
+    def forward(ctx, p, index, sign, b, terms):
+        flat = p.reshape(-1, p.shape[-1])
+        K = (flat.index_select(1, index) * sign).view(-1, b, b)
+        eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
+        Ms = [K + eye]
+        for _ in range(terms - 1):
+            Ms.append(torch.baddbmm(eye, K, Ms[-1]))
+        ctx.save_for_backward(K, *Ms[:-1])
+        ctx.shape, ctx.b = p.shape, b
+        return torch.add(neg_eye, Ms[-1], alpha=2).view(*p.shape[:-1], b, b)
+
+    @staticmethod
+    def backward(ctx, dQ):
+        K, *Ms = ctx.saved_tensors
+        b = ctx.b
+        G = 2 * dQ.reshape(-1, b, b).to(K.dtype)
+        dK = torch.zeros_like(K)
+        Kt = K.transpose(-1, -2)
+        for M_prev in reversed(Ms):          # M_(k-1) for k = t .. 2
+            dK = torch.baddbmm(dK, G, M_prev.transpose(-1, -2))
+            G = torch.bmm(Kt, G)
+        dK = dK + G                          # k = 1: M_1 = I + K
+        dA = torch.sub(dK, dK.transpose(-1, -2)).view(-1, b * b)
+        return dA.index_select(1, _triu_flat(b, str(K.device))).view(ctx.shape), None, None, None, None
+
+
+def neumann_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int) -> Tensor:
+    """Cayley-Neumann blocks ``(..., b, b)`` with ``terms`` terms of packed skew parameters ``p``, as
+    :func:`cayley_packed_unchecked` (same gather, same conditions, :func:`cayley_packed_fits`); no checks
+    and no policy (the caller measures the series' orthogonality)."""
+    return _NeumannPackedEager.apply(p, index, sign, b, terms)
+
+
 def cayley_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int) -> Tensor:
     """Exact Cayley blocks ``(..., b, b)`` of packed skew parameters ``p`` (..., b(b-1)/2), given the
     gather ``index``/``sign`` of the packed layout (``K_flat = p[..., index] * sign``), on the torch
