@@ -89,3 +89,31 @@ def test_packed_neumann_node_matches_the_series_and_its_gradient(dtype, terms):
     (got_dp,) = torch.autograd.grad(got, p, G.to(dtype))
     rtol, atol = tol(dtype).values()
     torch.testing.assert_close(got_dp, want_dp.to(dtype), rtol=10 * rtol, atol=10 * atol)
+
+
+@pytest.mark.parametrize("series", [False, True])
+def test_packed_nodes_are_twice_differentiable(series):
+    b, terms = 5, 4
+    g = torch.Generator().manual_seed(3)
+    m = b * (b - 1) // 2
+    p0 = 0.2 * torch.randn(2, m, generator=g, dtype=torch.float64)
+    G = torch.randn(2, b, b, generator=g, dtype=torch.float64)
+    idx, sign = _skew_gather(b)
+
+    def ours(p):
+        if series:
+            return C.neumann_packed_unchecked(p, idx, sign.double(), b, terms)
+        return C.cayley_packed_unchecked(p, idx, sign.double(), b)
+
+    def ref(p):
+        K = (p[:, idx] * sign.double()).view(2, b, b)
+        if series:
+            return C.cayley_neumann_reference(K, terms)
+        return _cayley_dense(K)
+
+    def second(fn):
+        p = p0.clone().requires_grad_()
+        (dp,) = torch.autograd.grad((fn(p) * G).sum(), p, create_graph=True)
+        return torch.autograd.grad(dp.square().sum(), p)[0]
+
+    torch.testing.assert_close(second(ours), second(ref), **tol(torch.float64))

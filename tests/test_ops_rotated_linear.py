@@ -174,10 +174,39 @@ def test_adapter_runs_the_fused_node_and_matches_the_op_path(method, scale, monk
         torch.testing.assert_close(a, e, **tol(torch.float32))
 
 
-def test_double_backward_is_refused_clearly():
-    x, factors, W, bias, scale, grad = _case(4, 4, 16, (3,), 2, torch.float64)
-    x = x.requires_grad_()
-    y = gsops.ops.rotated_linear(x, factors, W, bias, scale)
-    (dx,) = torch.autograd.grad(y, x, grad, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate|does not require grad"):
-        torch.autograd.grad(dx.sum(), x)
+@pytest.mark.parametrize("n_factors", [1, 2])
+def test_double_backward_matches_dense(n_factors):
+    """create_graph=True: the gradients are differentiable (a gradient penalty, a Hessian-vector product)."""
+    x, factors, W, bias, scale, grad = _case(4, 4, 16, (3,), n_factors, torch.float64, seed=7)
+    leaves = [x, *factors, scale]
+
+    def second_order(fn):
+        ins = [t.clone().requires_grad_() for t in leaves]
+        y = fn(ins[0], ins[1:1 + n_factors], W, bias, ins[-1])
+        first = torch.autograd.grad((y * grad).sum(), ins, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return torch.autograd.grad(penalty, ins)
+
+    for a, e in zip(second_order(gsops.ops.rotated_linear), second_order(_dense)):
+        torch.testing.assert_close(a, e, **tol(torch.float64))
+
+
+def test_output_takes_in_place_ops():
+    """The output is a tensor of its own: ``y.add_(...)`` (a residual, an in-place activation) works."""
+    x, factors, W, bias, scale, grad = _case(4, 4, 16, (2, 3), 2, torch.float64, seed=8)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = gsops.ops.rotated_linear(xg, factors, W, bias, scale)
+    y.add_(1.0).relu_()
+    ref = _dense(xr, factors, W, bias, scale).add(1.0).relu()
+    torch.testing.assert_close(y, ref, **tol(torch.float64))
+    torch.testing.assert_close(torch.autograd.grad(y, xg, grad)[0], torch.autograd.grad(ref, xr, grad)[0],
+                               **tol(torch.float64))
+
+
+@pytest.mark.parametrize("method", ["gsoft", "oft"])
+def test_adapter_on_meta_tensors(method):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, device="meta"))
+    gsops.apply_(model, gsops.AdapterConfig(method=method, block_size=4, target_modules=["0"]))
+    y = model(torch.randn(3, 16, device="meta", requires_grad=True))
+    y.sum().backward()
+    assert y.shape == (3, 16) and y.device.type == "meta"

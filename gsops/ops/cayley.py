@@ -17,6 +17,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ..checks import accumulate_dtype, check_finite, check_int, check_tensor, has_values
 from ..tolerances import NEUMANN_NORM_MARGIN, NEUMANN_REFUSE_ERROR, NEUMANN_WARN_ERROR, SKEW_TOL
@@ -105,15 +106,27 @@ class _CayleyExactEager(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=64)
 def _eye_pair(b: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
-    eye = torch.eye(b, dtype=dtype, device=device)
-    return eye, -eye
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call ran in
+        eye = torch.eye(b, dtype=dtype, device=device)
+        return eye, -eye
 
 
 @functools.lru_cache(maxsize=64)
 def _triu_flat(b: int, device: str) -> Tensor:
     """Flat indices ``i*b + j`` of the strict upper triangle, row major (the packed layout)."""
-    iu = torch.triu_indices(b, b, offset=1, device="cpu")
-    return (iu[0] * b + iu[1]).to(device)
+    with torch.inference_mode(False):
+        iu = torch.triu_indices(b, b, offset=1, device="cpu")
+        return (iu[0] * b + iu[1]).to(device)
+
+
+def _packed_backward_with_graph(ctx, G, transform):
+    """``dp`` by autograd through ``transform`` of the packed ``p`` the node saved (double backward)."""
+    p, index, sign = ctx.saved_tensors[:3]
+    b = ctx.b
+    with torch.enable_grad():
+        K = (p.reshape(-1, p.shape[-1])[:, index] * sign.to(p.dtype)).view(*p.shape[:-1], b, b)
+        (dp,) = torch.autograd.grad(transform(K), p, G, create_graph=True)
+    return (dp, *([None] * (len(ctx.needs_input_grad) - 1)))
 
 
 class _CayleyPackedEager(torch.autograd.Function):
@@ -125,17 +138,19 @@ class _CayleyPackedEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, index, sign, b):
         flat = p.reshape(-1, p.shape[-1])
-        K = (flat.index_select(1, index) * sign).view(-1, b, b)
+        K = (flat.index_select(1, index) * sign.to(p.dtype)).view(-1, b, b)
         eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
         with lapack_single_thread(p.device):
             M = torch.linalg.inv_ex(torch.sub(eye, K)).inverse  # I - K is never singular (SPEC)
-        ctx.save_for_backward(M)
+        ctx.save_for_backward(p, index, sign, M)
         ctx.shape, ctx.b = p.shape, b
         return torch.add(neg_eye, M, alpha=2).view(*p.shape[:-1], b, b)
 
     @staticmethod
     def backward(ctx, G):
-        (M,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
+            return _packed_backward_with_graph(ctx, G, lambda K: cayley_exact_reference(K))
+        M = ctx.saved_tensors[-1]
         b = ctx.b
         Mt = M.transpose(-1, -2)
         T = torch.bmm(Mt, G.reshape(-1, b, b).to(M.dtype))
@@ -153,18 +168,20 @@ class _NeumannPackedEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, index, sign, b, terms):
         flat = p.reshape(-1, p.shape[-1])
-        K = (flat.index_select(1, index) * sign).view(-1, b, b)
+        K = (flat.index_select(1, index) * sign.to(p.dtype)).view(-1, b, b)
         eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
         Ms = [K + eye]
         for _ in range(terms - 1):
             Ms.append(torch.baddbmm(eye, K, Ms[-1]))
-        ctx.save_for_backward(K, *Ms[:-1])
-        ctx.shape, ctx.b = p.shape, b
+        ctx.save_for_backward(p, index, sign, K, *Ms[:-1])
+        ctx.shape, ctx.b, ctx.terms = p.shape, b, terms
         return torch.add(neg_eye, Ms[-1], alpha=2).view(*p.shape[:-1], b, b)
 
     @staticmethod
     def backward(ctx, dQ):
-        K, *Ms = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
+            return _packed_backward_with_graph(ctx, dQ, lambda K: cayley_neumann_reference(K, ctx.terms))
+        K, *Ms = ctx.saved_tensors[3:]
         b = ctx.b
         G = 2 * dQ.reshape(-1, b, b).to(K.dtype)
         dK = torch.zeros_like(K)
@@ -181,19 +198,23 @@ def neumann_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int, ter
     """Cayley-Neumann blocks ``(..., b, b)`` with ``terms`` terms of packed skew parameters ``p``, as
     :func:`cayley_packed_unchecked` (same gather, same conditions, :func:`cayley_packed_fits`); no checks
     and no policy (the caller measures the series' orthogonality)."""
+    if terms < 1:
+        raise ValueError(f"terms={terms} must be >= 1")
     return _NeumannPackedEager.apply(p, index, sign, b, terms)
 
 
 def cayley_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int) -> Tensor:
     """Exact Cayley blocks ``(..., b, b)`` of packed skew parameters ``p`` (..., b(b-1)/2), given the
-    gather ``index``/``sign`` of the packed layout (``K_flat = p[..., index] * sign``), on the torch
+    gather ``index``/``sign`` of the packed layout (``K_flat = p[..., index] * sign``; the backward
+    assumes that layout: strict upper triangle, row major, +1 above the diagonal), on the torch
     path in eager mode with float32/float64 ``p`` (:func:`cayley_packed_fits`); no checks."""
     return _CayleyPackedEager.apply(p, index, sign, b)
 
 
 def cayley_packed_fits(p: Tensor) -> bool:
     """Whether :func:`cayley_packed_unchecked` takes ``p`` in this call."""
-    if p.dtype not in (torch.float32, torch.float64) or not p.numel() or torch.compiler.is_compiling():
+    if p.dtype not in (torch.float32, torch.float64) or not p.numel() or torch.compiler.is_compiling() \
+            or p.device.type == "meta" or is_fake(p):
         return False
     backend = dispatch.requested()  # the backend cayley_exact gets: torch when forced, and off CUDA under auto
     return backend == "torch" or (backend == "auto" and p.device.type != "cuda")

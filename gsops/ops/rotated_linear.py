@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch._subclasses.fake_tensor import is_fake
 
 from ..checks import check_blocks, check_features, check_same_device, check_tensor
 from . import dispatch
@@ -55,18 +55,18 @@ def rotated_linear_reference(x: Tensor, factors, W: Tensor, bias: Tensor | None 
 # ----------------------------------------------------------------------------- the fused node
 
 
-def _rotate_feature_major(x2: Tensor, factors):
-    """``(Q x)^T`` as a contiguous ``d x N`` tensor, and a spare activation-sized buffer (GSOFT's ``L``
-    output, read by then; None for OFT)."""
+def _rotate_feature_major(x2: Tensor, factors, spare: Tensor | None = None) -> Tensor:
+    """``(Q x)^T`` as a contiguous ``d x N`` tensor. GSOFT's ``L`` output goes into ``spare`` (a flat
+    buffer of ``d N`` elements) when given: it is read by the time this returns."""
     N, d = x2.shape
     B = factors[0]
     r, b, _ = B.shape
     zT = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # block i: B_i x_i for every token, (r, b, N)
     if len(factors) == 1:
-        return zT.view(d, N), None
+        return zT.view(d, N)
     # L's block q reads features p*r + q of R x (P), and its output entry p goes to feature p*r + q (P^T)
-    wT = torch.bmm(factors[1], zT.view(b, r, N).transpose(0, 1))  # (q, p, N)
-    return zT.view(b, r, N).copy_(wT.transpose(0, 1)).view(d, N), wT  # in R x's buffer, read by then
+    wT = torch.bmm(factors[1], zT.view(b, r, N).transpose(0, 1), out=None if spare is None else spare.view(r, b, N))
+    return zT.view(b, r, N).copy_(wT.transpose(0, 1)).view(d, N)  # in R x's buffer, read by then
 
 
 def _spare(buf: Tensor | None, n: int) -> Tensor | None:
@@ -76,75 +76,100 @@ def _spare(buf: Tensor | None, n: int) -> Tensor | None:
 
 class _RotatedLinear(torch.autograd.Function):
     """The fused node. A large intermediate takes over the buffer of one already read: a fresh
-    activation-sized buffer costs page faults on the CPU (about 3 ms per 16 MiB here), and memory."""
+    activation-sized buffer costs page faults on the CPU (about 3 ms per 16 MiB here), and memory.
+    The output is a tensor of its own (not a view), so in-place ops on it work as on ``F.linear``'s."""
 
     @staticmethod
     def forward(ctx, x, W, bias, scale, *factors):
         d, d_out = x.shape[-1], W.shape[0]
         x2 = x.reshape(-1, d)
         N = x2.shape[0]
-        uT, spare = _rotate_feature_major(x2, factors)
+        result = x2.new_empty(*x.shape[:-1], d_out)
+        out = result.view(N, d_out)
+        # GSOFT with d_out == d: L's output lives in the result's buffer until the GEMM overwrites it
+        uT = _rotate_feature_major(x2, factors, result.view(-1) if d_out == d and len(factors) == 2 else None)
         u = uT.t()  # Q x, token-major view of the feature-major result
-        out = _spare(spare, N * d_out)
-        out = None if out is None else out.view(N, d_out)
         h = None
         if scale is None:
-            out = torch.mm(u, W.t(), out=out) if bias is None else torch.addmm(bias, u, W.t(), out=out)
+            torch.mm(u, W.t(), out=out) if bias is None else torch.addmm(bias, u, W.t(), out=out)
         else:
             h = torch.mm(u, W.t())
-            out = torch.mul(h, scale, out=out) if bias is None else torch.addcmul(bias, h, scale, out=out)
-        ctx.save_for_backward(x2, W, scale, h if ctx.needs_input_grad[3] else None, *factors)
+            torch.mul(h, scale, out=out) if bias is None else torch.addcmul(bias, h, scale, out=out)
+        # the inputs themselves are saved (x2 is a view of x or a copy), so that a differentiable
+        # backward can reach them
+        ctx.save_for_backward(x, W, scale, h if ctx.needs_input_grad[3] else None, *factors)
         ctx.lead = x.shape[:-1]
-        return out.view(*ctx.lead, d_out)
+        return result
 
     @staticmethod
-    @once_differentiable  # the backward writes into buffers it owns (no double backward)
     def backward(ctx, grad):
-        x2, W, scale, h, *factors = ctx.saved_tensors
-        need_x, need_W, need_bias, need_scale, *need_f = ctx.needs_input_grad
-        N, d = x2.shape
-        g = grad.reshape(N, W.shape[0])
-        dbias = g.sum(0) if need_bias else None
-        dscale = torch.linalg.vecdot(g, h, dim=0) if need_scale else None
-        gs = None  # s * g, once built
-        if scale is None:
-            gs = g
-            dyT = torch.mm(W.t(), g.t())
-        elif W.shape[1] <= N:  # fold s into the weight when it is the smaller operand
-            dyT = torch.mm((W * scale[:, None]).t(), g.t())
-        else:
-            gs = g * scale
-            dyT = torch.mm(W.t(), gs.t())
-        # dyT: the gradient of Q x, feature-major (d, N)
-        dW = None
-        if need_W:
-            gs = g * scale if gs is None else gs
-            dW = torch.mm(gs.t(), _rotate_feature_major(x2, factors)[0].t())
-        B = factors[0]
-        r, b, _ = B.shape
-        grads = [None] * len(factors)
-        spare = None
-        if len(factors) == 1:
-            dzT = dyT.view(r, b, N)
-        else:
-            L = factors[1]
-            dwq = dyT.view(b, r, N).transpose(0, 1)  # (q, p, N): the gradient of L's output
-            if need_f[1]:
-                spare = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # R x, recomputed
-                grads[1] = torch.bmm(dwq, spare.view(b, r, N).transpose(0, 1).transpose(1, 2))
-            dzq = torch.bmm(L.transpose(1, 2), dwq, out=spare)  # (q, p, N): L^T (in R x's buffer, read)
-            dzT = dyT.view(b, r, N).copy_(dzq.transpose(0, 1)).view(r, b, N)  # P^T, in dyT's buffer
-            spare = dzq
-        if need_f[0]:
-            grads[0] = torch.bmm(dzT, x2.view(N, r, b).transpose(0, 1))
-        dx = None
-        if need_x:
-            dx = _spare(spare, N * d)
-            dx = torch.empty_like(x2) if dx is None else dx.view(N, d)
-            # token-major: bmm writes block i's (N, b) rows straight into dx
-            torch.bmm(dzT.transpose(1, 2), B, out=dx.view(N, r, b).transpose(0, 1))
-            dx = dx.view(*ctx.lead, d)
-        return (dx, dW, dbias, dscale, *grads)
+        x, W, scale, h, *factors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            return _differentiable_backward(ctx, grad, x, W, scale, factors)
+        x2 = x.reshape(-1, x.shape[-1])
+        return _backward(ctx, grad.reshape(x2.shape[0], W.shape[0]), x2, W, scale, h, factors)
+
+
+def _differentiable_backward(ctx, grad, x, W, scale, factors):
+    """The gradients by autograd through the reference, from the saved inputs (double backward)."""
+    args = [x, W, None, scale, *factors]
+    wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * len(args)
+    with torch.enable_grad():
+        y = rotated_linear_reference(x, args[4:], W, None, scale)
+        got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    for i, dt in zip(wanted, got):
+        grads[i] = torch.zeros_like(args[i]) if dt is None else dt
+    if ctx.needs_input_grad[2]:
+        grads[2] = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return tuple(grads)
+
+
+def _backward(ctx, g, x2, W, scale, h, factors):
+    """The fused backward (no graph): buffers are reused, nothing it returns is differentiable."""
+    need_x, need_W, need_bias, need_scale, *need_f = ctx.needs_input_grad
+    N, d = x2.shape
+    dbias = g.sum(0) if need_bias else None
+    dscale = torch.linalg.vecdot(g, h, dim=0) if need_scale else None
+    gs = None  # s * g, once built
+    if scale is None:
+        gs = g
+        dyT = torch.mm(W.t(), g.t())
+    elif W.shape[1] <= N:  # fold s into the weight when it is the smaller operand
+        dyT = torch.mm((W * scale[:, None]).t(), g.t())
+    else:
+        gs = g * scale
+        dyT = torch.mm(W.t(), gs.t())
+    # dyT: the gradient of Q x, feature-major (d, N)
+    dW = None
+    if need_W:
+        gs = g * scale if gs is None else gs
+        dW = torch.mm(gs.t(), _rotate_feature_major(x2, factors).t())
+    B = factors[0]
+    r, b, _ = B.shape
+    grads = [None] * len(factors)
+    spare = None
+    if len(factors) == 1:
+        dzT = dyT.view(r, b, N)
+    else:
+        L = factors[1]
+        dwq = dyT.view(b, r, N).transpose(0, 1)  # (q, p, N): the gradient of L's output
+        if need_f[1]:
+            spare = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # R x, recomputed
+            grads[1] = torch.bmm(dwq, spare.view(b, r, N).transpose(0, 1).transpose(1, 2))
+        dzq = torch.bmm(L.transpose(1, 2), dwq, out=spare)  # (q, p, N): L^T (in R x's buffer, read)
+        dzT = dyT.view(b, r, N).copy_(dzq.transpose(0, 1)).view(r, b, N)  # P^T, in dyT's buffer
+        spare = dzq
+    if need_f[0]:
+        grads[0] = torch.bmm(dzT, x2.view(N, r, b).transpose(0, 1))
+    dx = None
+    if need_x:
+        dx = _spare(spare, N * d)
+        dx = torch.empty_like(x2) if dx is None else dx.view(N, d)
+        # token-major: bmm writes block i's (N, b) rows straight into dx
+        torch.bmm(dzT.transpose(1, 2), B, out=dx.view(N, r, b).transpose(0, 1))
+        dx = dx.view(*ctx.lead, d)
+    return (dx, dW, dbias, dscale, *grads)
 
 
 # ----------------------------------------------------------------------------- public
@@ -152,9 +177,11 @@ class _RotatedLinear(torch.autograd.Function):
 
 def fits(x: Tensor, W: Tensor, factors) -> bool:
     """Whether the fused node runs this call: eager, torch backend, float32/float64 throughout, no autocast."""
-    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype:
+    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype or is_fake(x):
         return False
-    if torch.is_autocast_enabled(x.device.type) or not x.numel() or x.dim() < 1:
+    dev = x.device.type
+    if not x.numel() or x.dim() < 1 or dev == "meta" or (
+            torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return False
     if any(B.dtype != x.dtype for B in factors):
         return False
@@ -199,4 +226,6 @@ def rotated_linear(x: Tensor, factors, W: Tensor, bias: Tensor | None = None, sc
     if x.dtype not in DTYPES or bad:
         raise TypeError(f"rotated_linear takes float32 or float64 tensors of one dtype; x is {x.dtype}"
                         + (f", {bad}" if bad else ""))
+    if not fits(x, W, factors):  # compiling, autocast, meta, or a kernel backend: the composed ops
+        return rotated_linear_reference(x, factors, W, bias, scale)
     return _RotatedLinear.apply(x, W, bias, scale, *factors)
