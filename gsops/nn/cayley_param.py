@@ -36,7 +36,7 @@ from torch import nn
 from .. import ops
 from ..checks import check_int, has_values
 from ..ops.cayley import (cayley_packed_fits, cayley_packed_unchecked, neumann_error_bound, neumann_packed_unchecked,
-                          spectral_norm)
+                          skew_gathered, spectral_norm)
 from ..reference.peft_cayley import peft_cayley_neumann
 from ..tolerances import NEUMANN_WARN_ERROR
 
@@ -72,15 +72,6 @@ def _skew_gather(b: int):
     return idx, sign
 
 
-def _skew_packed(p: torch.Tensor, b: int, idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """``ops.skew`` for packed parameters in two ops, from the index tensors of :func:`_skew_gather`."""
-    if b == 1:
-        return p.new_zeros(*p.shape[:-1], 1, 1) + p.sum(-1, keepdim=True)[..., None]  # keeps the graph
-    # a 2-D gather along dim 1 is ~10x cheaper on CPU than index_select on the last dim of a 3-D tensor
-    flat = p.reshape(-1, p.shape[-1]).index_select(1, idx)
-    return (flat * sign.to(p.dtype)).reshape(*p.shape[:-1], b, b)
-
-
 class CayleyBlocks(nn.Module):
     """``n`` stacks of ``r`` orthogonal ``b x b`` Cayley blocks, parametrised by skew matrices.
 
@@ -109,7 +100,7 @@ class CayleyBlocks(nn.Module):
     def skew_matrices(self, dtype=None) -> torch.Tensor:
         p = self.params if dtype is None else self.params.to(dtype)
         if self.packed:
-            return _skew_packed(p, self.b, self.skew_index, self.skew_sign)
+            return skew_gathered(p, self.b, self.skew_index, self.skew_sign)
         return p - p.transpose(-1, -2)
 
     @property
@@ -135,9 +126,9 @@ class CayleyBlocks(nn.Module):
 
         No host sync: the caller decides when to read ``err`` (see :mod:`gsops.nn.guard`).
         """
-        one_node = self.packed and (dtype is None or dtype == self.params.dtype) and cayley_packed_fits(self.params)
         if self.cayley == "peft_neumann":  # PEFT's own series, for adapters imported from PEFT
             return peft_cayley_neumann(self.skew_matrices(dtype), self.neumann_terms), None
+        one_node = self.packed and (dtype is None or dtype == self.params.dtype) and cayley_packed_fits(self.params)
         if not self.series:
             if one_node:  # skew layout and Cayley in one autograd node (the eager CPU path)
                 return cayley_packed_unchecked(self.params, self.skew_index, self.skew_sign, self.b), None
@@ -190,15 +181,12 @@ def blocks_batched(stacks: list) -> list:
     if len(exact) < 2 or len({(f.b, f.params.dtype, f.packed) for f in exact}) != 1:
         return [f.blocks_and_error() for f in stacks]
     f0 = exact[0]
-    if f0.packed and cayley_packed_fits(f0.params):
+    if f0.packed and cayley_packed_fits(f0.params):  # skew layout and Cayley in one node
         Q = cayley_packed_unchecked(torch.cat([f.params.flatten(0, 1) for f in exact]), f0.skew_index,
                                     f0.skew_sign, f0.b)
-        parts = iter(Q.split([f.n * f.r for f in exact]))
-        return [(next(parts).view(f.n, f.r, f.b, f.b), None) if f.exact else f.blocks_and_error()
-                for f in stacks]
-    Ks = [f.skew_matrices() for f in exact]
-    Q = ops.cayley_unchecked(torch.cat([K.flatten(0, 1) for K in Ks]), "exact")
-    parts = iter(Q.split([K.shape[0] * K.shape[1] for K in Ks]))
+    else:
+        Q = ops.cayley_unchecked(torch.cat([f.skew_matrices().flatten(0, 1) for f in exact]), "exact")
+    parts = iter(Q.split([f.n * f.r for f in exact]))
     return [(next(parts).view(f.n, f.r, f.b, f.b), None) if f.exact else f.blocks_and_error()
             for f in stacks]
 

@@ -104,6 +104,16 @@ class _CayleyExactEager(torch.autograd.Function):
         return (2 * Mt @ G.to(M.dtype) @ Mt).to(ctx.in_dtype)
 
 
+def skew_gathered(p: Tensor, b: int, index: Tensor, sign: Tensor) -> Tensor:
+    """:func:`skew` of packed ``p`` (..., b(b-1)/2) from a gather layout (``K_flat = p[..., index] * sign``):
+    two ops; ``gsops.nn.cayley_param`` builds the layout once per block size."""
+    if b == 1:
+        return p.new_zeros(*p.shape[:-1], 1, 1) + p.sum(-1, keepdim=True)[..., None]  # keeps the graph
+    # a 2-D gather along dim 1 is ~10x cheaper on CPU than index_select on the last dim of a 3-D tensor
+    flat = p.reshape(-1, p.shape[-1]).index_select(1, index)
+    return (flat * sign.to(p.dtype)).reshape(*p.shape[:-1], b, b)
+
+
 @functools.lru_cache(maxsize=64)
 def _eye_pair(b: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call ran in
@@ -119,13 +129,21 @@ def _triu_flat(b: int, device: str) -> Tensor:
         return (iu[0] * b + iu[1]).to(device)
 
 
+def _horner(K: Tensor, eye: Tensor, terms: int) -> list:
+    """``[M_1, ..., M_t]`` of Horner's rule for the Neumann series: ``M_1 = I + K``, ``M_k = I + K M_(k-1)``
+    (``M_t = I + K + ... + K^t``); K (n, b, b)."""
+    Ms = [K + eye]
+    for _ in range(terms - 1):
+        Ms.append(torch.baddbmm(eye, K, Ms[-1]))
+    return Ms
+
+
 def _packed_backward_with_graph(ctx, G, transform):
     """``dp`` by autograd through ``transform`` of the packed ``p`` the node saved (double backward)."""
     p, index, sign = ctx.saved_tensors[:3]
     b = ctx.b
     with torch.enable_grad():
-        K = (p.reshape(-1, p.shape[-1])[:, index] * sign.to(p.dtype)).view(*p.shape[:-1], b, b)
-        (dp,) = torch.autograd.grad(transform(K), p, G, create_graph=True)
+        (dp,) = torch.autograd.grad(transform(skew_gathered(p, b, index, sign)), p, G, create_graph=True)
     return (dp, *([None] * (len(ctx.needs_input_grad) - 1)))
 
 
@@ -137,8 +155,7 @@ class _CayleyPackedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, index, sign, b):
-        flat = p.reshape(-1, p.shape[-1])
-        K = (flat.index_select(1, index) * sign.to(p.dtype)).view(-1, b, b)
+        K = skew_gathered(p, b, index, sign).view(-1, b, b)
         eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
         with lapack_single_thread(p.device):
             M = torch.linalg.inv_ex(torch.sub(eye, K)).inverse  # I - K is never singular (SPEC)
@@ -167,12 +184,9 @@ class _NeumannPackedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, index, sign, b, terms):
-        flat = p.reshape(-1, p.shape[-1])
-        K = (flat.index_select(1, index) * sign.to(p.dtype)).view(-1, b, b)
+        K = skew_gathered(p, b, index, sign).view(-1, b, b)
         eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
-        Ms = [K + eye]
-        for _ in range(terms - 1):
-            Ms.append(torch.baddbmm(eye, K, Ms[-1]))
+        Ms = _horner(K, eye, terms)
         ctx.save_for_backward(p, index, sign, K, *Ms[:-1])
         ctx.shape, ctx.b, ctx.terms = p.shape, b, terms
         return torch.add(neg_eye, Ms[-1], alpha=2).view(*p.shape[:-1], b, b)
@@ -248,11 +262,7 @@ def _cayley_neumann_eager(K: Tensor, terms: int) -> Tensor:
         return cayley_neumann_reference(K, terms)
     b = K.shape[-1]
     eye, neg_eye = _eye_pair(b, K.dtype, str(K.device))
-    Kf = K.reshape(-1, b, b)
-    M = Kf + eye
-    for _ in range(terms - 1):
-        M = torch.baddbmm(eye, Kf, M)
-    return torch.add(neg_eye, M, alpha=2).view(K.shape)
+    return torch.add(neg_eye, _horner(K.reshape(-1, b, b), eye, terms)[-1], alpha=2).view(K.shape)
 
 
 def cayley_neumann_backward_reference(grad: Tensor, K: Tensor, terms: int) -> Tensor:

@@ -55,23 +55,25 @@ def rotated_linear_reference(x: Tensor, factors, W: Tensor, bias: Tensor | None 
 # ----------------------------------------------------------------------------- the fused node
 
 
+def _first_factor(x2: Tensor, B: Tensor) -> Tensor:
+    """Block i of ``B`` on block i of every token, feature-major: (r, b, N)."""
+    N = x2.shape[0]
+    r, b, _ = B.shape
+    return torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))
+
+
 def _rotate_feature_major(x2: Tensor, factors, spare: Tensor | None = None) -> Tensor:
     """``(Q x)^T`` as a contiguous ``d x N`` tensor. GSOFT's ``L`` output goes into ``spare`` (a flat
     buffer of ``d N`` elements) when given: it is read by the time this returns."""
     N, d = x2.shape
     B = factors[0]
     r, b, _ = B.shape
-    zT = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # block i: B_i x_i for every token, (r, b, N)
+    zT = _first_factor(x2, B)
     if len(factors) == 1:
         return zT.view(d, N)
     # L's block q reads features p*r + q of R x (P), and its output entry p goes to feature p*r + q (P^T)
     wT = torch.bmm(factors[1], zT.view(b, r, N).transpose(0, 1), out=None if spare is None else spare.view(r, b, N))
     return zT.view(b, r, N).copy_(wT.transpose(0, 1)).view(d, N)  # in R x's buffer, read by then
-
-
-def _spare(buf: Tensor | None, n: int) -> Tensor | None:
-    """``buf``'s storage as a flat tensor of ``n`` elements when it holds exactly that many."""
-    return buf.view(-1) if buf is not None and buf.numel() == n else None
 
 
 class _RotatedLinear(torch.autograd.Function):
@@ -155,7 +157,7 @@ def _backward(ctx, g, x2, W, scale, h, factors):
         L = factors[1]
         dwq = dyT.view(b, r, N).transpose(0, 1)  # (q, p, N): the gradient of L's output
         if need_f[1]:
-            spare = torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))  # R x, recomputed
+            spare = _first_factor(x2, B)  # R x, recomputed
             grads[1] = torch.bmm(dwq, spare.view(b, r, N).transpose(0, 1).transpose(1, 2))
         dzq = torch.bmm(L.transpose(1, 2), dwq, out=spare)  # (q, p, N): L^T (in R x's buffer, read)
         dzT = dyT.view(b, r, N).copy_(dzq.transpose(0, 1)).view(r, b, N)  # P^T, in dyT's buffer
@@ -164,8 +166,7 @@ def _backward(ctx, g, x2, W, scale, h, factors):
         grads[0] = torch.bmm(dzT, x2.view(N, r, b).transpose(0, 1))
     dx = None
     if need_x:
-        dx = _spare(spare, N * d)
-        dx = torch.empty_like(x2) if dx is None else dx.view(N, d)
+        dx = torch.empty_like(x2) if spare is None else spare.view(N, d)  # GSOFT: in L^T's result, read
         # token-major: bmm writes block i's (N, b) rows straight into dx
         torch.bmm(dzT.transpose(1, 2), B, out=dx.view(N, r, b).transpose(0, 1))
         dx = dx.view(*ctx.lead, d)
