@@ -179,30 +179,119 @@ def _blocks(r, b, dtype, gen):
     return q.to(dtype)
 
 
-def measure(op: str, d: int, b: int, n_tokens: int = 4, dtype=torch.float16, m: int = 3) -> tuple[Figures, Figures]:
-    """(forward, backward) figures of ``op`` in {"block_diag_mm", "gs_apply", "gs_chain"} on one shape."""
+# ----------------------------------------------------------------------------- the CUDA kernels, emulated
+
+class _CudaTraffic:
+    """What :func:`count_cuda` yields: totals of one counted region of emulated CUDA launches."""
+
+    def __init__(self):
+        self.stats = None    # int64 [role (activations, float32, other), kind (load, store), (sectors, bytes, accesses)]
+        self.launches = []
+
+    def total(self, activation: bool | None = True, kind: str | None = None) -> tuple[int, int]:
+        roles = [0, 1, 2] if activation is None else ([0] if activation else [1, 2])
+        kinds = [0, 1] if kind is None else [("load", "store").index(kind)]
+        sel = self.stats[roles][:, kinds]
+        return int(sel[..., 0].sum()), int(sel[..., 1].sum())
+
+
+def cuda_traffic_module(build: bool = True):
+    """Installs the traffic build of the CUDA emulator extension as ``gsops._C`` (built when missing and ``build``)
+    and returns it; RuntimeError when it cannot (no C++ compiler, the cuda backend already loaded)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    emu_dir = Path(__file__).resolve().parents[1] / "tools" / "cuda_emu"
+
+    def tool(name):
+        spec = importlib.util.spec_from_file_location(f"gsops_tools_cuda_emu_{name}", emu_dir / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    current = sys.modules.get("gsops._C")
+    if current is not None and hasattr(torch.ops, "gsops_emu") and hasattr(torch.ops.gsops_emu, "traffic_start"):
+        return current
+    run, loader = tool("run"), tool("loader")
+    path = run._build_dir(None) / "traffic" / "gsops_emu_traffic_C.so"
+    if not path.exists():
+        if not build:
+            raise RuntimeError(f"{path} is missing: build it with tools/cuda_emu/run.py (build_extension(traffic=True))")
+        path = Path(run.build_extension(traffic=True).__file__)
+    return loader.install(path)
+
+
+@contextlib.contextmanager
+def count_cuda():
+    """Count the global-memory accesses of every emulated CUDA launch inside the block (per warp-wide access, see
+    ``tools/cuda_emu/include/gsops_emu_traffic.h``); needs :func:`cuda_traffic_module` first."""
+    ops = torch.ops.gsops_emu
+    tr = _CudaTraffic()
+    ops.traffic_start()
+    try:
+        yield tr
+    finally:
+        tr.stats = ops.traffic_stop()
+        names = ops.traffic_launches()
+        tr.launches = names.split("+") if names else []
+
+
+def _cuda_ops():
+    from gsops import backends
+
+    ok, why = backends.load("cuda")
+    if not ok:
+        raise RuntimeError(f"the cuda backend did not load: {why}")
+    from gsops.backends import cuda_backend
+
+    return cuda_backend.KERNELS
+
+
+def measure(op: str, d: int, b: int, n_tokens: int = 4, dtype=torch.float16, m: int = 3,
+            backend: str = "triton") -> tuple[Figures, Figures]:
+    """(forward, backward) figures of ``op`` in {"block_diag_mm", "gs_apply", "gs_chain"} on one shape, for the
+    Triton kernels (interpreted) or the CUDA kernels (``backend="cuda"``: emulated, after :func:`cuda_traffic_module`;
+    blocks in float32, as the CUDA kernels take them)."""
+    if backend == "cuda":
+        return _measure_with(_CudaKernels(_cuda_ops()), count_cuda, op, d, b, n_tokens, dtype, m, torch.float32)
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r} must be 'triton' or 'cuda'")
     from gsops.triton_kernels import gs_apply as gs
 
+    return _measure_with(gs, count, op, d, b, n_tokens, dtype, m, dtype)
+
+
+class _CudaKernels:
+    """The cuda backend's kernel contract under the names :func:`_measure_with` calls."""
+
+    def __init__(self, k):
+        self.block_diag_mm, self.block_diag_mm_backward = k["block_diag_mm"], k["block_diag_mm_backward"]
+        self.gs_apply, self.gs_apply_backward = k["gs_apply"], k["gs_apply_backward"]
+        self.gs_chain, self.gs_chain_backward = k["gs_chain"], k["gs_chain_backward"]
+
+
+def _measure_with(gs, counter, op, d, b, n_tokens, dtype, m, block_dtype):
     r = d // b
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n_tokens, d, generator=gen).to(dtype)
     dy = torch.randn(n_tokens, d, generator=gen).to(dtype)
     esize = x.element_size()
     if op == "block_diag_mm":
-        B = _blocks(r, b, dtype, gen)
+        B = _blocks(r, b, block_dtype, gen)
         fwd, bwd = (lambda: gs.block_diag_mm(x, B)), (lambda: gs.block_diag_mm_backward(dy, x, B))
     elif op == "gs_apply":
-        L, R = _blocks(r, b, dtype, gen), _blocks(r, b, dtype, gen)
+        L, R = _blocks(r, b, block_dtype, gen), _blocks(r, b, block_dtype, gen)
         fwd, bwd = (lambda: gs.gs_apply(x, L, R)), (lambda: gs.gs_apply_backward(dy, x, L, R))
     elif op == "gs_chain":
-        blocks = [_blocks(r, b, dtype, gen) for _ in range(m)]
+        blocks = [_blocks(r, b, block_dtype, gen) for _ in range(m)]
         fwd, bwd = (lambda: gs.gs_chain(x, blocks)), (lambda: gs.gs_chain_backward(dy, x, blocks))
     else:
         raise ValueError(f"op={op!r} must be one of block_diag_mm, gs_apply, gs_chain")
     label = op if op != "gs_chain" else f"gs_chain(m={m})"
-    with count() as tf:
+    with counter() as tf:
         fwd()
-    with count() as tb:
+    with counter() as tb:
         bwd()
     return _figures(label, d, b, n_tokens, tf, 2, esize), _figures(label + " bwd", d, b, n_tokens, tb, 3, esize)
 
@@ -268,7 +357,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="768,1024,4096")
     ap.add_argument("--blocks", default="16,24,32,64")
     ap.add_argument("--no-extra", action="store_true", help="skip cayley and conv_exp")
+    ap.add_argument("--backend", choices=["triton", "cuda"], default="triton",
+                    help="cuda: the CUDA kernels under the CPU CUDA emulator (its traffic build, made when missing)")
     a = ap.parse_args(argv)
+    if a.backend == "cuda":
+        cuda_traffic_module()
     sizes = [int(s) for s in a.sizes.split(",")]
     blocks = [int(s) for s in a.blocks.split(",")]
     rows = []
@@ -277,10 +370,11 @@ def main(argv=None) -> int:
             for b in blocks:
                 if d % b:
                     continue
-                rows += list(measure(op, d, b, a.tokens))
-    print("activations, fp16, %d tokens (minimum: fwd read x + write y, bwd read x, dy + write dx)" % a.tokens)
+                rows += list(measure(op, d, b, a.tokens, backend=a.backend))
+    print("%s kernels, activations, fp16, %d tokens (minimum: fwd read x + write y, bwd read x, dy + write dx)"
+          % ("Triton" if a.backend == "triton" else "CUDA (emulated)", a.tokens))
     print(table(rows))
-    if not a.no_extra:
+    if not a.no_extra and a.backend == "triton":
         extra = measure_cayley(4, 32) + [measure_conv_exp()]
         print("\nall buffers, fp32 (minimum: read the inputs, write the outputs once)")
         print(table(extra))

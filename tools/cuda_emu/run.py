@@ -174,22 +174,33 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, sanitize: bool = Tru
     return exe
 
 
-def build_extension(build_dir: Path | None = None, name: str = "gsops_emu_C", verbose: bool = False):
+def build_extension(build_dir: Path | None = None, name: str | None = None, verbose: bool = False,
+                    traffic: bool = False):
     """Builds csrc/bindings.cpp over the kernels compiled for the emulator, loads it and returns the
     module: ``torch.ops.gsops_cuda.*`` then run the real binding and kernels on CPU tensors, and the
     module's ``device_type`` is ``"cpu"``. The binding is compiled as written; only its device header
     differs (``binding/gsops/device.h`` is found ahead of ``csrc/include/gsops/device.h``). Needs torch
-    (any build; a CPU one is enough). :func:`loader.install` makes the module ``gsops._C``."""
+    (any build; a CPU one is enough). :func:`loader.install` makes the module ``gsops._C``.
+
+    With ``traffic`` (module ``gsops_emu_traffic_C``) the kernels are compiled with ThreadSanitizer's
+    instrumentation, at -O1 without vectorization (one hook call per element access, as written), and
+    ``traffic.cpp`` adds ``torch.ops.gsops_emu.traffic_*``: global-memory sectors and bytes per
+    warp-wide access (``include/gsops_emu_traffic.h``; :func:`perf.traffic.measure_cuda` reads them)."""
     import torch.utils.cpp_extension as ce
 
     build_dir = _build_dir(build_dir)
-    flags = [f for f in _flags(CSRC, False) if f != "-O1"] + ["-O2", "-fPIC"]
-    objects = _compile([(src, flags) for src in sorted(CSRC.glob("*.cu"))], CSRC, build_dir / "ext_objects")
-    ext_dir = build_dir / "ext"
+    name = name or ("gsops_emu_traffic_C" if traffic else "gsops_emu_C")
+    if traffic:
+        flags = _flags(CSRC, False) + ["-fno-tree-vectorize", "-fPIC", "-fsanitize=thread"]
+    else:
+        flags = [f for f in _flags(CSRC, False) if f != "-O1"] + ["-O2", "-fPIC"]
+    tag = "traffic" if traffic else "ext"
+    objects = _compile([(src, flags) for src in sorted(CSRC.glob("*.cu"))], CSRC, build_dir / f"{tag}_objects")
+    ext_dir = build_dir / tag
     ext_dir.mkdir(parents=True, exist_ok=True)
     return ce.load(
         name=name,
-        sources=[str(CSRC / "bindings.cpp")],
+        sources=[str(CSRC / "bindings.cpp")] + ([str(HERE / "traffic.cpp")] if traffic else []),
         extra_cflags=["-O1"],
         extra_include_paths=[str(BINDING_INCLUDE), str(CSRC / "include"), str(EMU_INCLUDE)],
         extra_ldflags=[str(o) for o in objects],

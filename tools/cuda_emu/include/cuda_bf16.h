@@ -10,7 +10,7 @@ struct __nv_bfloat16 {
   unsigned short __x;
 };
 
-inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+GSOPS_EMU_UNTRACKED inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
   __nv_bfloat16 r;
@@ -23,7 +23,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   return r;
 }
 inline __nv_bfloat16 __float2bfloat16(float v) { return __float2bfloat16_rn(v); }
-inline float __bfloat162float(__nv_bfloat16 v) {
+GSOPS_EMU_UNTRACKED inline float __bfloat162float(__nv_bfloat16 v) {
   const uint32_t u = (uint32_t)v.__x << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));

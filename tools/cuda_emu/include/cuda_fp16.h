@@ -10,14 +10,14 @@ struct __half {
   unsigned short __x;
 };
 
-inline __half __float2half_rn(float v) {
+GSOPS_EMU_UNTRACKED inline __half __float2half_rn(float v) {
   const _Float16 h = (_Float16)v;
   __half r;
   std::memcpy(&r.__x, &h, sizeof(h));
   return r;
 }
 inline __half __float2half(float v) { return __float2half_rn(v); }
-inline float __half2float(__half v) {
+GSOPS_EMU_UNTRACKED inline float __half2float(__half v) {
   static const std::vector<float> table = [] {  // all 65536 values: the software conversion is slow
     std::vector<float> t(65536);
     for (unsigned u = 0; u < 65536; ++u) {

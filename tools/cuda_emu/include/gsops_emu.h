@@ -40,6 +40,8 @@
 #include <utility>
 #include <vector>
 
+#include "gsops_emu_traffic.h"
+
 #define __global__
 #define __device__
 #define __host__
@@ -154,14 +156,14 @@ struct Runtime {
   }
 };
 
-inline Runtime& rt() {
+GSOPS_EMU_UNTRACKED inline Runtime& rt() {
   static Runtime r;
   return r;
 }
 
-inline bool in_kernel() { return rt().current >= 0; }
+GSOPS_EMU_UNTRACKED inline bool in_kernel() { return rt().current >= 0; }
 
-inline void fiber_entry() {
+GSOPS_EMU_UNTRACKED inline void fiber_entry() {
   Runtime& r = rt();
   (*r.body)();
   Fiber& f = r.fibers[r.current];
@@ -170,7 +172,7 @@ inline void fiber_entry() {
   fail("a finished fiber was resumed");
 }
 
-inline void syncthreads_at(const char* file, int line) {
+GSOPS_EMU_UNTRACKED inline void syncthreads_at(const char* file, int line) {
   Runtime& r = rt();
   if (!in_kernel()) fail("__syncthreads() called outside a kernel (%s:%d)", file, line);
   if (r.direct)
@@ -184,13 +186,14 @@ inline void syncthreads_at(const char* file, int line) {
   swapcontext(&f.ctx, &r.main_ctx);
 }
 
-inline void end_block() {
+GSOPS_EMU_UNTRACKED inline void end_block() {
   for (auto hook : rt().block_end_hooks) hook();
+  traffic_end_block();
   rt().current = -1;
 }
 
 // Runs one CUDA block of a launch whose block 0 took no barrier: each thread is a plain call.
-inline void run_block_direct(unsigned nthreads) {
+GSOPS_EMU_UNTRACKED inline void run_block_direct(unsigned nthreads) {
   Runtime& r = rt();
   ++r.block_serial;
   for (unsigned i = 0; i < nthreads; ++i) {
@@ -204,7 +207,7 @@ inline void run_block_direct(unsigned nthreads) {
 
 // Runs one CUDA block: every thread as a fiber, round by round between barriers.
 // Returns whether any thread waited at a barrier.
-inline bool run_block(unsigned nthreads) {
+GSOPS_EMU_UNTRACKED inline bool run_block(unsigned nthreads) {
   Runtime& r = rt();
   ++r.block_serial;
   bool barrier = false;
@@ -277,10 +280,11 @@ struct Launch {
   size_t smem;
 
   template <typename... A>
-  void operator()(A&&... args) const {
+  GSOPS_EMU_UNTRACKED void operator()(A&&... args) const {
     Runtime& r = rt();
     if (in_kernel()) fail("kernel %s launched from inside kernel %s", name, r.kernel_name);
     r.kernel_label = std::string(name) + " launched at " + file + ":" + std::to_string(line);
+    if (traffic().on) traffic().launches.push_back(r.kernel_label);
     const char* name = r.kernel_label.c_str();
     const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
     if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1)
@@ -337,7 +341,7 @@ Launch<F> launch(F* kernel, const char* name, const char* file, int line, dim3 g
 }
 
 template <typename T>
-T* dynamic_smem() {
+GSOPS_EMU_UNTRACKED T* dynamic_smem() {
   if (!in_kernel()) fail("extern __shared__ memory used outside a kernel");
   return reinterpret_cast<T*>(rt().smem);
 }

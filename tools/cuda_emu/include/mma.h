@@ -40,7 +40,7 @@ inline float elem_to_float(__half v) { return __half2float(v); }
 inline float elem_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-inline void check_pointer(const char* what, const T* p, unsigned ldm) {
+GSOPS_EMU_UNTRACKED inline void check_pointer(const char* what, const T* p, unsigned ldm) {
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
     gsops_emu::fail("kernel %s: wmma::%s pointer %p is not 256-bit aligned", gsops_emu::rt().kernel_name, what,
                     static_cast<const void*>(p));
@@ -49,12 +49,12 @@ inline void check_pointer(const char* what, const T* p, unsigned ldm) {
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
+GSOPS_EMU_UNTRACKED inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
   for (float& e : f.x) e = v;
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+GSOPS_EMU_UNTRACKED inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value,
                 "matrix_a / matrix_b fragments need a layout");
   check_pointer("load_matrix_sync", p, ldm);
@@ -65,14 +65,14 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, u
 }
 
 template <int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
+GSOPS_EMU_UNTRACKED inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
   check_pointer("load_matrix_sync", p, ldm);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) f.x[i * N + j] = elem_to_float(layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]);
 }
 
 template <int M, int N, int K, typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+GSOPS_EMU_UNTRACKED inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
   static_assert(std::is_same<T, float>::value, "the emulator models float accumulators only");
   check_pointer("store_matrix_sync", p, ldm);
   for (int i = 0; i < M; ++i)
@@ -92,7 +92,7 @@ struct MmaMemo {
   std::vector<size_t> count;                // calls per thread
 };
 inline void mma_check_block();
-inline MmaMemo& mma_memo() {
+GSOPS_EMU_UNTRACKED inline MmaMemo& mma_memo() {
   static MmaMemo m;
   static const bool hooked = [] {
     gsops_emu::rt().block_end_hooks.push_back(&mma_check_block);
@@ -106,7 +106,7 @@ inline MmaMemo& mma_memo() {
   }
   return m;
 }
-inline void mma_check_block() {
+GSOPS_EMU_UNTRACKED inline void mma_check_block() {
   MmaMemo& m = mma_memo();
   for (size_t t = 0; t < m.count.size(); ++t) {
     const size_t lane0 = t - t % 32;
@@ -117,7 +117,7 @@ inline void mma_check_block() {
 }
 
 template <int M, int N, int K, typename Ta, typename La, typename Tb, typename Lb, typename Tc>
-inline void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M, N, K, Ta, La>& a,
+GSOPS_EMU_UNTRACKED inline void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M, N, K, Ta, La>& a,
                      const fragment<matrix_b, M, N, K, Tb, Lb>& b, const fragment<accumulator, M, N, K, Tc>& c) {
   static_assert(std::is_same<Ta, Tb>::value, "wmma::mma_sync: matrix_a and matrix_b element types differ");
   if (!gsops_emu::in_kernel()) gsops_emu::fail("wmma::mma_sync called outside a kernel");
