@@ -114,6 +114,71 @@ Tensor block_diag_perm_grad_blocks(const Tensor& dy, const Tensor& x, int64_t r,
   return dB;
 }
 
+// ---- two factors in one pass --------------------------------------------------------
+// (R, L): float32 copies of the blocks, both (r, b, b), on x's device.
+std::tuple<Tensor, Tensor> pair_blocks(const Tensor& x, const Tensor& R, const Tensor& L) {
+  check_blocks("R", R);
+  check_blocks("L", L);
+  TORCH_CHECK(R.sizes() == L.sizes(), "R and L must have the same shape (r, b, b), got ", R.sizes(), " and ", L.sizes());
+  check_same_device("x", x, "R", R);
+  check_same_device("x", x, "L", L);
+  return {R.to(at::kFloat).contiguous(), L.to(at::kFloat).contiguous()};
+}
+
+bool gs_pair_supported(int64_t r, int64_t b) { return r >= 1 && b >= 1 && gsops::gs_pair_fits((int)r, (int)b); }
+
+int64_t gs_pair_grad_factors(int64_t r, int64_t b) {
+  return r >= 1 && b >= 1 ? gsops::gs_pair_grad_factors_per_pass((int)r, (int)b) : 0;
+}
+
+Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_out, bool transposed) {
+  const auto [Rf, Lf] = pair_blocks(x, R, L);
+  const int64_t r = R.size(0), b = R.size(1);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  TORCH_CHECK(gsops::gs_pair_fits((int)r, (int)b), "gs_pair: a group of r=", r, ", b=", b,
+              " does not fit a CUDA block's shared memory (gs_pair_supported is false): use block_diag_perm");
+  GSOPS_GUARD(x);
+  Tensor y = at::empty_like(x);
+  check_launch(gsops::gs_pair(dtype_of("x", x), x.data_ptr(), Rf.data_ptr<float>(), Lf.data_ptr<float>(),
+                              y.data_ptr(), n_tokens, (int)r, (int)b, linear_out, transposed, GSOPS_STREAM),
+               "gs_pair");
+  return y;
+}
+
+// (dx or empty, dL_part or empty, dR_part or empty): dL / dR are the partials' sums over dim 0.
+std::tuple<Tensor, Tensor, Tensor> gs_pair_grad(const Tensor& dy, const Tensor& x, const Tensor& R, const Tensor& L,
+                                                bool linear_out, bool want_dx, bool want_l, bool want_r) {
+  const auto [Rf, Lf] = pair_blocks(x, R, L);
+  const int64_t r = R.size(0), b = R.size(1);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  check_features("dy", dy, r, b);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  check_same_device("dy", dy, "x", x);
+  check_same_dtype("dy", dy, "x", x);
+  TORCH_CHECK(want_dx || want_l || want_r, "gs_pair_grad: nothing asked (want_dx, want_l and want_r are false)");
+  const int per_pass = gsops::gs_pair_grad_factors_per_pass((int)r, (int)b);
+  TORCH_CHECK((int)want_l + (int)want_r <= per_pass, "gs_pair_grad: r=", r, ", b=", b, " fits ", per_pass,
+              " block-gradient accumulator(s) per launch (gs_pair_grad_factors), asked for ",
+              (int)want_l + (int)want_r);
+  GSOPS_GUARD(x);
+  const int64_t splits = gsops::gs_pair_grad_splits(n_tokens, (int)r, (int)b);
+  const auto fopt = x.options().dtype(at::kFloat);
+  Tensor dx = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor dl = want_l ? at::empty({splits, r, b, b}, fopt) : at::empty({0}, fopt);
+  Tensor dr = want_r ? at::empty({splits, r, b, b}, fopt) : at::empty({0}, fopt);
+  if (n_tokens == 0) {
+    dl.zero_();
+    dr.zero_();
+    return {dx, dl, dr};
+  }
+  check_launch(gsops::gs_pair_grad(dtype_of("x", x), dy.data_ptr(), x.data_ptr(), Rf.data_ptr<float>(),
+                                   Lf.data_ptr<float>(), want_dx ? dx.data_ptr() : nullptr,
+                                   want_l ? dl.data_ptr<float>() : nullptr, want_r ? dr.data_ptr<float>() : nullptr,
+                                   n_tokens, (int)r, (int)b, splits, linear_out, GSOPS_STREAM),
+               "gs_pair_grad");
+  return {dx, dl, dr};
+}
+
 // ---- batched Cayley ---------------------------------------------------------------
 void check_square_batch(const char* name, const Tensor& K) {
   check_cuda(name, K);
@@ -211,6 +276,9 @@ Tensor conv_exp_weight_grad(const Tensor& x, const Tensor& dy, const Tensor& wei
 TORCH_LIBRARY(gsops_cuda, m) {
   m.def("block_diag_perm(Tensor x, Tensor blocks, int in_mode, int out_mode, bool transpose_blocks) -> Tensor");
   m.def("block_diag_perm_grad_blocks(Tensor dy, Tensor x, int r, int b, int in_mode, int out_mode) -> Tensor");
+  m.def("gs_pair(Tensor x, Tensor R, Tensor L, bool linear_out, bool transposed) -> Tensor");
+  m.def("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
+        "bool want_r) -> (Tensor, Tensor, Tensor)");
   m.def("cayley_forward(Tensor K) -> (Tensor, Tensor)");
   m.def("cayley_backward(Tensor M, Tensor G) -> Tensor");
   m.def("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor");
@@ -220,6 +288,8 @@ TORCH_LIBRARY(gsops_cuda, m) {
 TORCH_LIBRARY_IMPL(gsops_cuda, GSOPS_DISPATCH_KEY, m) {
   m.impl("block_diag_perm", &block_diag_perm);
   m.impl("block_diag_perm_grad_blocks", &block_diag_perm_grad_blocks);
+  m.impl("gs_pair", &gs_pair);
+  m.impl("gs_pair_grad", &gs_pair_grad);
   m.impl("cayley_forward", &cayley_forward);
   m.impl("cayley_backward", &cayley_backward);
   m.impl("conv_exp_forward", &conv_exp_forward);
@@ -234,4 +304,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gsops CUDA kernels; the ops are registered as torch.ops.gsops_cuda.*";
   m.attr("max_block") = gsops::kMaxBlock;
   m.attr("device_type") = GSOPS_DEVICE_TYPE;
+  // plans of the one-pass GS kernels (host-side, no launch): whether a group of (r, b) fits on chip, and
+  // how many block-gradient accumulators one backward launch holds (2, 1 or 0)
+  m.def("gs_pair_supported", &gs_pair_supported, "gs_pair(x, R, L, ...) takes blocks of shape (r, b, b)");
+  m.def("gs_pair_grad_factors", &gs_pair_grad_factors, "block gradients one gs_pair_grad launch accumulates");
 }

@@ -132,7 +132,7 @@ def test_kernel_compiles_alone_with_nvcc(builds, source):
 
 
 def test_every_op_has_a_kernel_file():
-    assert {cu.name for cu in KERNELS} >= {"gs_apply.cu", "cayley.cu", "conv_exp.cu"}
+    assert {cu.name for cu in KERNELS} >= {"gs_apply.cu", "gs_pair.cu", "cayley.cu", "conv_exp.cu"}
 
 
 @needs_nvcc

@@ -98,6 +98,63 @@ def test_gs_chain_and_block_diag_mm(b, dtype):
     close(dx, np64(g) @ D, dtype, "block_diag_mm dx")
 
 
+# (r, b): band groups (r % b == 0, several groups), whole rows, both block gradients in one launch, one
+# per launch (b = 32 band), none on chip (b = 64 whole row: the two-pass fallback of the backward)
+PAIR_SHAPES = [(8, 4), (6, 3), (5, 8), (3, 16), (32, 32), (16, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r,b", PAIR_SHAPES)
+def test_one_pass_pair_forward_transposed_and_backward(r, b, dtype):
+    """gs_pair (both output layouts), its transposed pass and gs_pair_grad against the dense float64 product;
+    the backward plan is the one the launcher reports, and two runs give the same bits (no atomics)."""
+    d = r * b
+    n = 21 if d <= 256 else 5
+    x, g = rand(n, d, dtype=dtype), rand(n, d, dtype=dtype)
+    L, R = rand(r, b, b, dtype=torch.float32, scale=b ** -0.5), rand(r, b, b, dtype=torch.float32, scale=b ** -0.5)
+    assert _C.gs_pair_supported(r, b)
+    Q = gsoft_matrix(np64(L), np64(R))
+    chain = gs_chain_matrix([np64(R), np64(L)])  # L P R
+    close(_ops.gs_pair(x, R, L, False, False), np64(x) @ Q.T, dtype, "gs_pair")
+    close(_ops.gs_pair(x, R, L, True, False), np64(x) @ chain.T, dtype, "gs_pair linear_out")
+    close(_ops.gs_pair(g, R, L, False, True), np64(g) @ Q, dtype, "gs_pair transposed")
+    close(_ops.gs_pair(g, R, L, True, True), np64(g) @ chain, dtype, "gs_pair linear_out transposed")
+    per_launch = _C.gs_pair_grad_factors(r, b)
+    assert per_launch == {(32, 32): 1, (16, 64): 0}.get((r, b), 2)
+    _, wL, wR = ref_gs.gs_apply_backward(g.double().cpu(), x.double().cpu(), L.double(), R.double())
+    out = cb._pair_backward(g, x, R, L, False)
+    if per_launch == 0:
+        assert out is None  # gs_apply_backward takes the two-pass kernels
+        with pytest.raises(RuntimeError, match="fits 0 block-gradient accumulator"):
+            _ops.gs_pair_grad(g, x, R, L, False, True, True, False)
+        return
+    dx, dL, dR = out
+    close(dx, np64(g) @ Q, dtype, "gs_pair_grad dx")
+    close(dL, wL, dtype, "gs_pair_grad dL")
+    close(dR, wR, dtype, "gs_pair_grad dR")
+    again = cb._pair_backward(g, x, R, L, False)
+    for a, w in zip(again, out):
+        assert torch.equal(a, w)
+    if per_launch == 1:
+        with pytest.raises(RuntimeError, match="fits 1 block-gradient accumulator"):
+            _ops.gs_pair_grad(g, x, R, L, False, True, True, True)
+
+
+def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
+    x = torch.randn(2, 12, device=DEV)
+    R = torch.randn(3, 4, 4, device=DEV)
+    with pytest.raises(RuntimeError, match="R and L must have the same shape"):
+        _ops.gs_pair(x, R, torch.randn(2, 6, 6, device=DEV), False, False)
+    with pytest.raises(RuntimeError, match=r"x.shape\[-1\]=12 must equal r\*b=8"):
+        _ops.gs_pair(x, torch.randn(2, 4, 4, device=DEV), torch.randn(2, 4, 4, device=DEV), False, False)
+    with pytest.raises(RuntimeError, match="nothing asked"):
+        _ops.gs_pair_grad(x, x, R, R, False, False, False, False)
+    assert not _C.gs_pair_supported(250, 128)  # a whole row of 32000 features does not fit one CUDA block
+    big = torch.zeros(250, 128, 128, device=DEV)
+    with pytest.raises(RuntimeError, match="does not fit a CUDA block's shared memory"):
+        _ops.gs_pair(torch.zeros(1, 250 * 128, device=DEV), big, big, False, False)
+
+
 def test_block_gradient_over_many_tokens():
     """Several token chunks per block (atomic reduction across CUDA blocks)."""
     r, b = 4, 16

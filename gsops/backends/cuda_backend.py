@@ -103,37 +103,84 @@ def block_diag_mm_backward(grad, x, B):
     return _factor_input_grad(g, B, NONE, NONE), _factor_block_grad(g, x, B, NONE, NONE)
 
 
+def _pair_supported(B: torch.Tensor) -> bool:
+    return bool(_C.gs_pair_supported(B.shape[0], B.shape[1]))
+
+
+def _pair(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, linear_out: bool) -> torch.Tensor:
+    """``P^T L P R x`` (``L P R x`` with ``linear_out``) in one pass (``gs_pair``)."""
+    d = R.shape[0] * R.shape[1]
+    return _ops.gs_pair(x.reshape(-1, d).contiguous(), R, L, linear_out, False).reshape(x.shape)
+
+
+def _pair_backward(grad: torch.Tensor, x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, linear_out: bool):
+    """``(dx, dL, dR)`` of :func:`_pair`, or None where no block-gradient accumulator fits on chip. One launch
+    when both fit (x and dy read once, dx written once); else two (the second reads x and dy again for dR)."""
+    r, b = R.shape[0], R.shape[1]
+    per_launch = int(_C.gs_pair_grad_factors(r, b))
+    if per_launch == 0:
+        return None
+    g = grad.to(x.dtype).reshape(-1, r * b).contiguous()
+    x2 = x.reshape(-1, r * b).contiguous()
+    if per_launch == 2:
+        dx, dl, dr = _ops.gs_pair_grad(g, x2, R, L, linear_out, True, True, True)
+    else:
+        dx, dl, _ = _ops.gs_pair_grad(g, x2, R, L, linear_out, True, True, False)
+        _, _, dr = _ops.gs_pair_grad(g, x2, R, L, linear_out, False, False, True)
+    return dx.reshape(x.shape), dl.sum(0).to(L.dtype), dr.sum(0).to(R.dtype)
+
+
 def _chain_modes(m: int):
     return [NONE if j == 0 else P for j in range(m)]  # factor j reads P y_{j-1} (j > 0), writes unpermuted
 
 
 def gs_chain(x, blocks):
+    """The first two factors in one pass where their groups fit on chip (``gs_pair``), then one
+    ``block_diag_perm`` per further factor."""
     blocks = list(blocks)
-    y = x
-    for B, in_mode in zip(blocks, _chain_modes(len(blocks))):
+    modes = _chain_modes(len(blocks))
+    if len(blocks) >= 2 and _pair_supported(blocks[0]):
+        y, start = _pair(x, blocks[0], blocks[1], True), 2
+    else:
+        y, start = x, 0
+    for B, in_mode in zip(blocks[start:], modes[start:]):
         y = _factor(y, B, in_mode, NONE)
     return y
 
 
 def gs_chain_backward(grad, x, blocks):
     blocks = list(blocks)
-    modes = _chain_modes(len(blocks))
-    inputs = [x]  # the (unpermuted) input of every factor, recomputed
-    for B, in_mode in zip(blocks[:-1], modes[:-1]):
-        inputs.append(_factor(inputs[-1], B, in_mode, NONE))
+    m = len(blocks)
+    modes = _chain_modes(m)
+    pair = m >= 2 and _pair_supported(blocks[0]) and int(_C.gs_pair_grad_factors(blocks[0].shape[0],
+                                                                                   blocks[0].shape[1])) > 0
+    first = 2 if pair else 0  # the factors before `first` are the pair's
+    inputs = {2: _pair(x, blocks[0], blocks[1], True)} if pair and m > 2 else {0: x}
+    for j in range(first + 1, m):  # the (unpermuted) input of every further factor, recomputed
+        inputs[j] = _factor(inputs[j - 1], blocks[j - 1], modes[j - 1], NONE)
     g = grad.to(x.dtype)
-    dBs = [None] * len(blocks)
-    for j in range(len(blocks) - 1, -1, -1):
+    dBs = [None] * m
+    for j in range(m - 1, first - 1, -1):
         dBs[j] = _factor_block_grad(g, inputs[j], blocks[j], modes[j], NONE)
         g = _factor_input_grad(g, blocks[j], modes[j], NONE)
+    if pair:
+        g, dBs[1], dBs[0] = _pair_backward(g, x, blocks[0], blocks[1], True)
     return g, dBs
 
 
 def gs_apply(x, L, R):
-    return _factor(_factor(x, R, NONE, NONE), L, P, PT)  # P^T L P R x: the two permutations fused into L's pass
+    """``P^T L P R x``: one pass where a group fits on chip (``gs_pair``), else two ``block_diag_perm`` passes
+    (the permutations fused into L's loads and stores, the intermediate ``R x`` through memory)."""
+    if _pair_supported(R):
+        return _pair(x, R, L, False)
+    return _factor(_factor(x, R, NONE, NONE), L, P, PT)
 
 
 def gs_apply_backward(grad, x, L, R):
+    if _pair_supported(R):
+        out = _pair_backward(grad, x, R, L, False)
+        if out is not None:
+            return out
     g = grad.to(x.dtype)
     u = _factor(x, R, NONE, NONE)
     dL = _factor_block_grad(g, u, L, P, PT)

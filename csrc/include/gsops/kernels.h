@@ -33,6 +33,42 @@ cudaError_t block_diag_perm(DType dt, const void* x, const float* blocks, void* 
 cudaError_t block_diag_perm_grad_blocks(DType dt, const void* dy, const void* x, float* dB_acc, int64_t n_tokens,
                                         int r, int b, int in_mode, int out_mode, cudaStream_t stream);
 
+// ---- two factors in one pass (gs_pair.cu) ------------------------------------
+// The groups of perm(r, r*b): r % b == 0 ("band"): r / b closed groups of b R-blocks and b L-blocks
+// (b*b features); otherwise one group, the whole row (r*b features).
+struct PairGroups {
+  bool band;
+  int nrows;     // R-blocks (= L-blocks) per group: b (band) or r
+  int k;         // r / b (band) or 1
+  int n_groups;  // r / b (band) or 1
+  int features;  // nrows * b
+};
+GSOPS_HD PairGroups pair_groups(int r, int b) {
+  PairGroups g;
+  g.band = r % b == 0;
+  g.nrows = g.band ? b : r;
+  g.k = g.band ? r / b : 1;
+  g.n_groups = g.band ? r / b : 1;
+  g.features = g.nrows * b;
+  return g;
+}
+// Whether a group of (r, b) fits a CUDA block's shared memory (else the caller uses block_diag_perm).
+bool gs_pair_fits(int r, int b);
+// How many of the two block gradients one gs_pair_grad launch can accumulate on chip: 2, 1 or 0.
+int gs_pair_grad_factors_per_pass(int r, int b);
+// Token splits of gs_pair_grad (the first dimension of its partial sums).
+int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b);
+// y = P^T L P R x (linear_out: L P R x) for every row of x (n_tokens, r*b), one pass; transposed: the
+// transposed map applied to x (x is dy, y is dx = R^T P^T L^T P dy). R, L float32 (r, b, b).
+cudaError_t gs_pair(DType dt, const void* x, const float* R, const float* L, void* y, int64_t n_tokens, int r, int b,
+                    bool linear_out, bool transposed, cudaStream_t stream);
+// Backward of gs_pair from one read of x and dy: dx (when not null) and the partial block gradients
+// dl_part / dr_part (each when not null; float32 (splits, r, b, b), every entry written; their sum over
+// the splits is dL / dR). At most gs_pair_grad_factors_per_pass(r, b) of the two per launch.
+cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R, const float* L, void* dx,
+                         float* dl_part, float* dr_part, int64_t n_tokens, int r, int b, int64_t splits,
+                         bool linear_out, cudaStream_t stream);
+
 // ---- batched Cayley (cayley.cu) ---------------------------------------------
 // For each of n_mats skew b x b blocks K: M = (I - K)^{-1} (float32, saved for
 // backward) by Gauss-Jordan without pivoting in shared memory, Q = 2 M - I.

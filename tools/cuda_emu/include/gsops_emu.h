@@ -374,6 +374,11 @@ inline int atomicAdd(int* p, int v) {
   *p = old + v;
   return old;
 }
+// read-only cache load: an ordinary load here (inlined, so an access is counted at its call site)
+template <typename T>
+__attribute__((always_inline)) inline T __ldg(const T* p) {
+  return *p;
+}
 [[noreturn]] inline void __trap() { gsops_emu::fail("__trap() in kernel %s", gsops_emu::rt().kernel_name); }
 
 // ---- runtime API -------------------------------------------------------------

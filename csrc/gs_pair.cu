@@ -1,0 +1,352 @@
+// Two block-diagonal factors with the GS permutation between them in one pass over the activations:
+// GSOFT's y = P^T L P R x (or a chain's L P R x), its transpose (the input gradient) and its backward.
+//
+// Structure (SPEC "GS matrices", P = perm(r, d), d = r b): write the intermediate t = R x of one token
+// as rows of b entries (row j = R-block j's output); L-block p reads entry q of its input at t[q r + p].
+// * r % b == 0 ("band"): the b R-blocks j*k + s (k = r / b) and the b L-blocks s*b + p' form a closed
+//   group s whose features are b runs of b consecutive ones (row j: features j r + s b .. + b).
+// * otherwise the group is the whole row (all r blocks, d features).
+// A group has nrows rows (b or r) of b entries, G = nrows * b features; held in shared memory as
+// t_s[j b + u], L-block p' of the group reads entry q at t_s[q nrows + p'] (both cases).
+//
+// A CUDA block owns one group x a tile of tokens: it loads the group's features of its tokens (runs of
+// b (band) or d consecutive elements: every warp access is contiguous), applies R, permutes and applies
+// L in shared memory, and stores runs of nrows (band: b) consecutive outputs. x is read once and y
+// written once. The transposed pass (dx = R^T P^T L^T P dy) is the same with the roles swapped. The
+// backward kernel reads x and dy once per token tile, recomputes R x on chip, writes dx (optional) and
+// accumulates the group's block gradients of L and R (optional, each) in shared memory; each CUDA block
+// writes its partial sums for its token split to dL_part / dR_part [split, r, b, b], which the caller
+// sums (deterministic, no atomics). Index arithmetic over the features is incremental (no runtime
+// division per element; the block-gradient entries divide once per entry and token tile, not per token). Products are float32 FMAs with the blocks read through the read-only cache.
+#include "include/gsops/common.cuh"
+#include "include/gsops/dtype.cuh"
+#include "include/gsops/kernels.h"
+#include "include/gsops/launch.cuh"
+
+namespace gsops {
+
+namespace {
+
+constexpr int kPairThreads = 256;
+constexpr size_t kPairSmemLimit = 200 * 1024;  // of the 227 KiB an sm_90 block may use: room for the rest
+
+// Walks f = start, start + step, ... < n over a (row, column) grid with `cols` columns, keeping
+// row = f / cols and col = f % cols without dividing inside the loop.
+struct Cursor {
+  int f, row, col;
+  const int step_rows, step_cols, cols;
+  __device__ Cursor(int start, int step, int cols_)
+      : f(start), row(start / cols_), col(start % cols_), step_rows(step / cols_), step_cols(step % cols_),
+        cols(cols_) {}
+  __device__ void next() {
+    f += step_rows * cols + step_cols;
+    row += step_rows;
+    col += step_cols;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
+};
+
+struct GroupView {
+  int r, b, nrows, k, s;
+  bool band;
+  __device__ GroupView(int r_, int b_, int s_) : r(r_), b(b_), s(s_) {
+    const PairGroups g = pair_groups(r_, b_);
+    band = g.band;
+    nrows = g.nrows;
+    k = g.k;
+  }
+  __device__ int base() const { return band ? s * b : 0; }
+  __device__ int64_t in_feature(int j, int v) const { return (int64_t)j * (band ? r : b) + base() + v; }
+  __device__ int64_t rblock(int j) const { return band ? (int64_t)j * k + s : j; }
+  __device__ int64_t lblock(int p) const { return (int64_t)base() + p; }
+  // output feature of entry i of L-block p (GSOFT: y = P^T z; linear_out: y = z)
+  __device__ int64_t out_feature(int p, int i, bool linear_out) const {
+    return linear_out ? lblock(p) * b + i : (int64_t)i * r + base() + p;
+  }
+};
+
+// Loads the group's input features of tokens t0..t0+tn-1 into xs[tt G + j b + v] (0 past the last token).
+template <typename T>
+__device__ void load_rows(const T* __restrict__ x, float* xs, const GroupView& g, int64_t n_tokens, int64_t t0,
+                          int tn) {
+  const int64_t d = (int64_t)g.r * g.b;
+  const int G = g.nrows * g.b;
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    for (Cursor c(threadIdx.x, blockDim.x, g.b); c.f < G; c.next())
+      xs[tt * G + c.f] = t < n_tokens ? to_float(x[t * d + g.in_feature(c.row, c.col)]) : 0.f;
+  }
+}
+
+// Loads the group's output features of the tokens into gs[tt G + p b + i], in the order of the output
+// runs (coalesced), and the same for stores below.
+template <typename T>
+__device__ void load_outputs(const T* __restrict__ y, float* gs, const GroupView& g, bool linear_out,
+                             int64_t n_tokens, int64_t t0, int tn) {
+  const int64_t d = (int64_t)g.r * g.b;
+  const int G = g.nrows * g.b;
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    if (linear_out) {
+      for (Cursor c(threadIdx.x, blockDim.x, g.b); c.f < G; c.next())  // (p, i), i fastest
+        gs[tt * G + c.f] = t < n_tokens ? to_float(y[t * d + g.out_feature(c.row, c.col, true)]) : 0.f;
+    } else {
+      for (Cursor c(threadIdx.x, blockDim.x, g.nrows); c.f < G; c.next())  // (i, p), p fastest
+        gs[tt * G + c.col * g.b + c.row] = t < n_tokens ? to_float(y[t * d + g.out_feature(c.col, c.row, false)]) : 0.f;
+    }
+  }
+}
+
+template <typename T>
+__device__ void store_outputs(T* __restrict__ y, const float* zs, const GroupView& g, bool linear_out,
+                              int64_t n_tokens, int64_t t0, int tn) {
+  const int64_t d = (int64_t)g.r * g.b;
+  const int G = g.nrows * g.b;
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    if (t >= n_tokens) break;
+    if (linear_out) {
+      for (Cursor c(threadIdx.x, blockDim.x, g.b); c.f < G; c.next())
+        y[t * d + g.out_feature(c.row, c.col, true)] = from_float<T>(zs[tt * G + c.f]);
+    } else {
+      for (Cursor c(threadIdx.x, blockDim.x, g.nrows); c.f < G; c.next())
+        y[t * d + g.out_feature(c.col, c.row, false)] = from_float<T>(zs[tt * G + c.col * g.b + c.row]);
+    }
+  }
+}
+
+template <typename T>
+__device__ void store_rows(T* __restrict__ x, const float* xs, const GroupView& g, int64_t n_tokens, int64_t t0,
+                           int tn) {
+  const int64_t d = (int64_t)g.r * g.b;
+  const int G = g.nrows * g.b;
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    if (t >= n_tokens) break;
+    for (Cursor c(threadIdx.x, blockDim.x, g.b); c.f < G; c.next())
+      x[t * d + g.in_feature(c.row, c.col)] = from_float<T>(xs[tt * G + c.f]);
+  }
+}
+
+// ts[tt G + j b + u] = sum_v R_{rb(j)}[u][v] xs[tt G + j b + v]   (R x; with transpose: R^T)
+__device__ void apply_rows(const float* __restrict__ R, const float* xs, float* ts, const GroupView& g, int tn,
+                           bool transpose) {
+  const int G = g.nrows * g.b, b = g.b;
+  for (Cursor c(threadIdx.x, blockDim.x, b); c.f < G; c.next()) {
+    const float* blk = R + g.rblock(c.row) * b * b;
+    const int64_t s0 = transpose ? c.col : (int64_t)c.col * b, sv = transpose ? b : 1;
+    for (int tt = 0; tt < tn; ++tt) {
+      const float* in = xs + tt * G + c.row * b;
+      float acc = 0.f;
+      for (int v = 0; v < b; ++v) acc += __ldg(blk + s0 + v * sv) * in[v];
+      ts[tt * G + c.f] = acc;
+    }
+  }
+}
+
+// zs[tt G + p b + i] = sum_q L_{lb(p)}[i][q] ts[tt G + q nrows + p]   (L P t)
+__device__ void apply_cols(const float* __restrict__ L, const float* ts, float* zs, const GroupView& g, int tn) {
+  const int G = g.nrows * g.b, b = g.b, nr = g.nrows;
+  for (Cursor c(threadIdx.x, blockDim.x, b); c.f < G; c.next()) {  // (p, i)
+    const float* row = L + (g.lblock(c.row) * b + c.col) * b;
+    for (int tt = 0; tt < tn; ++tt) {
+      const float* in = ts + tt * G + c.row;
+      float acc = 0.f;
+      for (int q = 0; q < b; ++q) acc += __ldg(row + q) * in[q * nr];
+      zs[tt * G + c.f] = acc;
+    }
+  }
+}
+
+// dus[tt G + q nrows + p] = sum_i L_{lb(p)}[i][q] gs[tt G + p b + i]   (P^T L^T dz, in the rows' layout)
+__device__ void apply_cols_transposed(const float* __restrict__ L, const float* gs, float* dus, const GroupView& g,
+                                      int tn) {
+  const int G = g.nrows * g.b, b = g.b, nr = g.nrows;
+  for (Cursor c(threadIdx.x, blockDim.x, b); c.f < G; c.next()) {  // (p, q)
+    const float* col = L + g.lblock(c.row) * b * b + c.col;
+    for (int tt = 0; tt < tn; ++tt) {
+      const float* in = gs + tt * G + c.row * b;
+      float acc = 0.f;
+      for (int i = 0; i < b; ++i) acc += __ldg(col + i * b) * in[i];
+      dus[tt * G + c.col * nr + c.row] = acc;
+    }
+  }
+}
+
+// Tokens per tile: the largest power of two <= 16 whose shared memory fits (`bufs` tiles of G floats,
+// plus `fixed` bytes); 0 when not even one token fits.
+int pair_tile(int G, int bufs, size_t fixed) {
+  for (int tn = 16; tn >= 1; tn /= 2)
+    if (fixed + sizeof(float) * (size_t)bufs * tn * G <= kPairSmemLimit) return tn;
+  return 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads)
+    gs_pair_kernel(const T* __restrict__ x, const float* __restrict__ R, const float* __restrict__ L,
+                   T* __restrict__ y, int64_t n_tokens, int r, int b, int tn, bool linear_out, bool transposed) {
+  extern __shared__ float pair_smem[];
+  const PairGroups pg = pair_groups(r, b);
+  const GroupView g(r, b, (int)(blockIdx.x % pg.n_groups));
+  const int64_t t0 = (int64_t)(blockIdx.x / pg.n_groups) * tn;
+  const int G = pg.features;
+  float* a = pair_smem;
+  float* c = pair_smem + (size_t)tn * G;
+  if (!transposed) {  // y = P^T L P R x
+    load_rows(x, a, g, n_tokens, t0, tn);
+    __syncthreads();
+    apply_rows(R, a, c, g, tn, false);
+    __syncthreads();
+    apply_cols(L, c, a, g, tn);
+    __syncthreads();
+    store_outputs(y, a, g, linear_out, n_tokens, t0, tn);
+  } else {  // x here is dy, y is dx = R^T P^T L^T P dy
+    load_outputs(x, a, g, linear_out, n_tokens, t0, tn);
+    __syncthreads();
+    apply_cols_transposed(L, a, c, g, tn);
+    __syncthreads();
+    apply_rows(R, c, a, g, tn, true);
+    __syncthreads();
+    store_rows(y, a, g, n_tokens, t0, tn);
+  }
+}
+
+// Backward of one group x one token split: dx (want_dx) and partial dL, dR (want_l, want_r).
+// Shared memory: xs, ts (R x), gs (dy), dus (P^T L^T dy): 4 tiles of tn x G floats; then the
+// accumulators of L and R (G b floats each, when wanted).
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads)
+    gs_pair_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ R,
+                        const float* __restrict__ L, T* __restrict__ dx, float* __restrict__ dl_part,
+                        float* __restrict__ dr_part, int64_t n_tokens, int r, int b, int tn, int64_t tokens_per_split,
+                        bool linear_out, bool want_dx, bool want_l, bool want_r) {
+  extern __shared__ float pair_smem[];
+  const PairGroups pg = pair_groups(r, b);
+  const GroupView g(r, b, (int)(blockIdx.x % pg.n_groups));
+  const int64_t split = blockIdx.x / pg.n_groups;
+  const int G = pg.features;
+  const int GB = G * b;
+  float* xs = pair_smem;
+  float* ts = xs + (size_t)tn * G;
+  float* gs = ts + (size_t)tn * G;
+  float* dus = gs + (size_t)tn * G;
+  float* acc_l = dus + (size_t)tn * G;
+  float* acc_r = acc_l + (want_l ? GB : 0);
+  for (int e = threadIdx.x; e < (want_l ? GB : 0) + (want_r ? GB : 0); e += blockDim.x) acc_l[e] = 0.f;
+  const int64_t begin = split * tokens_per_split;
+  const int64_t end = min(n_tokens, begin + tokens_per_split);
+  for (int64_t t0 = begin; t0 < end; t0 += tn) {
+    const int nt = (int)min((int64_t)tn, end - t0);
+    __syncthreads();  // the previous tile's readers are done
+    load_rows(x, xs, g, end, t0, tn);
+    load_outputs(dy, gs, g, linear_out, end, t0, tn);
+    __syncthreads();
+    if (want_l) apply_rows(R, xs, ts, g, tn, false);
+    if (want_r || want_dx) apply_cols_transposed(L, gs, dus, g, tn);
+    __syncthreads();
+    const int nr = g.nrows;
+    if (want_l) {  // dL_p[i][q] += sum_t gs[t][p b + i] ts[t][q nrows + p]
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) {
+        const int q = e % b, pi = e / b, p = pi / b;  // once per entry and tile, not per token
+        float s = 0.f;
+        for (int tt = 0; tt < nt; ++tt) s += gs[tt * G + pi] * ts[tt * G + q * nr + p];
+        acc_l[e] += s;
+      }
+    }
+    if (want_r) {  // dR_j[u][v] += sum_t dus[t][j b + u] xs[t][j b + v]
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) {
+        const int v = e % b, ju = e / b, j = ju / b;
+        float s = 0.f;
+        for (int tt = 0; tt < nt; ++tt) s += dus[tt * G + ju] * xs[tt * G + j * b + v];
+        acc_r[e] += s;
+      }
+    }
+    if (want_dx) {  // dx_j[v] = sum_u R_j[u][v] dus[j b + u], into ts (read above)
+      __syncthreads();
+      apply_rows(R, dus, ts, g, nt, true);
+      __syncthreads();
+      store_rows(dx, ts, g, end, t0, nt);
+    }
+  }
+  __syncthreads();
+  const int64_t bb = (int64_t)b * b;
+  for (int e = threadIdx.x; e < GB; e += blockDim.x) {
+    const int blk = e / (b * b), rest = e % (b * b);
+    if (want_l) dl_part[(split * r + g.lblock(blk)) * bb + rest] = acc_l[e];
+    if (want_r) dr_part[(split * r + g.rblock(blk)) * bb + rest] = acc_r[e];
+  }
+}
+
+}  // namespace
+
+bool gs_pair_fits(int r, int b) {
+  if (r < 1 || b < 1 || b > kMaxBlock) return false;
+  return pair_tile(pair_groups(r, b).features, 2, 0) > 0;
+}
+
+int gs_pair_grad_factors_per_pass(int r, int b) {
+  if (!gs_pair_fits(r, b)) return 0;
+  const int G = pair_groups(r, b).features;
+  const size_t acc = sizeof(float) * (size_t)G * b;
+  if (pair_tile(G, 4, 2 * acc) > 0) return 2;
+  return pair_tile(G, 4, acc) > 0 ? 1 : 0;
+}
+
+int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b) {
+  // at least 16 b tokens per split (the partial sums stay small against the activations read),
+  // and enough splits x groups to fill ~2 CUDA blocks per SM of a 132-SM part
+  const PairGroups g = pair_groups(r, b);
+  const int64_t min_tokens = 16 * (int64_t)b;
+  const int64_t want = std::max<int64_t>(1, ceil_div(264, g.n_groups));
+  return std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(n_tokens, min_tokens)));
+}
+
+cudaError_t gs_pair(DType dt, const void* x, const float* R, const float* L, void* y, int64_t n_tokens, int r, int b,
+                    bool linear_out, bool transposed, cudaStream_t stream) {
+  if (!gs_pair_fits(r, b) || n_tokens < 0) return cudaErrorInvalidValue;
+  if (n_tokens == 0) return cudaSuccess;
+  const PairGroups g = pair_groups(r, b);
+  const int tn = pair_tile(g.features, 2, 0);
+  const int64_t grid = ceil_div(n_tokens, tn) * g.n_groups;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const size_t smem = sizeof(float) * 2 * (size_t)tn * g.features;
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = ensure_dynamic_smem(gs_pair_kernel<T>, smem);
+    if (err != cudaSuccess) return err;
+    gs_pair_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
+        static_cast<const T*>(x), R, L, static_cast<T*>(y), n_tokens, r, b, tn, linear_out, transposed);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R, const float* L, void* dx,
+                         float* dl_part, float* dr_part, int64_t n_tokens, int r, int b, int64_t splits,
+                         bool linear_out, cudaStream_t stream) {
+  const bool want_dx = dx != nullptr, want_l = dl_part != nullptr, want_r = dr_part != nullptr;
+  const int per_pass = gs_pair_grad_factors_per_pass(r, b);
+  if (per_pass < (int)want_l + (int)want_r || (!want_dx && !want_l && !want_r) || n_tokens < 0 || splits < 1)
+    return cudaErrorInvalidValue;
+  if (n_tokens == 0) return cudaSuccess;
+  const PairGroups g = pair_groups(r, b);
+  const size_t acc = sizeof(float) * (size_t)g.features * b * ((int)want_l + (int)want_r);
+  const int tn = pair_tile(g.features, 4, acc);
+  const int64_t grid = splits * g.n_groups;
+  if (tn == 0 || grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const int64_t per_split = ceil_div(ceil_div(n_tokens, splits), tn) * tn;
+  const size_t smem = sizeof(float) * 4 * (size_t)tn * g.features + acc;
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T>, smem);
+    if (err != cudaSuccess) return err;
+    gs_pair_grad_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part, n_tokens,
+        r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace gsops
