@@ -274,3 +274,55 @@ def test_the_binding_has_no_emulator_hook():
     names = lambda text: sorted(re.findall(r"^#define (\w+)", text, re.M))  # noqa: E731
     assert names(ours) == names(theirs) and "GSOPS_DEVICE_TYPE" in names(ours)
     assert '#define GSOPS_DEVICE_TYPE "cuda"' in ours and '#define GSOPS_DEVICE_TYPE "cpu"' in theirs
+
+
+_TRAFFIC = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from perf import traffic
+traffic.cuda_traffic_module()
+from gsops import _C
+out = {}
+for op in ("block_diag_mm", "gs_apply"):
+    for d, b in traffic.SHAPES:
+        fwd, bwd = traffic.measure(op, d, b, n_tokens=2, backend="cuda")
+        out[f"{op} {d} {b}"] = {
+            "plan": int(_C.gs_pair_grad_factors(d // b, b)) if _C.gs_pair_supported(d // b, b) else -1,
+            **{f"{k}_{f.name.endswith('bwd') and 'bwd' or 'fwd'}": getattr(f, k) for f in (fwd, bwd)
+               for k in ("sectors", "min_sectors", "bytes", "min_bytes", "launches", "kernels")}}
+print(json.dumps(out))
+"""
+
+
+def test_cuda_kernels_global_memory_traffic_under_emulation():
+    """The CUDA kernels' access shape, counted per warp-wide access by the emulator's traffic build
+    (perf.traffic --backend cuda; fp16 activations, 2 tokens). One-pass gs_apply (gs_pair): forward <= 1.25x
+    the minimal sectors and <= 1.1x the bytes on every shape of the grid; backward one launch (x and dy read
+    once, dx written once) where both block-gradient accumulators fit, two where one does (5/3 of the minimum),
+    the two-pass kernels where none does, whose permuted side the counter shows uncoalesced."""
+    res = subprocess.run([sys.executable, "-c", _TRAFFIC, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    for key, f in rows.items():
+        op, d, b = key.split()
+        if op == "block_diag_mm":  # contiguous runs: the minimal bytes forward (b = 24: 48-byte runs straddle
+            # sectors), dx and dB in two launches
+            assert f["bytes_fwd"] == f["min_bytes_fwd"] and f["sectors_fwd"] <= 1.5 * f["min_sectors_fwd"], key
+            if int(b) % 16 == 0:
+                assert f["sectors_fwd"] == f["min_sectors_fwd"], key
+            assert 3 * f["bytes_bwd"] == 4 * f["min_bytes_bwd"], key
+            continue
+        assert f["plan"] >= 0, key  # every grid shape has a one-pass forward
+        assert f["launches_fwd"] == 1 and f["kernels_fwd"].startswith("gs_pair_kernel"), key
+        assert f["sectors_fwd"] <= 1.25 * f["min_sectors_fwd"] and f["bytes_fwd"] <= 1.1 * f["min_bytes_fwd"], key
+        if f["plan"] == 2:
+            assert f["launches_bwd"] == 1, key
+            assert f["sectors_bwd"] <= 1.5 * f["min_sectors_bwd"] and f["bytes_bwd"] <= 1.4 * f["min_bytes_bwd"], key
+        elif f["plan"] == 1:
+            assert f["launches_bwd"] == 2 and 3 * f["bytes_bwd"] == 5 * f["min_bytes_bwd"], key
+        else:  # two-pass fallback: 10 activation passes, the permuted side one sector per element
+            assert f["launches_bwd"] == 5 and 3 * f["bytes_bwd"] == 10 * f["min_bytes_bwd"], key
+            assert f["sectors_bwd"] >= 10 * f["min_sectors_bwd"], key
+    plans = {k: f["plan"] for k, f in rows.items() if k.startswith("gs_apply")}
+    assert sorted(set(plans.values())) == [0, 1, 2], plans  # the grid exercises every backward plan

@@ -25,9 +25,10 @@ _warned: set = set()
 CHOICES = ("auto",) + backends.NAMES
 AUTO_ORDER = ("triton", "cuda", "torch")
 AUTO_ORDER_REASON = (
-    "triton before cuda: the one-pass Triton GS apply moves the minimal activation bytes (2T forward, "
-    "3-4T backward, python -m perf.traffic) where a super group fits on chip, the CUDA gs_apply is two "
-    "passes forward and five kernels backward (4T, 10T); no GPU has timed both yet"
+    "triton before cuda: both GS applies are one pass forward (2T, python -m perf.traffic [--backend cuda]), "
+    "but the Triton kernels do the block products on tensor cores (tl.dot) where the CUDA gs_pair uses fp32 "
+    "FMAs, and the Triton backward moves 3-4T where the CUDA one moves 3T (b <= 24), 5T (b = 32) or 10T "
+    "(b = 64, the two-pass kernels); no GPU has timed both yet"
 )
 
 
