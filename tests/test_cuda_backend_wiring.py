@@ -31,6 +31,9 @@ from gsops.tolerances import tol
 lib = torch.library.Library("gsops_cuda", "DEF")
 lib.define("block_diag_perm(Tensor x, Tensor blocks, int in_mode, int out_mode, bool transpose_blocks) -> Tensor")
 lib.define("block_diag_perm_grad_blocks(Tensor dy, Tensor x, int r, int b, int in_mode, int out_mode) -> Tensor")
+lib.define("gs_pair(Tensor x, Tensor R, Tensor L, bool linear_out, bool transposed) -> Tensor")
+lib.define("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
+           "bool want_r) -> (Tensor, Tensor, Tensor)")
 lib.define("cayley_forward(Tensor K) -> (Tensor, Tensor)")
 lib.define("cayley_backward(Tensor M, Tensor G) -> Tensor")
 lib.define("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor")
@@ -56,6 +59,28 @@ def bgrad(dy, x, r, b, in_mode, out_mode):
     xi = P_mode(x.double(), in_mode, r).reshape(-1, r, b)
     return torch.einsum("nri,nrj->rij", g, xi).float()
 
+def pair(x, R, L, linear_out, transposed):  # P^T L P R x (L P R x); transposed: its transpose applied to x
+    out = 0 if linear_out else 2
+    if transposed:
+        return bdp(bdp(x, L, {0: 0, 2: 1}[out], 2, True), R, 0, 0, True)
+    return bdp(bdp(x, R, 0, 0, False), L, 1, out, False)
+
+def pair_grad(dy, x, R, L, linear_out, want_dx, want_l, want_r):
+    # partial sums over two token splits, the first dimension of the block gradients
+    r, b, _ = R.shape
+    out = 0 if linear_out else 2
+    n = x.reshape(-1, r * b).shape[0]
+    parts = ([], [])
+    for lo, hi in ((0, n // 2), (n // 2, n)):
+        xs, gs = x.reshape(n, -1)[lo:hi], dy.reshape(n, -1)[lo:hi]
+        du = bdp(gs, L, {0: 0, 2: 1}[out], 2, True)
+        parts[0].append(bgrad(gs, bdp(xs, R, 0, 0, False), r, b, 1, out))
+        parts[1].append(bgrad(du, xs, r, b, 0, 0))
+    dx = pair(dy, R, L, linear_out, True) if want_dx else x.new_empty(0)
+    dl = torch.stack(parts[0]) if want_l else torch.empty(0)
+    dr = torch.stack(parts[1]) if want_r else torch.empty(0)
+    return dx, dl, dr
+
 def cayley_fwd(K):
     eye = torch.eye(K.shape[-1], dtype=torch.float64)
     M = torch.linalg.inv(eye - K.double())
@@ -75,7 +100,8 @@ def conv_wgrad(x, dy, w, terms, groups):
     _, zs = cref.conv_exp_forward(x.double(), w.double(), terms, groups)
     return cref.conv_exp_backward(dy.double(), x.double(), w.double(), zs, terms, groups)[1].float()
 
-for name, fn in [("block_diag_perm", bdp), ("block_diag_perm_grad_blocks", bgrad), ("cayley_forward", cayley_fwd),
+for name, fn in [("block_diag_perm", bdp), ("block_diag_perm_grad_blocks", bgrad), ("gs_pair", pair),
+                 ("gs_pair_grad", pair_grad), ("cayley_forward", cayley_fwd),
                  ("cayley_backward", cayley_bwd), ("conv_exp_forward", conv_fwd), ("conv_exp_weight_grad", conv_wgrad)]:
     lib.impl(name, fn, "CPU")
 
@@ -83,6 +109,9 @@ fake = types.ModuleType("gsops._C")
 fake.max_block = 128
 fake.device_type = "cpu"  # the stand-ins run on CPU tensors
 fake.__file__ = "<CPU stand-ins>"
+# plans of the one-pass pair: every path of the composition is taken by some shape of the loop below
+fake.gs_pair_supported = lambda r, b: b != 5  # (1, 5): the two-pass kernels, forward and backward
+fake.gs_pair_grad_factors = lambda r, b: 2 if b <= 2 else (1 if b <= 4 else 0)  # b = 8: two-pass backward
 sys.modules["gsops._C"] = fake
 
 import gsops
