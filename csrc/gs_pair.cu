@@ -14,7 +14,8 @@
 // L in shared memory, and stores runs of nrows (band: b) consecutive outputs. x is read once and y
 // written once. The transposed pass (dx = R^T P^T L^T P dy) is the same with the roles swapped. The
 // backward kernel reads x and dy once per token tile, recomputes R x on chip, writes dx (optional) and
-// accumulates the group's block gradients of L and R (optional, each) in shared memory; each CUDA block
+// accumulates the group's block gradients of L and R (optional, each) in shared memory, or L's there and
+// R's in registers where both do not fit (sm_90: 128 registers per thread, 472 bytes spilled); each CUDA block
 // writes its partial sums for its token split to dL_part / dR_part [split, r, b, b], which the caller
 // sums (deterministic, no atomics). Index arithmetic over the features is incremental (no runtime
 // division per element; the block-gradient entries divide once per entry and token tile, not per token). Products are float32 FMAs with the blocks read through the read-only cache.
@@ -28,6 +29,8 @@ namespace gsops {
 namespace {
 
 constexpr int kPairThreads = 256;
+constexpr int kPairRegThreads = 512;  // threads of a backward block that keeps R's accumulator in registers
+constexpr int kPairRegAcc = 64;       // accumulator entries per thread there (<= 128 registers per thread)
 constexpr size_t kPairSmemLimit = 200 * 1024;  // of the 227 KiB an sm_90 block may use: room for the rest
 
 // Walks f = start, start + step, ... < n over a (row, column) grid with `cols` columns, keeping
@@ -216,9 +219,10 @@ __global__ void __launch_bounds__(kPairThreads)
 
 // Backward of one group x one token split: dx (want_dx) and partial dL, dR (want_l, want_r).
 // Shared memory: xs, ts (R x), gs (dy), dus (P^T L^T dy): 4 tiles of tn x G floats; then the
-// accumulators of L and R (G b floats each, when wanted).
-template <typename T>
-__global__ void __launch_bounds__(kPairThreads)
+// accumulators of L and R (G b floats each, when wanted). With REG > 0 the accumulator of R is in
+// registers instead: thread t owns entries t + m * blockDim.x (m < REG), kPairRegThreads threads.
+template <typename T, int REG>
+__global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     gs_pair_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ R,
                         const float* __restrict__ L, T* __restrict__ dx, float* __restrict__ dl_part,
                         float* __restrict__ dr_part, int64_t n_tokens, int r, int b, int tn, int64_t tokens_per_split,
@@ -234,8 +238,10 @@ __global__ void __launch_bounds__(kPairThreads)
   float* gs = ts + (size_t)tn * G;
   float* dus = gs + (size_t)tn * G;
   float* acc_l = dus + (size_t)tn * G;
-  float* acc_r = acc_l + (want_l ? GB : 0);
-  for (int e = threadIdx.x; e < (want_l ? GB : 0) + (want_r ? GB : 0); e += blockDim.x) acc_l[e] = 0.f;
+  float* acc_r = acc_l + (want_l ? GB : 0);  // REG == 0
+  float acc_reg[REG > 0 ? REG : 1];
+  for (int m = 0; m < (REG > 0 ? REG : 1); ++m) acc_reg[m] = 0.f;
+  for (int e = threadIdx.x; e < (want_l ? GB : 0) + (want_r && REG == 0 ? GB : 0); e += blockDim.x) acc_l[e] = 0.f;
   const int64_t begin = split * tokens_per_split;
   const int64_t end = min(n_tokens, begin + tokens_per_split);
   for (int64_t t0 = begin; t0 < end; t0 += tn) {
@@ -256,7 +262,18 @@ __global__ void __launch_bounds__(kPairThreads)
         acc_l[e] += s;
       }
     }
-    if (want_r) {  // dR_j[u][v] += sum_t dus[t][j b + u] xs[t][j b + v]
+    if (want_r && REG > 0) {  // the same sums into this thread's registers
+#pragma unroll
+      for (int m = 0; m < (REG > 0 ? REG : 1); ++m) {
+        const int e = threadIdx.x + m * blockDim.x;
+        if (e < GB) {
+          const int v = e % b, ju = e / b, j = ju / b;
+          float s = 0.f;
+          for (int tt = 0; tt < nt; ++tt) s += dus[tt * G + ju] * xs[tt * G + j * b + v];
+          acc_reg[m] += s;
+        }
+      }
+    } else if (want_r) {  // dR_j[u][v] += sum_t dus[t][j b + u] xs[t][j b + v]
       for (int e = threadIdx.x; e < GB; e += blockDim.x) {
         const int v = e % b, ju = e / b, j = ju / b;
         float s = 0.f;
@@ -276,7 +293,14 @@ __global__ void __launch_bounds__(kPairThreads)
   for (int e = threadIdx.x; e < GB; e += blockDim.x) {
     const int blk = e / (b * b), rest = e % (b * b);
     if (want_l) dl_part[(split * r + g.lblock(blk)) * bb + rest] = acc_l[e];
-    if (want_r) dr_part[(split * r + g.rblock(blk)) * bb + rest] = acc_r[e];
+    if (want_r && REG == 0) dr_part[(split * r + g.rblock(blk)) * bb + rest] = acc_r[e];
+  }
+  if (want_r && REG > 0) {
+#pragma unroll
+    for (int m = 0; m < (REG > 0 ? REG : 1); ++m) {
+      const int e = threadIdx.x + m * blockDim.x;
+      if (e < GB) dr_part[(split * r + g.rblock(e / (b * b))) * bb + e % (b * b)] = acc_reg[m];
+    }
   }
 }
 
@@ -287,12 +311,21 @@ bool gs_pair_fits(int r, int b) {
   return pair_tile(pair_groups(r, b).features, 2, 0) > 0;
 }
 
-int gs_pair_grad_factors_per_pass(int r, int b) {
-  if (!gs_pair_fits(r, b)) return 0;
+// Both accumulators in shared memory, or L's there and R's in registers, or one of them per launch.
+enum class GradPlan { kNone, kOne, kShared, kRegisters };
+
+GradPlan grad_plan(int r, int b) {
+  if (!gs_pair_fits(r, b)) return GradPlan::kNone;
   const int G = pair_groups(r, b).features;
   const size_t acc = sizeof(float) * (size_t)G * b;
-  if (pair_tile(G, 4, 2 * acc) > 0) return 2;
-  return pair_tile(G, 4, acc) > 0 ? 1 : 0;
+  if (pair_tile(G, 4, 2 * acc) > 0) return GradPlan::kShared;
+  if (pair_tile(G, 4, acc) == 0) return GradPlan::kNone;
+  return (size_t)G * b <= (size_t)kPairRegThreads * kPairRegAcc ? GradPlan::kRegisters : GradPlan::kOne;
+}
+
+int gs_pair_grad_factors_per_pass(int r, int b) {
+  const GradPlan p = grad_plan(r, b);
+  return p == GradPlan::kNone ? 0 : p == GradPlan::kOne ? 1 : 2;
 }
 
 int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b) {
@@ -332,7 +365,9 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
   const PairGroups g = pair_groups(r, b);
-  const size_t acc = sizeof(float) * (size_t)g.features * b * ((int)want_l + (int)want_r);
+  const bool registers = want_r && want_l && grad_plan(r, b) == GradPlan::kRegisters;
+  const int in_smem = (int)want_l + (int)(want_r && !registers);
+  const size_t acc = sizeof(float) * (size_t)g.features * b * in_smem;
   const int tn = pair_tile(g.features, 4, acc);
   const int64_t grid = splits * g.n_groups;
   if (tn == 0 || grid > 0x7fffffffLL) return cudaErrorInvalidValue;
@@ -340,9 +375,17 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
   const size_t smem = sizeof(float) * 4 * (size_t)tn * g.features + acc;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T>, smem);
+    if (registers) {
+      cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T, kPairRegAcc>, smem);
+      if (err != cudaSuccess) return err;
+      gs_pair_grad_kernel<T, kPairRegAcc><<<(unsigned)grid, kPairRegThreads, smem, stream>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part,
+          n_tokens, r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
+      return cudaGetLastError();
+    }
+    cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T, 0>, smem);
     if (err != cudaSuccess) return err;
-    gs_pair_grad_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
+    gs_pair_grad_kernel<T, 0><<<(unsigned)grid, kPairThreads, smem, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part, n_tokens,
         r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
     return cudaGetLastError();

@@ -196,8 +196,8 @@ class _CudaTraffic:
 
 
 def cuda_traffic_module(build: bool = True):
-    """Installs the traffic build of the CUDA emulator extension as ``gsops._C`` (built when missing and ``build``)
-    and returns it; RuntimeError when it cannot (no C++ compiler, the cuda backend already loaded)."""
+    """Installs the traffic build of the CUDA emulator extension as ``gsops._C`` (built from the current ``csrc/``
+    with ``build``, else the existing build) and returns it; RuntimeError when it cannot (no C++ compiler, the cuda backend already loaded)."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -214,11 +214,11 @@ def cuda_traffic_module(build: bool = True):
     if current is not None and hasattr(torch.ops, "gsops_emu") and hasattr(torch.ops.gsops_emu, "traffic_start"):
         return current
     run, loader = tool("run"), tool("loader")
+    if build:  # (re)built from the current csrc/: objects are cached by content, so an unchanged tree is quick
+        return loader.install(Path(run.build_extension(traffic=True).__file__))
     path = run._build_dir(None) / "traffic" / "gsops_emu_traffic_C.so"
     if not path.exists():
-        if not build:
-            raise RuntimeError(f"{path} is missing: build it with tools/cuda_emu/run.py (build_extension(traffic=True))")
-        path = Path(run.build_extension(traffic=True).__file__)
+        raise RuntimeError(f"{path} is missing: build it with tools/cuda_emu/run.py (build_extension(traffic=True))")
     return loader.install(path)
 
 

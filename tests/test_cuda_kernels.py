@@ -98,9 +98,10 @@ def test_gs_chain_and_block_diag_mm(b, dtype):
     close(dx, np64(g) @ D, dtype, "block_diag_mm dx")
 
 
-# (r, b): band groups (r % b == 0, several groups), whole rows, both block gradients in one launch, one
-# per launch (b = 32 band), none on chip (b = 64 whole row: the two-pass fallback of the backward)
-PAIR_SHAPES = [(8, 4), (6, 3), (5, 8), (3, 16), (32, 32), (16, 64)]
+# (r, b): band groups (r % b == 0, several groups), whole rows, both block gradients in one launch (in shared
+# memory; b = 32: R's in registers), one per launch (a 1280-feature row of b = 32), none on chip (b = 64 whole
+# row: the two-pass fallback of the backward)
+PAIR_SHAPES = [(8, 4), (6, 3), (5, 8), (3, 16), (32, 32), (40, 32), (16, 64)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -120,7 +121,7 @@ def test_one_pass_pair_forward_transposed_and_backward(r, b, dtype):
     close(_ops.gs_pair(g, R, L, False, True), np64(g) @ Q, dtype, "gs_pair transposed")
     close(_ops.gs_pair(g, R, L, True, True), np64(g) @ chain, dtype, "gs_pair linear_out transposed")
     per_launch = _C.gs_pair_grad_factors(r, b)
-    assert per_launch == {(32, 32): 1, (16, 64): 0}.get((r, b), 2)
+    assert per_launch == {(40, 32): 1, (16, 64): 0}.get((r, b), 2)
     _, wL, wR = ref_gs.gs_apply_backward(g.double().cpu(), x.double().cpu(), L.double(), R.double())
     out = cb._pair_backward(g, x, R, L, False)
     if per_launch == 0:

@@ -27,8 +27,8 @@ AUTO_ORDER = ("triton", "cuda", "torch")
 AUTO_ORDER_REASON = (
     "triton before cuda: both GS applies are one pass forward (2T, python -m perf.traffic [--backend cuda]), "
     "but the Triton kernels do the block products on tensor cores (tl.dot) where the CUDA gs_pair uses fp32 "
-    "FMAs, and the Triton backward moves 3-4T where the CUDA one moves 3T (b <= 24), 5T (b = 32) or 10T "
-    "(b = 64, the two-pass kernels); no GPU has timed both yet"
+    "FMAs, and at b = 64 the Triton backward moves 5T where the CUDA one falls back to the two-pass "
+    "kernels (10T; 3T for b <= 32); no GPU has timed both yet"
 )
 
 
