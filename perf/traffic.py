@@ -1,4 +1,6 @@
-"""Memory-traffic simulation of the Triton kernels on the CPU (``python -m perf.traffic``).
+"""Memory-traffic simulation of the Triton kernels (and, with ``--backend cuda``, the CUDA kernels under the
+CPU CUDA emulator: :func:`measure` with ``backend="cuda"``, see ``perf/README.md``) on the CPU
+(``python -m perf.traffic``).
 
 Every Triton kernel runs under the interpreter (``TRITON_INTERPRET=1``) with the
 interpreter's loads and stores counted.  One access is one ``tl.load`` /
