@@ -145,6 +145,28 @@ Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_ou
   return y;
 }
 
+bool gs_chain_rows_supported(int64_t r, int64_t b) { return r >= 1 && b >= 1 && gsops::gs_chain_rows_fits((int)r, (int)b); }
+
+// blocks (m, r, b, b): y = B_m P ... P B_1 x
+Tensor gs_chain_rows(const Tensor& x, const Tensor& blocks) {
+  check_cuda("blocks", blocks);
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == blocks.size(3) && blocks.size(0) >= 1 && blocks.size(1) >= 1,
+              "blocks must have shape (m, r, b, b) with m, r, b >= 1, got ", blocks.sizes());
+  TORCH_CHECK(at::isFloatingType(blocks.scalar_type()), "blocks must be a floating tensor, got ", blocks.scalar_type());
+  check_same_device("x", x, "blocks", blocks);
+  const int64_t m = blocks.size(0), r = blocks.size(1), b = blocks.size(2);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  TORCH_CHECK(gsops::gs_chain_rows_fits((int)r, (int)b), "gs_chain_rows: a row of r*b=", r * b,
+              " features does not fit a CUDA block's shared memory (gs_chain_rows_supported is false)");
+  GSOPS_GUARD(x);
+  const Tensor Wf = blocks.to(at::kFloat).contiguous();
+  Tensor y = at::empty_like(x);
+  check_launch(gsops::gs_chain_rows(dtype_of("x", x), x.data_ptr(), Wf.data_ptr<float>(), y.data_ptr(), n_tokens,
+                                    (int)r, (int)b, (int)m, GSOPS_STREAM),
+               "gs_chain_rows");
+  return y;
+}
+
 // (dx or empty, dL_part or empty, dR_part or empty): dL / dR are the partials' sums over dim 0.
 std::tuple<Tensor, Tensor, Tensor> gs_pair_grad(const Tensor& dy, const Tensor& x, const Tensor& R, const Tensor& L,
                                                 bool linear_out, bool want_dx, bool want_l, bool want_r) {
@@ -279,6 +301,7 @@ TORCH_LIBRARY(gsops_cuda, m) {
   m.def("gs_pair(Tensor x, Tensor R, Tensor L, bool linear_out, bool transposed) -> Tensor");
   m.def("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
         "bool want_r) -> (Tensor, Tensor, Tensor)");
+  m.def("gs_chain_rows(Tensor x, Tensor blocks) -> Tensor");
   m.def("cayley_forward(Tensor K) -> (Tensor, Tensor)");
   m.def("cayley_backward(Tensor M, Tensor G) -> Tensor");
   m.def("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor");
@@ -290,6 +313,7 @@ TORCH_LIBRARY_IMPL(gsops_cuda, GSOPS_DISPATCH_KEY, m) {
   m.impl("block_diag_perm_grad_blocks", &block_diag_perm_grad_blocks);
   m.impl("gs_pair", &gs_pair);
   m.impl("gs_pair_grad", &gs_pair_grad);
+  m.impl("gs_chain_rows", &gs_chain_rows);
   m.impl("cayley_forward", &cayley_forward);
   m.impl("cayley_backward", &cayley_backward);
   m.impl("conv_exp_forward", &conv_exp_forward);
@@ -308,4 +332,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // how many block-gradient accumulators one backward launch holds (2, 1 or 0)
   m.def("gs_pair_supported", &gs_pair_supported, "gs_pair(x, R, L, ...) takes blocks of shape (r, b, b)");
   m.def("gs_pair_grad_factors", &gs_pair_grad_factors, "block gradients one gs_pair_grad launch accumulates");
+  m.def("gs_chain_rows_supported", &gs_chain_rows_supported, "gs_chain_rows(x, blocks) takes (m, r, b, b) blocks");
 }

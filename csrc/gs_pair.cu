@@ -304,6 +304,49 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
   }
 }
 
+// y = B_m P ... P B_1 x over whole rows: the m factors' blocks stacked (m, r, b, b), float32. A CUDA block
+// holds whole rows of tn tokens (two buffers of tn x d floats), applies the factors one after another with
+// the gather P as shared-memory index arithmetic (factor f > 0 reads entry v of block j at v r + j of the
+// previous output), and stores the rows: x read once, y written once, for any m.
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads)
+    gs_chain_rows_kernel(const T* __restrict__ x, const float* __restrict__ W, T* __restrict__ y, int64_t n_tokens,
+                         int r, int b, int m, int tn) {
+  extern __shared__ float pair_smem[];
+  const int d = r * b;
+  const int64_t t0 = (int64_t)blockIdx.x * tn;
+  float* a = pair_smem;
+  float* c = pair_smem + (size_t)tn * d;
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    for (int f = threadIdx.x; f < d; f += blockDim.x) a[tt * d + f] = t < n_tokens ? to_float(x[t * d + f]) : 0.f;
+  }
+  for (int h = 0; h < m; ++h) {
+    __syncthreads();
+    const float* B = W + (int64_t)h * r * b * b;
+    const int stride = h == 0 ? 1 : r;  // in(j, v) = a[j b + v] (first factor) or a[v r + j] (after P)
+    for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
+      const float* row = B + ((int64_t)cur.row * b + cur.col) * b;
+      const int start = h == 0 ? cur.row * b : cur.row;
+      for (int tt = 0; tt < tn; ++tt) {
+        const float* in = a + tt * d + start;
+        float acc = 0.f;
+        for (int v = 0; v < b; ++v) acc += __ldg(row + v) * in[v * stride];
+        c[tt * d + cur.f] = acc;
+      }
+    }
+    float* tmp = a;
+    a = c;
+    c = tmp;
+  }
+  __syncthreads();
+  for (int tt = 0; tt < tn; ++tt) {
+    const int64_t t = t0 + tt;
+    if (t >= n_tokens) break;
+    for (int f = threadIdx.x; f < d; f += blockDim.x) y[t * d + f] = from_float<T>(a[tt * d + f]);
+  }
+}
+
 }  // namespace
 
 bool gs_pair_fits(int r, int b) {
@@ -352,6 +395,28 @@ cudaError_t gs_pair(DType dt, const void* x, const float* R, const float* L, voi
     if (err != cudaSuccess) return err;
     gs_pair_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
         static_cast<const T*>(x), R, L, static_cast<T*>(y), n_tokens, r, b, tn, linear_out, transposed);
+    return cudaGetLastError();
+  });
+}
+
+bool gs_chain_rows_fits(int r, int b) {
+  return r >= 1 && b >= 1 && b <= kMaxBlock && pair_tile(r * b, 2, 0) > 0;
+}
+
+cudaError_t gs_chain_rows(DType dt, const void* x, const float* W, void* y, int64_t n_tokens, int r, int b, int m,
+                          cudaStream_t stream) {
+  if (!gs_chain_rows_fits(r, b) || m < 1 || n_tokens < 0) return cudaErrorInvalidValue;
+  if (n_tokens == 0) return cudaSuccess;
+  const int tn = pair_tile(r * b, 2, 0);
+  const int64_t grid = ceil_div(n_tokens, tn);
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const size_t smem = sizeof(float) * 2 * (size_t)tn * r * b;
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = ensure_dynamic_smem(gs_chain_rows_kernel<T>, smem);
+    if (err != cudaSuccess) return err;
+    gs_chain_rows_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
+        static_cast<const T*>(x), W, static_cast<T*>(y), n_tokens, r, b, m, tn);
     return cudaGetLastError();
   });
 }

@@ -283,7 +283,7 @@ from perf import traffic
 traffic.cuda_traffic_module()
 from gsops import _C
 out = {}
-for op in ("block_diag_mm", "gs_apply"):
+for op in ("block_diag_mm", "gs_apply", "gs_chain"):
     for d, b in traffic.SHAPES:
         fwd, bwd = traffic.measure(op, d, b, n_tokens=2, backend="cuda")
         out[f"{op} {d} {b}"] = {
@@ -300,7 +300,7 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
     the minimal sectors and <= 1.1x the bytes on every shape of the grid; backward one launch (x and dy read
     once, dx written once) where both block-gradient accumulators fit (b <= 32), two where one does (5/3 of the
     minimum; no grid shape), the two-pass kernels where none does (b = 64), whose permuted side the counter
-    shows uncoalesced."""
+    shows uncoalesced. A three-factor gs_chain forward is one pass over whole rows on every grid shape."""
     res = subprocess.run([sys.executable, "-c", _TRAFFIC, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
                          timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -314,6 +314,10 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
                 assert f["sectors_fwd"] == f["min_sectors_fwd"], key
             assert 3 * f["bytes_bwd"] == 4 * f["min_bytes_bwd"], key
             continue
+        if op == "gs_chain":  # three factors: one pass over whole rows forward
+            assert f["launches_fwd"] == 1 and f["kernels_fwd"].startswith("gs_chain_rows_kernel"), key
+            assert f["sectors_fwd"] <= 1.25 * f["min_sectors_fwd"] and f["bytes_fwd"] <= 1.1 * f["min_bytes_fwd"], key
+            continue
         assert f["plan"] >= 0, key  # every grid shape has a one-pass forward
         assert f["launches_fwd"] == 1 and f["kernels_fwd"].startswith("gs_pair_kernel"), key
         assert f["sectors_fwd"] <= 1.25 * f["min_sectors_fwd"] and f["bytes_fwd"] <= 1.1 * f["min_bytes_fwd"], key
@@ -325,5 +329,6 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
         else:  # two-pass fallback: 10 activation passes, the permuted side one sector per element
             assert f["launches_bwd"] == 5 and 3 * f["bytes_bwd"] == 10 * f["min_bytes_bwd"], key
             assert f["sectors_bwd"] >= 10 * f["min_sectors_bwd"], key
+    assert sum(k.startswith("gs_chain") for k in rows) == sum(k.startswith("gs_apply") for k in rows) > 0
     plans = {k: f["plan"] for k, f in rows.items() if k.startswith("gs_apply")}
     assert sorted(set(plans.values())) == [0, 2], plans  # b = 64: none on chip; else one launch

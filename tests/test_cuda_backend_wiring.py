@@ -34,6 +34,7 @@ lib.define("block_diag_perm_grad_blocks(Tensor dy, Tensor x, int r, int b, int i
 lib.define("gs_pair(Tensor x, Tensor R, Tensor L, bool linear_out, bool transposed) -> Tensor")
 lib.define("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
            "bool want_r) -> (Tensor, Tensor, Tensor)")
+lib.define("gs_chain_rows(Tensor x, Tensor blocks) -> Tensor")
 lib.define("cayley_forward(Tensor K) -> (Tensor, Tensor)")
 lib.define("cayley_backward(Tensor M, Tensor G) -> Tensor")
 lib.define("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor")
@@ -81,6 +82,12 @@ def pair_grad(dy, x, R, L, linear_out, want_dx, want_l, want_r):
     dr = torch.stack(parts[1]) if want_r else torch.empty(0)
     return dx, dl, dr
 
+def chain_rows(x, W):  # B_m P ... P B_1 x
+    y = x
+    for j in range(W.shape[0]):
+        y = bdp(y, W[j], 0 if j == 0 else 1, 0, False)
+    return y
+
 def cayley_fwd(K):
     eye = torch.eye(K.shape[-1], dtype=torch.float64)
     M = torch.linalg.inv(eye - K.double())
@@ -101,7 +108,7 @@ def conv_wgrad(x, dy, w, terms, groups):
     return cref.conv_exp_backward(dy.double(), x.double(), w.double(), zs, terms, groups)[1].float()
 
 for name, fn in [("block_diag_perm", bdp), ("block_diag_perm_grad_blocks", bgrad), ("gs_pair", pair),
-                 ("gs_pair_grad", pair_grad), ("cayley_forward", cayley_fwd),
+                 ("gs_pair_grad", pair_grad), ("gs_chain_rows", chain_rows), ("cayley_forward", cayley_fwd),
                  ("cayley_backward", cayley_bwd), ("conv_exp_forward", conv_fwd), ("conv_exp_weight_grad", conv_wgrad)]:
     lib.impl(name, fn, "CPU")
 
@@ -111,6 +118,7 @@ fake.device_type = "cpu"  # the stand-ins run on CPU tensors
 fake.__file__ = "<CPU stand-ins>"
 # plans of the one-pass pair: every path of the composition is taken by some shape of the loop below
 fake.gs_pair_supported = lambda r, b: b != 5  # (1, 5): the two-pass kernels, forward and backward
+fake.gs_chain_rows_supported = lambda r, b: b not in (5, 8)  # b = 8: the pair, then block_diag_perm
 fake.gs_pair_grad_factors = lambda r, b: 2 if b <= 2 else (1 if b <= 4 else 0)  # b = 8: two-pass backward
 sys.modules["gsops._C"] = fake
 

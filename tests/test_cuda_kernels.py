@@ -141,6 +141,19 @@ def test_one_pass_pair_forward_transposed_and_backward(r, b, dtype):
             _ops.gs_pair_grad(g, x, R, L, False, True, True, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("r,b", [(4, 3), (3, 16), (2, 8), (24, 32)])
+def test_one_pass_chain_over_whole_rows(r, b, m, dtype):
+    """gs_chain_rows: m factors with P between them in one pass, against the dense float64 chain."""
+    d = r * b
+    x = rand(7, d, dtype=dtype)
+    blocks = [rand(r, b, b, dtype=torch.float32, scale=b ** -0.5) for _ in range(m)]
+    assert _C.gs_chain_rows_supported(r, b)
+    A = gs_chain_matrix([np64(B) for B in blocks])
+    close(_ops.gs_chain_rows(x, torch.stack(blocks)), np64(x) @ A.T, dtype, f"gs_chain_rows m={m}")
+
+
 def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
     x = torch.randn(2, 12, device=DEV)
     R = torch.randn(3, 4, 4, device=DEV)
@@ -150,6 +163,9 @@ def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
         _ops.gs_pair(x, torch.randn(2, 4, 4, device=DEV), torch.randn(2, 4, 4, device=DEV), False, False)
     with pytest.raises(RuntimeError, match="nothing asked"):
         _ops.gs_pair_grad(x, x, R, R, False, False, False, False)
+    with pytest.raises(RuntimeError, match=r"blocks must have shape \(m, r, b, b\)"):
+        _ops.gs_chain_rows(x, R)
+    assert not _C.gs_chain_rows_supported(250, 128)
     assert not _C.gs_pair_supported(250, 128)  # a whole row of 32000 features does not fit one CUDA block
     big = torch.zeros(250, 128, 128, device=DEV)
     with pytest.raises(RuntimeError, match="does not fit a CUDA block's shared memory"):

@@ -134,11 +134,24 @@ def _chain_modes(m: int):
     return [NONE if j == 0 else P for j in range(m)]  # factor j reads P y_{j-1} (j > 0), writes unpermuted
 
 
+def _rows(x: torch.Tensor, blocks) -> torch.Tensor:
+    """``B_m P ... P B_1 x`` in one pass over whole rows (``gs_chain_rows``)."""
+    d = blocks[0].shape[0] * blocks[0].shape[1]
+    W = torch.stack([B.to(torch.float32) for B in blocks])
+    return _ops.gs_chain_rows(x.reshape(-1, d).contiguous(), W).reshape(x.shape)
+
+
+def _rows_supported(B: torch.Tensor) -> bool:
+    return bool(_C.gs_chain_rows_supported(B.shape[0], B.shape[1]))
+
+
 def gs_chain(x, blocks):
-    """The first two factors in one pass where their groups fit on chip (``gs_pair``), then one
-    ``block_diag_perm`` per further factor."""
+    """Three or more factors in one pass over whole rows where a row fits on chip (``gs_chain_rows``); two in
+    one pass where their groups fit (``gs_pair``); else one ``block_diag_perm`` per factor."""
     blocks = list(blocks)
     modes = _chain_modes(len(blocks))
+    if len(blocks) >= 3 and _rows_supported(blocks[0]):
+        return _rows(x, blocks)
     if len(blocks) >= 2 and _pair_supported(blocks[0]):
         y, start = _pair(x, blocks[0], blocks[1], True), 2
     else:

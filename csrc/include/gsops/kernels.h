@@ -69,6 +69,11 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
                          float* dl_part, float* dr_part, int64_t n_tokens, int r, int b, int64_t splits,
                          bool linear_out, cudaStream_t stream);
 
+// gs_chain forward y = B_m P ... P B_1 x over whole rows in one pass (gs_pair.cu); W float32 (m, r, b, b).
+bool gs_chain_rows_fits(int r, int b);
+cudaError_t gs_chain_rows(DType dt, const void* x, const float* W, void* y, int64_t n_tokens, int r, int b, int m,
+                          cudaStream_t stream);
+
 // ---- batched Cayley (cayley.cu) ---------------------------------------------
 // For each of n_mats skew b x b blocks K: M = (I - K)^{-1} (float32, saved for
 // backward) by Gauss-Jordan without pivoting in shared memory, Q = 2 M - I.
