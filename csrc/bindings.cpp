@@ -125,11 +125,9 @@ std::tuple<Tensor, Tensor> pair_blocks(const Tensor& x, const Tensor& R, const T
   return {R.to(at::kFloat).contiguous(), L.to(at::kFloat).contiguous()};
 }
 
-bool gs_pair_supported(int64_t r, int64_t b) { return r >= 1 && b >= 1 && gsops::gs_pair_fits((int)r, (int)b); }
+bool gs_pair_supported(int64_t r, int64_t b) { return gsops::gs_pair_fits((int)r, (int)b); }
 
-int64_t gs_pair_grad_factors(int64_t r, int64_t b) {
-  return r >= 1 && b >= 1 ? gsops::gs_pair_grad_factors_per_pass((int)r, (int)b) : 0;
-}
+int64_t gs_pair_grad_factors(int64_t r, int64_t b) { return gsops::gs_pair_grad_factors_per_pass((int)r, (int)b); }
 
 Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_out, bool transposed) {
   const auto [Rf, Lf] = pair_blocks(x, R, L);
@@ -145,7 +143,7 @@ Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_ou
   return y;
 }
 
-bool gs_chain_rows_supported(int64_t r, int64_t b) { return r >= 1 && b >= 1 && gsops::gs_chain_rows_fits((int)r, (int)b); }
+bool gs_chain_rows_supported(int64_t r, int64_t b) { return gsops::gs_chain_rows_fits((int)r, (int)b); }
 
 // blocks (m, r, b, b): y = B_m P ... P B_1 x
 Tensor gs_chain_rows(const Tensor& x, const Tensor& blocks) {

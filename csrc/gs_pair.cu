@@ -18,7 +18,8 @@
 // R's in registers where both do not fit (sm_90: 128 registers per thread, 472 bytes spilled); each CUDA block
 // writes its partial sums for its token split to dL_part / dR_part [split, r, b, b], which the caller
 // sums (deterministic, no atomics). Index arithmetic over the features is incremental (no runtime
-// division per element; the block-gradient entries divide once per entry and token tile, not per token). Products are float32 FMAs with the blocks read through the read-only cache.
+// division per element; the block-gradient entries divide once per entry and token tile, not per
+// token). Products are float32 FMAs with the blocks read through the read-only cache.
 #include "include/gsops/common.cuh"
 #include "include/gsops/dtype.cuh"
 #include "include/gsops/kernels.h"
@@ -42,7 +43,7 @@ struct Cursor {
       : f(start), row(start / cols_), col(start % cols_), step_rows(step / cols_), step_cols(step % cols_),
         cols(cols_) {}
   __device__ void next() {
-    f += step_rows * cols + step_cols;
+    f += step_rows * cols + step_cols;  // = step (not kept: one register less)
     row += step_rows;
     col += step_cols;
     if (col >= cols) {
@@ -179,6 +180,23 @@ __device__ void apply_cols_transposed(const float* __restrict__ L, const float* 
   }
 }
 
+// Block-gradient entry e = (p b + i) b + q of the group's L-blocks over the tile's nt tokens:
+// sum_t gs[t][p b + i] ts[t][q nrows + p] (dz times the input P R x of L-block p).
+__device__ float l_grad_entry(const float* gs, const float* ts, int e, int b, int G, int nr, int nt) {
+  const int q = e % b, pi = e / b, p = pi / b;  // once per entry and tile, not per token
+  float s = 0.f;
+  for (int tt = 0; tt < nt; ++tt) s += gs[tt * G + pi] * ts[tt * G + q * nr + p];
+  return s;
+}
+
+// Entry e = (j b + u) b + v of the group's R-blocks: sum_t dus[t][j b + u] xs[t][j b + v].
+__device__ float r_grad_entry(const float* dus, const float* xs, int e, int b, int G, int nt) {
+  const int v = e % b, ju = e / b, j = ju / b;
+  float s = 0.f;
+  for (int tt = 0; tt < nt; ++tt) s += dus[tt * G + ju] * xs[tt * G + j * b + v];
+  return s;
+}
+
 // Tokens per tile: the largest power of two <= 16 whose shared memory fits (`bufs` tiles of G floats,
 // plus `fixed` bytes); 0 when not even one token fits.
 int pair_tile(int G, int bufs, size_t fixed) {
@@ -254,32 +272,16 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     if (want_r || want_dx) apply_cols_transposed(L, gs, dus, g, tn);
     __syncthreads();
     const int nr = g.nrows;
-    if (want_l) {  // dL_p[i][q] += sum_t gs[t][p b + i] ts[t][q nrows + p]
-      for (int e = threadIdx.x; e < GB; e += blockDim.x) {
-        const int q = e % b, pi = e / b, p = pi / b;  // once per entry and tile, not per token
-        float s = 0.f;
-        for (int tt = 0; tt < nt; ++tt) s += gs[tt * G + pi] * ts[tt * G + q * nr + p];
-        acc_l[e] += s;
-      }
-    }
-    if (want_r && REG > 0) {  // the same sums into this thread's registers
+    if (want_l)
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_l[e] += l_grad_entry(gs, ts, e, b, G, nr, nt);
+    if (want_r && REG > 0) {  // this thread's entries, in registers
 #pragma unroll
       for (int m = 0; m < (REG > 0 ? REG : 1); ++m) {
         const int e = threadIdx.x + m * blockDim.x;
-        if (e < GB) {
-          const int v = e % b, ju = e / b, j = ju / b;
-          float s = 0.f;
-          for (int tt = 0; tt < nt; ++tt) s += dus[tt * G + ju] * xs[tt * G + j * b + v];
-          acc_reg[m] += s;
-        }
+        if (e < GB) acc_reg[m] += r_grad_entry(dus, xs, e, b, G, nt);
       }
-    } else if (want_r) {  // dR_j[u][v] += sum_t dus[t][j b + u] xs[t][j b + v]
-      for (int e = threadIdx.x; e < GB; e += blockDim.x) {
-        const int v = e % b, ju = e / b, j = ju / b;
-        float s = 0.f;
-        for (int tt = 0; tt < nt; ++tt) s += dus[tt * G + ju] * xs[tt * G + j * b + v];
-        acc_r[e] += s;
-      }
+    } else if (want_r) {
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_r[e] += r_grad_entry(dus, xs, e, b, G, nt);
     }
     if (want_dx) {  // dx_j[v] = sum_u R_j[u][v] dus[j b + u], into ts (read above)
       __syncthreads();
@@ -366,10 +368,9 @@ GradPlan grad_plan(int r, int b) {
   return (size_t)G * b <= (size_t)kPairRegThreads * kPairRegAcc ? GradPlan::kRegisters : GradPlan::kOne;
 }
 
-int gs_pair_grad_factors_per_pass(int r, int b) {
-  const GradPlan p = grad_plan(r, b);
-  return p == GradPlan::kNone ? 0 : p == GradPlan::kOne ? 1 : 2;
-}
+int factors_per_pass(GradPlan p) { return p == GradPlan::kNone ? 0 : p == GradPlan::kOne ? 1 : 2; }
+
+int gs_pair_grad_factors_per_pass(int r, int b) { return factors_per_pass(grad_plan(r, b)); }
 
 int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b) {
   // at least 16 b tokens per split (the partial sums stay small against the activations read),
@@ -425,12 +426,13 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
                          float* dl_part, float* dr_part, int64_t n_tokens, int r, int b, int64_t splits,
                          bool linear_out, cudaStream_t stream) {
   const bool want_dx = dx != nullptr, want_l = dl_part != nullptr, want_r = dr_part != nullptr;
-  const int per_pass = gs_pair_grad_factors_per_pass(r, b);
+  const GradPlan plan = grad_plan(r, b);
+  const int per_pass = factors_per_pass(plan);
   if (per_pass < (int)want_l + (int)want_r || (!want_dx && !want_l && !want_r) || n_tokens < 0 || splits < 1)
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
   const PairGroups g = pair_groups(r, b);
-  const bool registers = want_r && want_l && grad_plan(r, b) == GradPlan::kRegisters;
+  const bool registers = want_r && want_l && plan == GradPlan::kRegisters;
   const int in_smem = (int)want_l + (int)(want_r && !registers);
   const size_t acc = sizeof(float) * (size_t)g.features * b * in_smem;
   const int tn = pair_tile(g.features, 4, acc);
@@ -440,17 +442,10 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
   const size_t smem = sizeof(float) * 4 * (size_t)tn * g.features + acc;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    if (registers) {
-      cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T, kPairRegAcc>, smem);
-      if (err != cudaSuccess) return err;
-      gs_pair_grad_kernel<T, kPairRegAcc><<<(unsigned)grid, kPairRegThreads, smem, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part,
-          n_tokens, r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
-      return cudaGetLastError();
-    }
-    cudaError_t err = ensure_dynamic_smem(gs_pair_grad_kernel<T, 0>, smem);
+    auto kernel = registers ? gs_pair_grad_kernel<T, kPairRegAcc> : gs_pair_grad_kernel<T, 0>;
+    cudaError_t err = ensure_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    gs_pair_grad_kernel<T, 0><<<(unsigned)grid, kPairThreads, smem, stream>>>(
+    kernel<<<(unsigned)grid, registers ? kPairRegThreads : kPairThreads, smem, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part, n_tokens,
         r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
     return cudaGetLastError();

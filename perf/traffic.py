@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import math
 import os
+import types
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -199,23 +200,16 @@ class _CudaTraffic:
 
 def cuda_traffic_module(build: bool = True):
     """Installs the traffic build of the CUDA emulator extension as ``gsops._C`` (built from the current ``csrc/``
-    with ``build``, else the existing build) and returns it; RuntimeError when it cannot (no C++ compiler, the cuda backend already loaded)."""
-    import importlib.util
+    with ``build``, else the existing build) and returns it; RuntimeError when it cannot (no C++ compiler, the cuda
+    backend already loaded)."""
     import sys
     from pathlib import Path
 
-    emu_dir = Path(__file__).resolve().parents[1] / "tools" / "cuda_emu"
-
-    def tool(name):
-        spec = importlib.util.spec_from_file_location(f"gsops_tools_cuda_emu_{name}", emu_dir / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    from tools.cuda_emu import loader, run  # the repository's emulator (perf/ runs from the repository too)
 
     current = sys.modules.get("gsops._C")
     if current is not None and hasattr(torch.ops, "gsops_emu") and hasattr(torch.ops.gsops_emu, "traffic_start"):
         return current
-    run, loader = tool("run"), tool("loader")
     if build:  # (re)built from the current csrc/: objects are cached by content, so an unchanged tree is quick
         return loader.install(Path(run.build_extension(traffic=True).__file__))
     path = run._build_dir(None) / "traffic" / "gsops_emu_traffic_C.so"
@@ -256,21 +250,13 @@ def measure(op: str, d: int, b: int, n_tokens: int = 4, dtype=torch.float16, m: 
     Triton kernels (interpreted) or the CUDA kernels (``backend="cuda"``: emulated, after :func:`cuda_traffic_module`;
     blocks in float32, as the CUDA kernels take them)."""
     if backend == "cuda":
-        return _measure_with(_CudaKernels(_cuda_ops()), count_cuda, op, d, b, n_tokens, dtype, m, torch.float32)
+        kernels = types.SimpleNamespace(**_cuda_ops())  # the kernel contract's functions, as attributes
+        return _measure_with(kernels, count_cuda, op, d, b, n_tokens, dtype, m, torch.float32)
     if backend != "triton":
         raise ValueError(f"backend={backend!r} must be 'triton' or 'cuda'")
     from gsops.triton_kernels import gs_apply as gs
 
     return _measure_with(gs, count, op, d, b, n_tokens, dtype, m, dtype)
-
-
-class _CudaKernels:
-    """The cuda backend's kernel contract under the names :func:`_measure_with` calls."""
-
-    def __init__(self, k):
-        self.block_diag_mm, self.block_diag_mm_backward = k["block_diag_mm"], k["block_diag_mm_backward"]
-        self.gs_apply, self.gs_apply_backward = k["gs_apply"], k["gs_apply_backward"]
-        self.gs_chain, self.gs_chain_backward = k["gs_chain"], k["gs_chain_backward"]
 
 
 def _measure_with(gs, counter, op, d, b, n_tokens, dtype, m, block_dtype):
@@ -360,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", default="16,24,32,64")
     ap.add_argument("--no-extra", action="store_true", help="skip cayley and conv_exp")
     ap.add_argument("--backend", choices=["triton", "cuda"], default="triton",
-                    help="cuda: the CUDA kernels under the CPU CUDA emulator (its traffic build, made when missing)")
+                    help="cuda: the CUDA kernels under the CPU CUDA emulator (its traffic build, rebuilt from csrc/)")
     a = ap.parse_args(argv)
     if a.backend == "cuda":
         cuda_traffic_module()

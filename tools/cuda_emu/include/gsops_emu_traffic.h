@@ -3,9 +3,11 @@
 // Only in the traffic build (tools/cuda_emu/traffic.cpp): the kernels are compiled with
 // GCC's ThreadSanitizer instrumentation (-fsanitize=thread), which calls __tsan_readN /
 // __tsan_writeN before every load and store, and traffic.cpp defines those entry points to
-// call record() instead of linking the ThreadSanitizer runtime.  The emulator's own code is
-// excluded (GSOPS_EMU_UNTRACKED), and so are shared memory, the running thread's stack and
-// the built-in variables: what is left, inside a kernel, is global memory.
+// call record() instead of linking the ThreadSanitizer runtime.  Device memory is torch's CPU
+// memory there: an access inside a kernel is counted when it lies in a live torch allocation
+// (traffic.cpp's allocator keeps them), so shared memory, stacks, the built-in variables and the
+// emulator's own data are not.  The emulator's own functions are not instrumented at all
+// (GSOPS_EMU_UNTRACKED: fewer hook calls).
 //
 // One *access* is the set of lanes of a warp (32 consecutive threads) that execute the same
 // load or store site of the kernel for the same time: the k-th execution of a site by a
@@ -28,7 +30,7 @@
 #include <tuple>
 #include <vector>
 
-#define GSOPS_EMU_UNTRACKED __attribute__((no_sanitize_thread, noinline))
+#define GSOPS_EMU_UNTRACKED __attribute__((no_sanitize_thread))
 
 namespace gsops_emu {
 
