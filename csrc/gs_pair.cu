@@ -442,10 +442,10 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
   const size_t smem = sizeof(float) * 4 * (size_t)tn * g.features + acc;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = registers ? gs_pair_grad_kernel<T, kPairRegAcc> : gs_pair_grad_kernel<T, 0>;
-    cudaError_t err = ensure_dynamic_smem(kernel, smem);
+    auto gs_pair_grad_launch = registers ? gs_pair_grad_kernel<T, kPairRegAcc> : gs_pair_grad_kernel<T, 0>;
+    cudaError_t err = ensure_dynamic_smem(gs_pair_grad_launch, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<(unsigned)grid, registers ? kPairRegThreads : kPairThreads, smem, stream>>>(
+    gs_pair_grad_launch<<<(unsigned)grid, registers ? kPairRegThreads : kPairThreads, smem, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), R, L, static_cast<T*>(dx), dl_part, dr_part, n_tokens,
         r, b, tn, per_split, linear_out, want_dx, want_l, want_r);
     return cudaGetLastError();
