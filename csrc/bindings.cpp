@@ -129,6 +129,10 @@ bool gs_pair_supported(int64_t r, int64_t b) { return gsops::gs_pair_fits((int)r
 
 int64_t gs_pair_grad_factors(int64_t r, int64_t b) { return gsops::gs_pair_grad_factors_per_pass((int)r, (int)b); }
 
+int64_t gs_pair_grad_splits_of(int64_t n_tokens, int64_t r, int64_t b) {
+  return gsops::gs_pair_grad_splits(n_tokens, (int)r, (int)b);
+}
+
 Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_out, bool transposed) {
   const auto [Rf, Lf] = pair_blocks(x, R, L);
   const int64_t r = R.size(0), b = R.size(1);
@@ -163,6 +167,53 @@ Tensor gs_chain_rows(const Tensor& x, const Tensor& blocks) {
                                     (int)r, (int)b, (int)m, GSOPS_STREAM),
                "gs_chain_rows");
   return y;
+}
+
+int64_t gs_chain_rows_grad_factors(int64_t r, int64_t b, int64_t m) {
+  return gsops::gs_chain_rows_grad_factors_per_pass((int)r, (int)b, (int)m);
+}
+
+int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int64_t r, int64_t b) {
+  return gsops::gs_chain_rows_grad_splits(n_tokens, (int)r, (int)b);
+}
+
+// (dx or empty, dw_part): dw_part (n, splits, r, b, b) float32 for the n factors of the bit mask `grads` in
+// increasing order; dB_f is the sum of its partials over dim 1.
+std::tuple<Tensor, Tensor> gs_chain_rows_grad(const Tensor& dy, const Tensor& x, const Tensor& blocks, int64_t grads,
+                                              bool want_dx, int64_t splits) {
+  check_cuda("blocks", blocks);
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == blocks.size(3) && blocks.size(0) >= 1 && blocks.size(1) >= 1,
+              "blocks must have shape (m, r, b, b) with m, r, b >= 1, got ", blocks.sizes());
+  TORCH_CHECK(at::isFloatingType(blocks.scalar_type()), "blocks must be a floating tensor, got ", blocks.scalar_type());
+  check_same_device("x", x, "blocks", blocks);
+  const int64_t m = blocks.size(0), r = blocks.size(1), b = blocks.size(2);
+  const int64_t n_tokens = check_features("x", x, r, b);
+  check_features("dy", dy, r, b);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  check_same_device("dy", dy, "x", x);
+  check_same_dtype("dy", dy, "x", x);
+  TORCH_CHECK(m <= 32 && grads >= 0 && (grads >> m) == 0, "grads=", grads, " must be a bit mask of the m=", m,
+              " factors (bit f: factor f)");
+  TORCH_CHECK(grads != 0 || want_dx, "gs_chain_rows_grad: nothing asked (grads is 0 and want_dx is false)");
+  TORCH_CHECK(splits >= 1, "splits=", splits, " must be >= 1 (gs_chain_rows_grad_splits)");
+  int n = 0;
+  for (int64_t f = 0; f < m; ++f) n += (int)(grads >> f & 1);
+  const int per_pass = gsops::gs_chain_rows_grad_factors_per_pass((int)r, (int)b, (int)m);
+  TORCH_CHECK(n <= per_pass, "gs_chain_rows_grad: r=", r, ", b=", b, ", m=", m, " fits ", per_pass,
+              " block-gradient accumulator(s) per launch (gs_chain_rows_grad_factors), asked for ", n);
+  GSOPS_GUARD(x);
+  const Tensor Wf = blocks.to(at::kFloat).contiguous();
+  Tensor dx = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor dw = at::empty({n, splits, r, b, b}, x.options().dtype(at::kFloat));
+  if (n_tokens == 0) {
+    dw.zero_();
+    return {dx, dw};
+  }
+  check_launch(gsops::gs_chain_rows_grad(dtype_of("x", x), dy.data_ptr(), x.data_ptr(), Wf.data_ptr<float>(),
+                                         want_dx ? dx.data_ptr() : nullptr, dw.data_ptr<float>(), n_tokens, (int)r,
+                                         (int)b, (int)m, splits, (unsigned)grads, GSOPS_STREAM),
+               "gs_chain_rows_grad");
+  return {dx, dw};
 }
 
 // (dx or empty, dL_part or empty, dR_part or empty): dL / dR are the partials' sums over dim 0.
@@ -300,6 +351,7 @@ TORCH_LIBRARY(gsops_cuda, m) {
   m.def("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
         "bool want_r) -> (Tensor, Tensor, Tensor)");
   m.def("gs_chain_rows(Tensor x, Tensor blocks) -> Tensor");
+  m.def("gs_chain_rows_grad(Tensor dy, Tensor x, Tensor blocks, int grads, bool want_dx, int splits) -> (Tensor, Tensor)");
   m.def("cayley_forward(Tensor K) -> (Tensor, Tensor)");
   m.def("cayley_backward(Tensor M, Tensor G) -> Tensor");
   m.def("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor");
@@ -312,6 +364,7 @@ TORCH_LIBRARY_IMPL(gsops_cuda, GSOPS_DISPATCH_KEY, m) {
   m.impl("gs_pair", &gs_pair);
   m.impl("gs_pair_grad", &gs_pair_grad);
   m.impl("gs_chain_rows", &gs_chain_rows);
+  m.impl("gs_chain_rows_grad", &gs_chain_rows_grad);
   m.impl("cayley_forward", &cayley_forward);
   m.impl("cayley_backward", &cayley_backward);
   m.impl("conv_exp_forward", &conv_exp_forward);
@@ -330,5 +383,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // how many block-gradient accumulators one backward launch holds (2, 1 or 0)
   m.def("gs_pair_supported", &gs_pair_supported, "gs_pair(x, R, L, ...) takes blocks of shape (r, b, b)");
   m.def("gs_pair_grad_factors", &gs_pair_grad_factors, "block gradients one gs_pair_grad launch accumulates");
+  m.def("gs_pair_grad_splits", &gs_pair_grad_splits_of, "token splits of gs_pair_grad's partials");
   m.def("gs_chain_rows_supported", &gs_chain_rows_supported, "gs_chain_rows(x, blocks) takes (m, r, b, b) blocks");
+  m.def("gs_chain_rows_grad_factors", &gs_chain_rows_grad_factors,
+        "block gradients one gs_chain_rows_grad launch accumulates for (r, b, m) (0: none fits)");
+  m.def("gs_chain_rows_grad_splits", &gs_chain_rows_grad_splits, "token splits of gs_chain_rows_grad's partials");
 }

@@ -33,6 +33,7 @@ constexpr int kPairThreads = 256;
 constexpr int kPairRegThreads = 512;  // threads of a backward block that keeps R's accumulator in registers
 constexpr int kPairRegAcc = 64;       // accumulator entries per thread there (<= 128 registers per thread)
 constexpr size_t kPairSmemLimit = 200 * 1024;  // of the 227 KiB an sm_90 block may use: room for the rest
+constexpr size_t kChainGradSmemLimit = 224 * 1024;  // the whole-row backward: its accumulators take the most
 
 // Walks f = start, start + step, ... < n over a (row, column) grid with `cols` columns, keeping
 // row = f / cols and col = f % cols without dividing inside the loop.
@@ -197,11 +198,19 @@ __device__ float r_grad_entry(const float* dus, const float* xs, int e, int b, i
   return s;
 }
 
+// `cap`, or less where the current device lets a block opt into less shared memory (sm_80: 163 KiB).
+size_t smem_budget(size_t cap) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 48 * 1024;
+  return std::min(cap, (size_t)max_dynamic_smem(device));
+}
+
 // Tokens per tile: the largest power of two <= 16 whose shared memory fits (`bufs` tiles of G floats,
-// plus `fixed` bytes); 0 when not even one token fits.
-int pair_tile(int G, int bufs, size_t fixed) {
+// plus `fixed` bytes) within smem_budget(cap); 0 when not even one token fits.
+int pair_tile(int G, int bufs, size_t fixed, size_t cap = kPairSmemLimit) {
+  const size_t limit = smem_budget(cap);
   for (int tn = 16; tn >= 1; tn /= 2)
-    if (fixed + sizeof(float) * (size_t)bufs * tn * G <= kPairSmemLimit) return tn;
+    if (fixed + sizeof(float) * (size_t)bufs * tn * G <= limit) return tn;
   return 0;
 }
 
@@ -349,6 +358,105 @@ __global__ void __launch_bounds__(kPairThreads)
   }
 }
 
+
+// Backward of gs_chain_rows for one token split: dx (want_dx) and the partial block gradients of the factors
+// in the bit mask `grads` (bit f: factor f), written to dw_part[k, split] for the k-th of them ([n, splits, r, b,
+// b]). Per token tile the CUDA block loads x and dy once (whole rows), recomputes the inputs of factors 0..top
+// (top: the highest in `grads`) in shared memory, then walks the factors down from m - 1: a factor in `grads`
+// adds sum_t dz[t][j b + i] in[t](j, v) to its accumulator (shared memory, d b floats each), and the gradient
+// moves to the factor's input (dz' = B^T dz through the same gather) while a lower factor or dx needs it.
+// Shared memory: top + 1 input tiles and two gradient tiles of tn x d floats, then the accumulators.
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads)
+    gs_chain_rows_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ W,
+                              T* __restrict__ dx, float* __restrict__ dw_part, int64_t n_tokens, int r, int b, int m,
+                              int tn, int64_t tokens_per_split, int64_t splits, unsigned grads, bool want_dx) {
+  extern __shared__ float pair_smem[];
+  const int d = r * b;
+  const int DB = d * b;
+  int top = 0, low = m, n_acc = 0;
+  for (int f = 0; f < m; ++f)
+    if (grads >> f & 1u) {
+      top = f;
+      low = min(low, f);
+      ++n_acc;
+    }
+  const int64_t split = blockIdx.x;
+  float* acts = pair_smem;                      // input of factor h: acts + h tn d (h <= top)
+  float* g = acts + (size_t)(top + 1) * tn * d;  // gradient at the current factor's output
+  float* gn = g + (size_t)tn * d;                // at its input
+  float* acc = gn + (size_t)tn * d;              // n_acc x d b
+  for (int e = threadIdx.x; e < n_acc * DB; e += blockDim.x) acc[e] = 0.f;
+  const int64_t begin = split * tokens_per_split;
+  const int64_t end = min(n_tokens, begin + tokens_per_split);
+  for (int64_t t0 = begin; t0 < end; t0 += tn) {
+    const int nt = (int)min((int64_t)tn, end - t0);
+    __syncthreads();  // the previous tile's readers are done
+    for (int tt = 0; tt < tn; ++tt) {
+      const int64_t t = t0 + tt;
+      for (int f = threadIdx.x; f < d; f += blockDim.x) {
+        acts[tt * d + f] = t < end ? to_float(x[t * d + f]) : 0.f;
+        g[tt * d + f] = t < end ? to_float(dy[t * d + f]) : 0.f;
+      }
+    }
+    for (int h = 0; h < top; ++h) {  // inputs of factors 1..top
+      __syncthreads();
+      const float* B = W + (int64_t)h * d * b;
+      const float* in_tile = acts + (size_t)h * tn * d;
+      float* out_tile = acts + (size_t)(h + 1) * tn * d;
+      const int stride = h == 0 ? 1 : r;
+      for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
+        const float* row = B + ((int64_t)cur.row * b + cur.col) * b;
+        const int start = h == 0 ? cur.row * b : cur.row;
+        for (int tt = 0; tt < nt; ++tt) {
+          const float* in = in_tile + tt * d + start;
+          float s = 0.f;
+          for (int v = 0; v < b; ++v) s += __ldg(row + v) * in[v * stride];
+          out_tile[tt * d + cur.f] = s;
+        }
+      }
+    }
+    __syncthreads();
+    int k = n_acc;
+    for (int f = m - 1; f >= (want_dx ? 0 : low); --f) {
+      const float* B = W + (int64_t)f * d * b;
+      if (grads >> f & 1u) {  // entry e = (j b + i) b + v of factor f
+        --k;
+        const float* in_tile = acts + (size_t)f * tn * d;
+        float* a = acc + (size_t)k * DB;
+        for (int e = threadIdx.x; e < DB; e += blockDim.x) {
+          const int v = e % b, ji = e / b, j = ji / b;  // once per entry and tile, not per token
+          const int feat = f == 0 ? j * b + v : v * r + j;
+          float s = 0.f;
+          for (int tt = 0; tt < nt; ++tt) s += g[tt * d + ji] * in_tile[tt * d + feat];
+          a[e] += s;
+        }
+      }
+      if (f > low || want_dx) {  // dz'[in(j, v)] = sum_i B_j[i][v] dz[j b + i]
+        for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
+          const float* col = B + (int64_t)cur.row * b * b + cur.col;
+          const int feat = f == 0 ? cur.f : cur.col * r + cur.row;
+          for (int tt = 0; tt < nt; ++tt) {
+            const float* in = g + tt * d + cur.row * b;
+            float s = 0.f;
+            for (int i = 0; i < b; ++i) s += __ldg(col + i * b) * in[i];
+            gn[tt * d + feat] = s;
+          }
+        }
+        __syncthreads();
+        float* tmp = g;
+        g = gn;
+        gn = tmp;
+      }
+    }
+    if (want_dx)
+      for (int tt = 0; tt < nt; ++tt)
+        for (int f = threadIdx.x; f < d; f += blockDim.x) dx[(t0 + tt) * d + f] = from_float<T>(g[tt * d + f]);
+  }
+  __syncthreads();
+  for (int q = 0; q < n_acc; ++q)
+    for (int e = threadIdx.x; e < DB; e += blockDim.x) dw_part[((int64_t)q * splits + split) * DB + e] = acc[(size_t)q * DB + e];
+}
 }  // namespace
 
 bool gs_pair_fits(int r, int b) {
@@ -418,6 +526,54 @@ cudaError_t gs_chain_rows(DType dt, const void* x, const float* W, void* y, int6
     if (err != cudaSuccess) return err;
     gs_chain_rows_kernel<T><<<(unsigned)grid, kPairThreads, smem, stream>>>(
         static_cast<const T*>(x), W, static_cast<T*>(y), n_tokens, r, b, m, tn);
+    return cudaGetLastError();
+  });
+}
+
+// Shared memory of a gs_chain_rows_grad launch: `bufs` tiles of tn x d floats and n_acc accumulators of d b.
+int chain_grad_tile(int r, int b, int bufs, int n_acc) {
+  return pair_tile(r * b, bufs, sizeof(float) * (size_t)n_acc * r * b * b, kChainGradSmemLimit);
+}
+
+int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
+  if (!gs_chain_rows_fits(r, b) || m < 1) return 0;
+  int n = 0;
+  while (n < m && chain_grad_tile(r, b, m + 2, n + 1) > 0) ++n;  // with every input tile (the worst case)
+  return n;
+}
+
+int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b) {
+  // as gs_pair_grad_splits for one group (whole rows)
+  const int64_t min_tokens = 16 * (int64_t)b;
+  return std::max<int64_t>(1, std::min<int64_t>(264, ceil_div(n_tokens, min_tokens)));
+}
+
+cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const float* W, void* dx, float* dw_part,
+                               int64_t n_tokens, int r, int b, int m, int64_t splits, unsigned grads,
+                               cudaStream_t stream) {
+  int top = -1, n_acc = 0;
+  for (int f = 0; f < m && f < 32; ++f)
+    if (grads >> f & 1u) {
+      top = f;
+      ++n_acc;
+    }
+  const bool want_dx = dx != nullptr;
+  if (m < 1 || m > 32 || (grads >> m) != 0u || n_tokens < 0 || splits < 1 || (n_acc == 0 && !want_dx) ||
+      n_acc > gs_chain_rows_grad_factors_per_pass(r, b, m))
+    return cudaErrorInvalidValue;
+  if (n_tokens == 0) return cudaSuccess;
+  const int bufs = top + 3;
+  const int tn = chain_grad_tile(r, b, bufs, n_acc);
+  if (tn == 0 || splits > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const int64_t per_split = ceil_div(ceil_div(n_tokens, splits), tn) * tn;
+  const size_t smem = sizeof(float) * ((size_t)bufs * tn * r * b + (size_t)n_acc * r * b * b);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = ensure_dynamic_smem(gs_chain_rows_grad_kernel<T>, smem);
+    if (err != cudaSuccess) return err;
+    gs_chain_rows_grad_kernel<T><<<(unsigned)splits, kPairThreads, smem, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), W, static_cast<T*>(dx), dw_part, n_tokens, r, b, m, tn,
+        per_split, splits, grads, want_dx);
     return cudaGetLastError();
   });
 }

@@ -288,6 +288,7 @@ for op in ("block_diag_mm", "gs_apply", "gs_chain"):
         fwd, bwd = traffic.measure(op, d, b, n_tokens=2, backend="cuda")
         out[f"{op} {d} {b}"] = {
             "plan": int(_C.gs_pair_grad_factors(d // b, b)) if _C.gs_pair_supported(d // b, b) else -1,
+            "chain_per": int(_C.gs_chain_rows_grad_factors(d // b, b, 3)),
             **{f"{k}_{f.name.endswith('bwd') and 'bwd' or 'fwd'}": getattr(f, k) for f in (fwd, bwd)
                for k in ("sectors", "min_sectors", "bytes", "min_bytes", "launches", "kernels")}}
 print(json.dumps(out))
@@ -300,7 +301,9 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
     the minimal sectors and <= 1.1x the bytes on every shape of the grid; backward one launch (x and dy read
     once, dx written once) where both block-gradient accumulators fit (b <= 32), two where one does (5/3 of the
     minimum; no grid shape), the two-pass kernels where none does (b = 64), whose permuted side the counter
-    shows uncoalesced. A three-factor gs_chain forward is one pass over whole rows on every grid shape."""
+    shows uncoalesced. A three-factor gs_chain forward is one pass over whole rows on every grid shape; its
+    backward one launch per group of factors whose accumulators fit on chip together (all three at b = 16 and
+    d <= 1024), each reading x and dy once, the pair's kernels and block steps where none fits."""
     res = subprocess.run([sys.executable, "-c", _TRAFFIC, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
                          timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -317,6 +320,14 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
         if op == "gs_chain":  # three factors: one pass over whole rows forward
             assert f["launches_fwd"] == 1 and f["kernels_fwd"].startswith("gs_chain_rows_kernel"), key
             assert f["sectors_fwd"] <= 1.25 * f["min_sectors_fwd"] and f["bytes_fwd"] <= 1.1 * f["min_bytes_fwd"], key
+            per = f["chain_per"]
+            if per:  # backward over whole rows: each launch reads x and dy once, the first writes dx
+                launches = -(-3 // per)
+                assert f["launches_bwd"] == launches and f["kernels_bwd"].startswith("gs_chain_rows_grad_kernel"), key
+                assert 3 * f["bytes_bwd"] == (2 * launches + 1) * f["min_bytes_bwd"], key
+                assert 3 * f["sectors_bwd"] <= (2 * launches + 1) * f["min_sectors_bwd"] * 1.25, key
+            else:  # a row's accumulators do not fit: the pair backward and one block step per further factor
+                assert f["launches_bwd"] >= 4 and "gs_chain_rows_grad_kernel" not in f["kernels_bwd"], key
             continue
         assert f["plan"] >= 0, key  # every grid shape has a one-pass forward
         assert f["launches_fwd"] == 1 and f["kernels_fwd"].startswith("gs_pair_kernel"), key
@@ -332,3 +343,5 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
     assert sum(k.startswith("gs_chain") for k in rows) == sum(k.startswith("gs_apply") for k in rows) > 0
     plans = {k: f["plan"] for k, f in rows.items() if k.startswith("gs_apply")}
     assert sorted(set(plans.values())) == [0, 2], plans  # b = 64: none on chip; else one launch
+    chain = {k: f["chain_per"] for k, f in rows.items() if k.startswith("gs_chain")}
+    assert chain["gs_chain 768 16"] == chain["gs_chain 1024 16"] == 3 and chain["gs_chain 4096 16"] == 0, chain

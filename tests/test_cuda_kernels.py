@@ -7,6 +7,8 @@ Without one: with the same binding and kernels built for the CPU CUDA emulator
 here runs on CPU tensors, the device the module names in ``gsops._C.device_type``;
 tests/test_csrc_emulated.py does that in CI. Otherwise the module skips with the reason.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,8 @@ def test_one_pass_pair_forward_transposed_and_backward(r, b, dtype):
     close(_ops.gs_pair(g, R, L, False, True), np64(g) @ Q, dtype, "gs_pair transposed")
     close(_ops.gs_pair(g, R, L, True, True), np64(g) @ chain, dtype, "gs_pair linear_out transposed")
     per_launch = _C.gs_pair_grad_factors(r, b)
-    assert per_launch == {(40, 32): 1, (16, 64): 0}.get((r, b), 2)
+    if not EMULATED or "GSOPS_EMU_SMEM_OPTIN_KB" not in os.environ:  # the plans of an sm_90 part
+        assert per_launch == {(40, 32): 1, (16, 64): 0}.get((r, b), 2)
     _, wL, wR = ref_gs.gs_apply_backward(g.double().cpu(), x.double().cpu(), L.double(), R.double())
     out = cb._pair_backward(g, x, R, L, False)
     if per_launch == 0:
@@ -154,6 +157,51 @@ def test_one_pass_chain_over_whole_rows(r, b, m, dtype):
     close(_ops.gs_chain_rows(x, torch.stack(blocks)), np64(x) @ A.T, dtype, f"gs_chain_rows m={m}")
 
 
+# (r, b, m): every block gradient in one launch; (24, 32): two per launch, (32, 32): one (three launches)
+CHAIN_GRAD_SHAPES = [(4, 3, 3), (3, 16, 3), (2, 8, 5), (48, 16, 3), (64, 16, 3), (24, 32, 3), (32, 32, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r,b,m", CHAIN_GRAD_SHAPES)
+def test_one_pass_chain_backward_over_whole_rows(r, b, m, dtype):
+    """gs_chain_rows_grad (what gs_chain_backward runs for three or more factors): dx and every block gradient
+    against the float64 reference, the factor groups the launcher reports, and the same bits twice (no atomics)."""
+    d = r * b
+    n = 19 if d <= 256 else 3
+    x, g = rand(n, d, dtype=dtype), rand(n, d, dtype=dtype)
+    blocks = [rand(r, b, b, dtype=torch.float32, scale=b ** -0.5) for _ in range(m)]
+    per = _C.gs_chain_rows_grad_factors(r, b, m)
+    if not EMULATED or "GSOPS_EMU_SMEM_OPTIN_KB" not in os.environ:  # the plans of an sm_90 part
+        assert per == {(24, 32, 3): 2, (32, 32, 3): 1}.get((r, b, m), m)
+    A = gs_chain_matrix([np64(B) for B in blocks])
+    _, want = ref_gs.gs_chain_backward(g.double().cpu(), x.double().cpu(), [B.double() for B in blocks])
+    dx, dBs = cb.gs_chain_backward(g, x, blocks)
+    close(dx, np64(g) @ A, dtype, "gs_chain_rows_grad dx")
+    for f, (got, w) in enumerate(zip(dBs, want)):
+        close(got, w, dtype, f"gs_chain_rows_grad dB_{f}")
+    dx2, dBs2 = cb.gs_chain_backward(g, x, blocks)
+    assert torch.equal(dx, dx2) and all(torch.equal(a, w) for a, w in zip(dBs, dBs2))
+    splits = _C.gs_chain_rows_grad_splits(n, r, b)
+    W = torch.stack(blocks)
+    if per < m:
+        with pytest.raises(RuntimeError, match=f"fits {per} block-gradient accumulator"):
+            _ops.gs_chain_rows_grad(g, x, W, (1 << m) - 1, True, splits)
+    _, part = _ops.gs_chain_rows_grad(g, x, W, 1 << (m - 1), False, splits)  # the last factor alone, no dx
+    close(part[0].sum(0), want[m - 1], dtype, "gs_chain_rows_grad the last factor alone")
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulator models a part with less shared memory per block")
+def test_plans_follow_the_shared_memory_of_the_device(monkeypatch):
+    """On a part with 163 KiB of opt-in shared memory per block (sm_80) the one-pass plans shrink instead of
+    failing at launch, and the kernels still give the dense float64 results."""
+    sm90 = [_C.gs_chain_rows_grad_factors(24, 32, 3), _C.gs_pair_grad_factors(40, 32), _C.gs_pair_supported(170, 128)]
+    monkeypatch.setenv("GSOPS_EMU_SMEM_OPTIN_KB", "163")
+    sm80 = [_C.gs_chain_rows_grad_factors(24, 32, 3), _C.gs_pair_grad_factors(40, 32), _C.gs_pair_supported(170, 128)]
+    assert sm90 == [2, 1, True] and sm80 == [1, 0, False]  # a 21760-feature row: two float32 tiles are 170 KiB
+    test_one_pass_chain_backward_over_whole_rows(24, 32, 3, torch.float16)
+    test_one_pass_pair_forward_transposed_and_backward(40, 32, torch.float32)  # its backward: the two-pass kernels
+
+
 def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
     x = torch.randn(2, 12, device=DEV)
     R = torch.randn(3, 4, 4, device=DEV)
@@ -165,6 +213,14 @@ def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
         _ops.gs_pair_grad(x, x, R, R, False, False, False, False)
     with pytest.raises(RuntimeError, match=r"blocks must have shape \(m, r, b, b\)"):
         _ops.gs_chain_rows(x, R)
+    W = torch.randn(3, 3, 4, 4, device=DEV)
+    with pytest.raises(RuntimeError, match="grads=8 must be a bit mask of the m=3 factors"):
+        _ops.gs_chain_rows_grad(x, x, W, 8, True, 1)
+    with pytest.raises(RuntimeError, match="nothing asked"):
+        _ops.gs_chain_rows_grad(x, x, W, 0, False, 1)
+    with pytest.raises(RuntimeError, match="splits=0 must be >= 1"):
+        _ops.gs_chain_rows_grad(x, x, W, 1, True, 0)
+    assert _C.gs_chain_rows_grad_factors(250, 128, 3) == 0
     assert not _C.gs_chain_rows_supported(250, 128)
     assert not _C.gs_pair_supported(250, 128)  # a whole row of 32000 features does not fit one CUDA block
     big = torch.zeros(250, 128, 128, device=DEV)
@@ -226,6 +282,13 @@ def test_opcheck_on_the_registered_ops():
     torch.library.opcheck(_ops.block_diag_perm_grad_blocks, (x, x, 3, 4, 1, 2), test_utils=("test_schema", "test_faketensor"))
     A = torch.randn(5, 8, 8, device=DEV)
     torch.library.opcheck(_ops.cayley_forward, (A - A.transpose(1, 2),), test_utils=("test_schema", "test_faketensor"))
+    R = torch.randn(3, 4, 4, device=DEV)
+    torch.library.opcheck(_ops.gs_pair, (x, R, R, False, True), test_utils=("test_schema", "test_faketensor"))
+    for want in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(_ops.gs_pair_grad, (x, x, R, R, True, *want), test_utils=("test_schema", "test_faketensor"))
+    W = torch.randn(3, 3, 4, 4, device=DEV)
+    torch.library.opcheck(_ops.gs_chain_rows, (x, W), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_ops.gs_chain_rows_grad, (x, x, W, 5, True, 2), test_utils=("test_schema", "test_faketensor"))
     xc, w = torch.randn(1, 4, 5, 5, device=DEV), torch.randn(4, 2, 3, 3, device=DEV)
     torch.library.opcheck(_ops.conv_exp_forward, (xc, w, 3, 2, False), test_utils=("test_schema", "test_faketensor"))
 

@@ -161,9 +161,37 @@ def gs_chain(x, blocks):
     return y
 
 
+def _rows_backward(grad: torch.Tensor, x: torch.Tensor, blocks):
+    """``(dx, [dB_1..dB_m])`` of :func:`_rows` over whole rows (``gs_chain_rows_grad``): one launch per group of
+    factors whose block-gradient accumulators fit on chip together (x and dy read once per launch, dx written by
+    the first); None where not even one fits."""
+    r, b = blocks[0].shape[0], blocks[0].shape[1]
+    m = len(blocks)
+    per = int(_C.gs_chain_rows_grad_factors(r, b, m))
+    if per == 0:
+        return None
+    d = r * b
+    g = grad.to(x.dtype).reshape(-1, d).contiguous()
+    x2 = x.reshape(-1, d).contiguous()
+    W = torch.stack([B.to(torch.float32) for B in blocks])
+    splits = int(_C.gs_chain_rows_grad_splits(x2.shape[0], r, b))
+    dx, dBs = None, [None] * m
+    for start in range(0, m, per):
+        fs = range(start, min(start + per, m))
+        got, part = _ops.gs_chain_rows_grad(g, x2, W, sum(1 << f for f in fs), start == 0, splits)
+        dx = got if start == 0 else dx
+        for k, f in enumerate(fs):
+            dBs[f] = part[k].sum(0).to(blocks[f].dtype)
+    return dx.reshape(x.shape), dBs
+
+
 def gs_chain_backward(grad, x, blocks):
     blocks = list(blocks)
     m = len(blocks)
+    if m >= 3 and _rows_supported(blocks[0]):
+        out = _rows_backward(grad, x, blocks)
+        if out is not None:
+            return out
     modes = _chain_modes(m)
     pair = m >= 2 and _pair_supported(blocks[0]) and int(_C.gs_pair_grad_factors(blocks[0].shape[0],
                                                                                    blocks[0].shape[1])) > 0
@@ -244,6 +272,33 @@ def _(x, blocks, in_mode, out_mode, transpose_blocks):
 @torch.library.register_fake("gsops_cuda::block_diag_perm_grad_blocks")
 def _(dy, x, r, b, in_mode, out_mode):
     return x.new_empty((r, b, b), dtype=torch.float32)
+
+
+@torch.library.register_fake("gsops_cuda::gs_pair")
+def _(x, R, L, linear_out, transposed):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gsops_cuda::gs_pair_grad")
+def _(dy, x, R, L, linear_out, want_dx, want_l, want_r):
+    r, b = R.shape[0], R.shape[1]
+    splits = int(_C.gs_pair_grad_splits(x.numel() // (r * b), r, b))
+    part = (splits, r, b, b)
+    f32 = x.new_empty((0,), dtype=torch.float32)
+    return (torch.empty_like(x) if want_dx else x.new_empty((0,)),
+            f32.new_empty(part) if want_l else f32, f32.new_empty(part) if want_r else f32)
+
+
+@torch.library.register_fake("gsops_cuda::gs_chain_rows")
+def _(x, blocks):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gsops_cuda::gs_chain_rows_grad")
+def _(dy, x, blocks, grads, want_dx, splits):
+    n = bin(int(grads)).count("1")
+    return (torch.empty_like(x) if want_dx else x.new_empty((0,)),
+            x.new_empty((n, splits) + tuple(blocks.shape[1:]), dtype=torch.float32))
 
 
 @torch.library.register_fake("gsops_cuda::cayley_forward")

@@ -73,6 +73,15 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
 bool gs_chain_rows_fits(int r, int b);
 cudaError_t gs_chain_rows(DType dt, const void* x, const float* W, void* y, int64_t n_tokens, int r, int b, int m,
                           cudaStream_t stream);
+// Backward of gs_chain_rows from one read of x and dy per launch: dx (when not null) and the partial block
+// gradients of the factors in the bit mask `grads` (bit f: factor f), dw_part float32 (n, splits, r, b, b) for
+// the n factors in increasing order (every entry written; the sum over the splits is dB_f). At most
+// gs_chain_rows_grad_factors_per_pass(r, b, m) factors per launch (0: no whole-row backward fits).
+int gs_chain_rows_grad_factors_per_pass(int r, int b, int m);
+int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b);
+cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const float* W, void* dx, float* dw_part,
+                               int64_t n_tokens, int r, int b, int m, int64_t splits, unsigned grads,
+                               cudaStream_t stream);
 
 // ---- batched Cayley (cayley.cu) ---------------------------------------------
 // For each of n_mats skew b x b blocks K: M = (I - K)^{-1} (float32, saved for

@@ -413,6 +413,8 @@ inline cudaError_t cudaGetDevice(int* d) {
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 // The emulated part: sm_90 (H100) unless GSOPS_EMU_SM says otherwise (e.g. 75: no tensor-core path).
 inline int emu_sm() { return gsops_emu::env_int("GSOPS_EMU_SM", 90); }
+// The opt-in shared memory per block: 227 KiB (sm_90) unless GSOPS_EMU_SMEM_OPTIN_KB says otherwise (163: A100).
+inline size_t emu_smem_optin() { return (size_t)gsops_emu::env_int("GSOPS_EMU_SMEM_OPTIN_KB", (int)(gsops_emu::kMaxSmemOptin / 1024)) * 1024; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attr) {
@@ -420,7 +422,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int devic
     case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = emu_sm() / 10; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *v = emu_sm() % 10; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = (int)gsops_emu::kMaxSmemOptin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = (int)emu_smem_optin(); return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -432,16 +434,16 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   p->minor = emu_sm() % 10;
   p->multiProcessorCount = 132;
   p->sharedMemPerBlock = gsops_emu::kDefaultSmem;
-  p->sharedMemPerBlockOptin = gsops_emu::kMaxSmemOptin;
+  p->sharedMemPerBlockOptin = emu_smem_optin();
   p->totalGlobalMem = (size_t)1 << 34;
   return cudaSuccess;
 }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  if (value < 0 || (size_t)value > gsops_emu::kMaxSmemOptin) {
+  if (value < 0 || (size_t)value > emu_smem_optin()) {
     std::fprintf(stderr, "gsops emulator: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d) above %zu\n", value,
-                 gsops_emu::kMaxSmemOptin);
+                 emu_smem_optin());
     return cudaErrorInvalidValue;
   }
   gsops_emu::rt().smem_optin[reinterpret_cast<const void*>(kernel)] = value;
