@@ -359,15 +359,28 @@ __global__ void __launch_bounds__(kPairThreads)
 }
 
 
+// Block-gradient entry e = (j b + i) b + v of a chain factor over the tile's nt tokens: sum_t dz[t][j b + i]
+// in[t](j, v), the factor's input read at j b + v (the first factor) or v r + j (after P).
+__device__ float chain_grad_entry(const float* g, const float* in_tile, int e, int r, int b, int d, bool first,
+                                  int nt) {
+  const int v = e % b, ji = e / b, j = ji / b;  // once per entry and tile, not per token
+  const int feat = first ? j * b + v : v * r + j;
+  float s = 0.f;
+  for (int tt = 0; tt < nt; ++tt) s += g[tt * d + ji] * in_tile[tt * d + feat];
+  return s;
+}
+
 // Backward of gs_chain_rows for one token split: dx (want_dx) and the partial block gradients of the factors
 // in the bit mask `grads` (bit f: factor f), written to dw_part[k, split] for the k-th of them ([n, splits, r, b,
 // b]). Per token tile the CUDA block loads x and dy once (whole rows), recomputes the inputs of factors 0..top
 // (top: the highest in `grads`) in shared memory, then walks the factors down from m - 1: a factor in `grads`
 // adds sum_t dz[t][j b + i] in[t](j, v) to its accumulator (shared memory, d b floats each), and the gradient
 // moves to the factor's input (dz' = B^T dz through the same gather) while a lower factor or dx needs it.
-// Shared memory: top + 1 input tiles and two gradient tiles of tn x d floats, then the accumulators.
-template <typename T>
-__global__ void __launch_bounds__(kPairThreads)
+// Shared memory: top + 1 input tiles and two gradient tiles of tn x d floats, then the accumulators. With
+// REG > 0 the accumulator of the highest factor in `grads` is in registers instead (thread t owns entries
+// t + q * blockDim.x, q < REG; kPairRegThreads threads).
+template <typename T, int REG>
+__global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     gs_chain_rows_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ W,
                               T* __restrict__ dx, float* __restrict__ dw_part, int64_t n_tokens, int r, int b, int m,
                               int tn, int64_t tokens_per_split, int64_t splits, unsigned grads, bool want_dx) {
@@ -385,8 +398,11 @@ __global__ void __launch_bounds__(kPairThreads)
   float* acts = pair_smem;                      // input of factor h: acts + h tn d (h <= top)
   float* g = acts + (size_t)(top + 1) * tn * d;  // gradient at the current factor's output
   float* gn = g + (size_t)tn * d;                // at its input
-  float* acc = gn + (size_t)tn * d;              // n_acc x d b
-  for (int e = threadIdx.x; e < n_acc * DB; e += blockDim.x) acc[e] = 0.f;
+  float* acc = gn + (size_t)tn * d;              // n_smem x d b
+  const int n_smem = n_acc - (REG > 0 ? 1 : 0);
+  for (int e = threadIdx.x; e < n_smem * DB; e += blockDim.x) acc[e] = 0.f;
+  float acc_reg[REG > 0 ? REG : 1];
+  for (int q = 0; q < (REG > 0 ? REG : 1); ++q) acc_reg[q] = 0.f;
   const int64_t begin = split * tokens_per_split;
   const int64_t end = min(n_tokens, begin + tokens_per_split);
   for (int64_t t0 = begin; t0 < end; t0 += tn) {
@@ -423,13 +439,15 @@ __global__ void __launch_bounds__(kPairThreads)
       if (grads >> f & 1u) {  // entry e = (j b + i) b + v of factor f
         --k;
         const float* in_tile = acts + (size_t)f * tn * d;
-        float* a = acc + (size_t)k * DB;
-        for (int e = threadIdx.x; e < DB; e += blockDim.x) {
-          const int v = e % b, ji = e / b, j = ji / b;  // once per entry and tile, not per token
-          const int feat = f == 0 ? j * b + v : v * r + j;
-          float s = 0.f;
-          for (int tt = 0; tt < nt; ++tt) s += g[tt * d + ji] * in_tile[tt * d + feat];
-          a[e] += s;
+        if (REG > 0 && k == n_acc - 1) {  // this thread's entries, in registers
+#pragma unroll
+          for (int q = 0; q < (REG > 0 ? REG : 1); ++q) {
+            const int e = threadIdx.x + q * blockDim.x;
+            if (e < DB) acc_reg[q] += chain_grad_entry(g, in_tile, e, r, b, d, f == 0, nt);
+          }
+        } else {
+          float* a = acc + (size_t)k * DB;
+          for (int e = threadIdx.x; e < DB; e += blockDim.x) a[e] += chain_grad_entry(g, in_tile, e, r, b, d, f == 0, nt);
         }
       }
       if (f > low || want_dx) {  // dz'[in(j, v)] = sum_i B_j[i][v] dz[j b + i]
@@ -454,8 +472,15 @@ __global__ void __launch_bounds__(kPairThreads)
         for (int f = threadIdx.x; f < d; f += blockDim.x) dx[(t0 + tt) * d + f] = from_float<T>(g[tt * d + f]);
   }
   __syncthreads();
-  for (int q = 0; q < n_acc; ++q)
+  for (int q = 0; q < n_smem; ++q)
     for (int e = threadIdx.x; e < DB; e += blockDim.x) dw_part[((int64_t)q * splits + split) * DB + e] = acc[(size_t)q * DB + e];
+  if (REG > 0) {
+#pragma unroll
+    for (int q = 0; q < (REG > 0 ? REG : 1); ++q) {
+      const int e = threadIdx.x + q * blockDim.x;
+      if (e < DB) dw_part[((int64_t)(n_acc - 1) * splits + split) * DB + e] = acc_reg[q];
+    }
+  }
 }
 }  // namespace
 
@@ -535,11 +560,21 @@ int chain_grad_tile(int r, int b, int bufs, int n_acc) {
   return pair_tile(r * b, bufs, sizeof(float) * (size_t)n_acc * r * b * b, kChainGradSmemLimit);
 }
 
-int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
-  if (!gs_chain_rows_fits(r, b) || m < 1) return 0;
+// One accumulator of d b floats fits the registers of a kPairRegThreads block (kPairRegAcc per thread).
+bool chain_grad_in_registers(int r, int b) { return (size_t)r * b * b <= (size_t)kPairRegThreads * kPairRegAcc; }
+
+// Accumulators in shared memory for a launch with `bufs` tiles.
+int chain_grad_smem_accs(int r, int b, int bufs, int most) {
   int n = 0;
-  while (n < m && chain_grad_tile(r, b, m + 2, n + 1) > 0) ++n;  // with every input tile (the worst case)
+  while (n < most && chain_grad_tile(r, b, bufs, n + 1) > 0) ++n;
   return n;
+}
+
+int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
+  if (!gs_chain_rows_fits(r, b) || m < 1 || chain_grad_tile(r, b, m + 2, 0) == 0) return 0;
+  // with every input tile (the worst case), plus one in registers where it fits there
+  const int n = chain_grad_smem_accs(r, b, m + 2, m);
+  return std::min(m, n + (chain_grad_in_registers(r, b) ? 1 : 0));
 }
 
 int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b) {
@@ -563,15 +598,21 @@ cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const fl
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
   const int bufs = top + 3;
-  const int tn = chain_grad_tile(r, b, bufs, n_acc);
+  // the highest factor's accumulator in registers where the shared memory does not hold them all
+  const bool registers = n_acc > 0 && chain_grad_smem_accs(r, b, bufs, n_acc) < n_acc;
+  if (registers && !chain_grad_in_registers(r, b)) return cudaErrorInvalidValue;
+  const int in_smem = n_acc - (int)registers;
+  const int tn = chain_grad_tile(r, b, bufs, in_smem);
   if (tn == 0 || splits > 0x7fffffffLL) return cudaErrorInvalidValue;
   const int64_t per_split = ceil_div(ceil_div(n_tokens, splits), tn) * tn;
-  const size_t smem = sizeof(float) * ((size_t)bufs * tn * r * b + (size_t)n_acc * r * b * b);
+  const size_t smem = sizeof(float) * ((size_t)bufs * tn * r * b + (size_t)in_smem * r * b * b);
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t err = ensure_dynamic_smem(gs_chain_rows_grad_kernel<T>, smem);
+    auto gs_chain_rows_grad_launch =
+        registers ? gs_chain_rows_grad_kernel<T, kPairRegAcc> : gs_chain_rows_grad_kernel<T, 0>;
+    cudaError_t err = ensure_dynamic_smem(gs_chain_rows_grad_launch, smem);
     if (err != cudaSuccess) return err;
-    gs_chain_rows_grad_kernel<T><<<(unsigned)splits, kPairThreads, smem, stream>>>(
+    gs_chain_rows_grad_launch<<<(unsigned)splits, registers ? kPairRegThreads : kPairThreads, smem, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), W, static_cast<T*>(dx), dw_part, n_tokens, r, b, m, tn,
         per_split, splits, grads, want_dx);
     return cudaGetLastError();
