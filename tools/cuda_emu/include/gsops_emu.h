@@ -14,7 +14,8 @@
 //   reads of never-written memory give NaN, out-of-bounds accesses are caught by
 //   AddressSanitizer (the runner builds with it);
 // * launch limits of an sm_90 part: <= 1024 threads, dynamic shared memory above
-//   48 KiB only after cudaFuncSetAttribute(MaxDynamicSharedMemorySize), at most 227 KiB;
+//   48 KiB only after cudaFuncSetAttribute(MaxDynamicSharedMemorySize), at most 227 KiB (GSOPS_EMU_SMEM_OPTIN_KB
+//   sets another opt-in maximum, e.g. 163 for an sm_80 part);
 // * WMMA (nvcuda::wmma, 16x16x16) by its documented semantics, checking the 256-bit
 //   pointer alignment and the ldm rule; float32 accumulation.
 // Not modelled: timing, warp-level scheduling, memory-model races between blocks,
