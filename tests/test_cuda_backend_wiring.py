@@ -35,6 +35,7 @@ lib.define("gs_pair(Tensor x, Tensor R, Tensor L, bool linear_out, bool transpos
 lib.define("gs_pair_grad(Tensor dy, Tensor x, Tensor R, Tensor L, bool linear_out, bool want_dx, bool want_l, "
            "bool want_r) -> (Tensor, Tensor, Tensor)")
 lib.define("gs_chain_rows(Tensor x, Tensor blocks) -> Tensor")
+lib.define("gs_chain_rows_grad(Tensor dy, Tensor x, Tensor blocks, int grads, bool want_dx, int splits) -> (Tensor, Tensor)")
 lib.define("cayley_forward(Tensor K) -> (Tensor, Tensor)")
 lib.define("cayley_backward(Tensor M, Tensor G) -> Tensor")
 lib.define("conv_exp_forward(Tensor x, Tensor weight, int terms, int groups, bool adjoint) -> Tensor")
@@ -88,6 +89,31 @@ def chain_rows(x, W):  # B_m P ... P B_1 x
         y = bdp(y, W[j], 0 if j == 0 else 1, 0, False)
     return y
 
+def chain_rows_grad(dy, x, W, grads, want_dx, splits):
+    # dx and, per token split, the block gradients of the factors in the bit mask (in increasing order)
+    m, r, b, _ = W.shape
+    n = x.reshape(-1, r * b).shape[0]
+    fs = [f for f in range(m) if grads >> f & 1]
+    parts = [[] for _ in fs]
+    bounds = [(n * s // splits, n * (s + 1) // splits) for s in range(splits)]
+    for lo, hi in bounds:
+        acts = [x.reshape(n, -1)[lo:hi]]
+        for j in range(m - 1):
+            acts.append(bdp(acts[-1], W[j], 0 if j == 0 else 1, 0, False))
+        gj = dy.reshape(n, -1)[lo:hi]
+        for j in range(m - 1, -1, -1):
+            if j in fs:
+                parts[fs.index(j)].append(bgrad(gj, acts[j], r, b, 0 if j == 0 else 1, 0))
+            gj = bdp(gj, W[j], 0, 0 if j == 0 else 2, True)
+    if want_dx:
+        g = dy
+        for j in range(m - 1, -1, -1):
+            g = bdp(g, W[j], 0, 0 if j == 0 else 2, True)
+        dx = g
+    else:
+        dx = x.new_empty(0)
+    return dx, torch.stack([torch.stack(p) for p in parts]) if fs else torch.empty(0, splits, r, b, b)
+
 def cayley_fwd(K):
     eye = torch.eye(K.shape[-1], dtype=torch.float64)
     M = torch.linalg.inv(eye - K.double())
@@ -108,7 +134,8 @@ def conv_wgrad(x, dy, w, terms, groups):
     return cref.conv_exp_backward(dy.double(), x.double(), w.double(), zs, terms, groups)[1].float()
 
 for name, fn in [("block_diag_perm", bdp), ("block_diag_perm_grad_blocks", bgrad), ("gs_pair", pair),
-                 ("gs_pair_grad", pair_grad), ("gs_chain_rows", chain_rows), ("cayley_forward", cayley_fwd),
+                 ("gs_pair_grad", pair_grad), ("gs_chain_rows", chain_rows), ("gs_chain_rows_grad", chain_rows_grad),
+                 ("cayley_forward", cayley_fwd),
                  ("cayley_backward", cayley_bwd), ("conv_exp_forward", conv_fwd), ("conv_exp_weight_grad", conv_wgrad)]:
     lib.impl(name, fn, "CPU")
 
@@ -120,6 +147,10 @@ fake.__file__ = "<CPU stand-ins>"
 fake.gs_pair_supported = lambda r, b: b != 5  # (1, 5): the two-pass kernels, forward and backward
 fake.gs_chain_rows_supported = lambda r, b: b not in (5, 8)  # b = 8: the pair, then block_diag_perm
 fake.gs_pair_grad_factors = lambda r, b: 2 if b <= 2 else (1 if b <= 4 else 0)  # b = 8: two-pass backward
+fake.gs_pair_grad_splits = lambda n, r, b: 2
+# the whole-row chain backward: every factor in one launch (b <= 2), one per launch (b = 3), none (b = 4: the pair)
+fake.gs_chain_rows_grad_factors = lambda r, b, m: m if b <= 2 else (1 if b == 3 else 0)
+fake.gs_chain_rows_grad_splits = lambda n, r, b: 3 if n >= 3 else 1
 sys.modules["gsops._C"] = fake
 
 import gsops
