@@ -370,5 +370,12 @@ def test_linear_is_input_centric(method, monkeypatch):
         return fused(x, factors, W, *rest)
 
     monkeypatch.setattr(orth, "rotated_linear_unchecked", spy_fused)
+    adapted = orth.adapted_linear_unchecked  # the same node with the Cayley blocks computed in it
+
+    def spy_adapted(x, p, index, sign, b, terms, W, *rest):
+        calls.append(tuple(W.shape))
+        return adapted(x, p, index, sign, b, terms, W, *rest)
+
+    monkeypatch.setattr(orth, "adapted_linear_unchecked", spy_adapted)
     layer(torch.randn(3, 24)).sum().backward()
     assert calls == [(12, 24)] and layer.rotation.factors.params.grad is not None

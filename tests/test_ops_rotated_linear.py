@@ -154,24 +154,33 @@ def test_adapter_runs_the_fused_node_and_matches_the_op_path(method, scale, monk
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 5, 32, requires_grad=True)
-    y = layer(x)
-    names = []
-    node = y.grad_fn
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n is None:
-            continue
-        names.append(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
-    assert "_RotatedLinearBackward" in names
-    grads = torch.autograd.grad(y.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run():
+        y = layer(x)
+        names = []
+        stack = [y.grad_fn]
+        while stack:
+            n = stack.pop()
+            if n is None:
+                continue
+            names.append(type(n).__name__)
+            stack.extend(f for f, _ in n.next_functions)
+        return y, torch.autograd.grad(y.square().sum(), [x] + params), names
+
+    # one node with the Cayley blocks in it (one input rotation), else the fused rotated Linear, else the ops
+    y, grads, names = run()
+    assert ("_RotatedLinearBackward" if method == "double_gsoft" else "_AdaptedLinearBackward") in names
+    monkeypatch.setattr("gsops.nn.orthogonal.adapted_fits", lambda *a: False)
+    y1, grads1, names = run()
+    assert "_RotatedLinearBackward" in names and "_AdaptedLinearBackward" not in names
     monkeypatch.setattr("gsops.nn.orthogonal.rotated_linear_fits", lambda *a: False)
-    y2 = layer(x)
-    grads2 = torch.autograd.grad(y2.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
-    torch.testing.assert_close(y, y2, **tol(torch.float32))
-    for a, e in zip(grads, grads2):
-        torch.testing.assert_close(a, e, **tol(torch.float32))
+    y2, grads2, names = run()
+    assert "_RotatedLinearBackward" not in names
+    for got in ((y1, grads1), (y2, grads2)):
+        torch.testing.assert_close(y, got[0], **tol(torch.float32))
+        for a, e in zip(grads, got[1]):
+            torch.testing.assert_close(a, e, **tol(torch.float32))
 
 
 @pytest.mark.parametrize("n_factors", [1, 2])

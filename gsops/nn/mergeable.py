@@ -158,11 +158,16 @@ class MergeableAdapter(nn.Module):
             mask = sum(1 << i for i, r in enumerate(self._rotations()) if any(f is r.factors for f, _ in series))
             guard.compiled_readout(values, self._guard_key(), len(named), mask)
             return False
-        context = ([n for n, _ in named], [f for f, _ in series])
+        return self.read_checks(values, [n for n, _ in named], [f for f, _ in series])
+
+    def read_checks(self, values: torch.Tensor, names: list, factors: list) -> bool:
+        """Hand ``values`` (float64: one finite probe per parameter of ``names``, then the orthogonality error
+        of each Cayley-Neumann factor of ``factors``) to the layer's deferred readout and judge what is ready
+        (on CPU these values at once; on CUDA the previous call's): ValueError naming the non-finite
+        parameters; True when a factor has just switched to the exact Cayley transform."""
         switched = False
-        readout = self._guard_readout()
-        for vals, (names, factors) in readout.submit(values, context):
-            switched = self._judge(vals, names, factors) or switched
+        for vals, (names_, factors_) in self._guard_readout().submit(values, (names, factors)):
+            switched = self._judge(vals, names_, factors_) or switched
         return switched
 
     def _judge(self, vals, names, factors) -> bool:

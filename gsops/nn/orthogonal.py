@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_finite_enabled, check_int
+from ..ops.rotated_linear import adapted_fits, adapted_linear_unchecked
 from ..ops.rotated_linear import fits as rotated_linear_fits, rotated_linear_unchecked
 from .cayley_param import blocks_batched
 from .layers import adapter_param_dtype, is_linear_like, layer_dims
@@ -101,10 +102,36 @@ class OrthogonalAdapter(MergeableAdapter):
         blocks = [Q for Q, _ in computed]
         return blocks[0], (blocks[1] if len(blocks) > 1 else None)
 
+    def _one_node(self, x, W):
+        """The layer's output by :func:`gsops.ops.adapted_linear_unchecked` (the Cayley blocks, the rotation,
+        the frozen GEMM, scale and bias in one autograd node) when it takes this call, else None: a Linear-like
+        base, one input rotation of packed exact or Cayley-Neumann blocks, and :func:`adapted_fits`."""
+        f = self.rotation.factors
+        if (self.rotation_out is not None or not f.packed or not f.exact and not f.series
+                or not self.rotation.fused_linear or not adapted_fits(x, W, f.params)):
+            return None
+        base = self.base_layer
+        named = []
+        if check_finite_enabled():  # adapter_named_parameters() of this layer, in its order, without the walk
+            scale = self.scale
+            named = [(n, p) for n, p in (("scale", scale), ("rotation.factors.params", f.params))
+                     if p is not None and p.numel()]
+        while True:
+            terms = f.neumann_terms if f.series else None
+            y, values = adapted_linear_unchecked(x, f.params, f.skew_index, f.skew_sign, f.b, terms, W, base.bias,
+                                                 self.scale, [p for _, p in named])
+            if not values.numel() or not self.read_checks(values, [n for n, _ in named], [f] if terms else []):
+                return y
+            # the series just switched to the exact Cayley transform: this call uses it already
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self.merged:
             return self.base_layer(x)
+        if is_linear_like(self.base_layer):
+            y = self._one_node(x, self._flat_weight())
+            if y is not None:
+                return y
         B_in, B_out = self._training_blocks()
         base = self.base_layer
         if is_linear_like(base):

@@ -52,6 +52,10 @@ class Rotation(nn.Module):
     def blocks(self, dtype=None) -> torch.Tensor:
         return self.factors(dtype)
 
+    # True when linear_factors(blocks) is the factors' blocks in order (blocks[0], blocks[1], ...): the
+    # adapter may then compute the blocks and the rotated Linear in one node (gsops.ops.rotated_linear)
+    fused_linear = False
+
     def linear_factors(self, blocks: torch.Tensor):
         """The factors :func:`gsops.ops.rotated_linear` takes for this ``Q`` (None: it takes none)."""
         return None
@@ -74,6 +78,8 @@ class GSRotation(Rotation):
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 2, **cayley_kw)
 
+    fused_linear = True
+
     def linear_factors(self, blocks):
         return blocks[0], blocks[1]  # (R, L)
 
@@ -94,6 +100,8 @@ class BlockDiagRotation(Rotation):
 
     def __init__(self, d: int, block_size: int, **cayley_kw):
         super().__init__(d, block_size, 1, **cayley_kw)
+
+    fused_linear = True
 
     def linear_factors(self, blocks):
         return (blocks[0],)

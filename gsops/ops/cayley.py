@@ -147,56 +147,36 @@ def _packed_backward_with_graph(ctx, G, transform):
     return (dp, *([None] * (len(ctx.needs_input_grad) - 1)))
 
 
-class _CayleyPackedEager(torch.autograd.Function):
-    """Packed skew parameters -> exact Cayley blocks in one node (eager, float32/float64): the skew
-    layout, ``M = (I - K)^{-1}`` and ``Q = 2M - I``; backward ``dK = 2 M^T G M^T`` and
-    ``dp = (dK - dK^T)`` on the packed triangle. Fewer small ops and autograd nodes than the
-    separate skew gather and Cayley transform (what a small layer's step is made of)."""
-
-    @staticmethod
-    def forward(ctx, p, index, sign, b):
-        K = skew_gathered(p, b, index, sign).view(-1, b, b)
-        eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
+def packed_blocks(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int | None = None):
+    """``(Q, kept, err)`` for packed skew parameters ``p`` (..., b(b-1)/2) in the gather layout of
+    :func:`skew_gathered`: ``Q`` (n, b, b) the exact Cayley blocks (``terms`` None: ``M = (I - K)^{-1}``,
+    ``Q = 2M - I``, ``kept = (M,)``) or OFTv2's Cayley-Neumann blocks with ``terms`` terms (Horner's
+    ``M_1 = I + K``, ``M_k = I + K M_(k-1)``, ``Q = 2 M_t - I``, ``kept = (K, M_1..M_(t-1))``, ``err`` the
+    0-d ``max |Q^T Q - I|``, else None). No autograd: :func:`packed_blocks_grad` is the backward."""
+    K = skew_gathered(p, b, index, sign).view(-1, b, b)
+    eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
+    if terms is None:
         with lapack_single_thread(p.device):
             M = torch.linalg.inv_ex(torch.sub(eye, K)).inverse  # I - K is never singular (SPEC)
-        ctx.save_for_backward(p, index, sign, M)
-        ctx.shape, ctx.b = p.shape, b
-        return torch.add(neg_eye, M, alpha=2).view(*p.shape[:-1], b, b)
+        return torch.add(neg_eye, M, alpha=2), (M,), None
+    Ms = _horner(K, eye, terms)
+    Q = torch.add(neg_eye, Ms[-1], alpha=2)
+    err = torch.baddbmm(eye, Q.transpose(-1, -2), Q, beta=-1).abs().amax()
+    return Q, (K, *Ms[:-1]), err
 
-    @staticmethod
-    def backward(ctx, G):
-        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
-            return _packed_backward_with_graph(ctx, G, lambda K: cayley_exact_reference(K))
-        M = ctx.saved_tensors[-1]
-        b = ctx.b
+
+def packed_blocks_grad(kept, dQ: Tensor, b: int, series: bool) -> Tensor:
+    """``dp`` (n, b(b-1)/2) of :func:`packed_blocks` for ``dQ`` (n, b, b), from its ``kept`` tensors (``series``:
+    they are the Cayley-Neumann ones). Exact:
+    ``dK = 2 M^T G M^T``; Cayley-Neumann: ``G_t = 2 dQ``, ``G_(k-1) = K^T G_k``,
+    ``dK = G_1 + sum_(k>=2) G_k M_(k-1)^T``; then ``dp = (dK - dK^T)`` on the packed triangle."""
+    if not series:
+        (M,) = kept
         Mt = M.transpose(-1, -2)
-        T = torch.bmm(Mt, G.reshape(-1, b, b).to(M.dtype))
+        T = torch.bmm(Mt, dQ.reshape(-1, b, b).to(M.dtype))
         dK = torch.baddbmm(T, T, Mt, beta=0, alpha=2)  # 2 M^T G M^T (beta=0: T itself is not added)
-        dA = torch.sub(dK, dK.transpose(-1, -2)).view(-1, b * b)
-        dp = dA.index_select(1, _triu_flat(b, str(M.device))).view(ctx.shape)
-        return dp, None, None, None
-
-
-class _NeumannPackedEager(torch.autograd.Function):
-    """Packed skew parameters -> OFTv2's Cayley-Neumann blocks in one node (eager, float32/float64):
-    Horner's ``M_1 = I + K``, ``M_k = I + K M_(k-1)``, ``Q = 2 M_t - I``; backward with
-    ``G_t = 2 dQ``, ``G_(k-1) = K^T G_k`` and ``dK = G_1 + sum_(k>=2) G_k M_(k-1)^T``."""
-
-    @staticmethod
-    def forward(ctx, p, index, sign, b, terms):
-        K = skew_gathered(p, b, index, sign).view(-1, b, b)
-        eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
-        Ms = _horner(K, eye, terms)
-        ctx.save_for_backward(p, index, sign, K, *Ms[:-1])
-        ctx.shape, ctx.b, ctx.terms = p.shape, b, terms
-        return torch.add(neg_eye, Ms[-1], alpha=2).view(*p.shape[:-1], b, b)
-
-    @staticmethod
-    def backward(ctx, dQ):
-        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
-            return _packed_backward_with_graph(ctx, dQ, lambda K: cayley_neumann_reference(K, ctx.terms))
-        K, *Ms = ctx.saved_tensors[3:]
-        b = ctx.b
+    else:
+        K, *Ms = kept
         G = 2 * dQ.reshape(-1, b, b).to(K.dtype)
         dK = torch.zeros_like(K)
         Kt = K.transpose(-1, -2)
@@ -204,8 +184,54 @@ class _NeumannPackedEager(torch.autograd.Function):
             dK = torch.baddbmm(dK, G, M_prev.transpose(-1, -2))
             G = torch.bmm(Kt, G)
         dK = dK + G                          # k = 1: M_1 = I + K
-        dA = torch.sub(dK, dK.transpose(-1, -2)).view(-1, b * b)
-        return dA.index_select(1, _triu_flat(b, str(K.device))).view(ctx.shape), None, None, None, None
+    dA = torch.sub(dK, dK.transpose(-1, -2)).view(-1, b * b)
+    return dA.index_select(1, _triu_flat(b, str(dK.device)))
+
+
+class _CayleyPackedEager(torch.autograd.Function):
+    """Packed skew parameters -> exact Cayley blocks in one node (eager, float32/float64): the skew
+    layout, ``M = (I - K)^{-1}`` and ``Q = 2M - I``; backward ``dK = 2 M^T G M^T`` and
+    ``dp = (dK - dK^T)`` on the packed triangle (:func:`packed_blocks`). Fewer small ops and autograd
+    nodes than the separate skew gather and Cayley transform (what a small layer's step is made of)."""
+
+    @staticmethod
+    def forward(ctx, p, index, sign, b):
+        Q, kept, _ = packed_blocks(p, index, sign, b)
+        ctx.save_for_backward(p, index, sign, *kept)
+        ctx.shape, ctx.b = p.shape, b
+        return Q.view(*p.shape[:-1], b, b)
+
+    @staticmethod
+    def backward(ctx, G):
+        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
+            return _packed_backward_with_graph(ctx, G, lambda K: cayley_exact_reference(K))
+        return packed_blocks_grad(ctx.saved_tensors[3:], G, ctx.b, False).view(ctx.shape), None, None, None
+
+
+class _NeumannPackedEager(torch.autograd.Function):
+    """Packed skew parameters -> OFTv2's Cayley-Neumann blocks in one node (eager, float32/float64),
+    by :func:`packed_blocks` and :func:`packed_blocks_grad`."""
+
+    @staticmethod
+    def forward(ctx, p, index, sign, b, terms):
+        Q, kept, _ = _packed_neumann(p, index, sign, b, terms)
+        ctx.save_for_backward(p, index, sign, *kept)
+        ctx.shape, ctx.b, ctx.terms = p.shape, b, terms
+        return Q.view(*p.shape[:-1], b, b)
+
+    @staticmethod
+    def backward(ctx, dQ):
+        if torch.is_grad_enabled():  # create_graph: differentiate through the reference instead
+            return _packed_backward_with_graph(ctx, dQ, lambda K: cayley_neumann_reference(K, ctx.terms))
+        return packed_blocks_grad(ctx.saved_tensors[3:], dQ, ctx.b, True).view(ctx.shape), None, None, None, None
+
+
+def _packed_neumann(p, index, sign, b, terms):
+    """:func:`packed_blocks` of the series without its error (the caller measures it)."""
+    K = skew_gathered(p, b, index, sign).view(-1, b, b)
+    eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
+    Ms = _horner(K, eye, terms)
+    return torch.add(neg_eye, Ms[-1], alpha=2), (K, *Ms[:-1]), None
 
 
 def neumann_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int) -> Tensor:

@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..checks import check_blocks, check_features, check_same_device, check_tensor
 from . import dispatch
+from .cayley import cayley_exact_reference, cayley_neumann_reference, packed_blocks, packed_blocks_grad, skew_gathered
 from .block_diag_mm import block_diag_mm_reference
 from .gs_apply import gs_apply_reference
 
@@ -83,23 +84,10 @@ class _RotatedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, bias, scale, *factors):
-        d, d_out = x.shape[-1], W.shape[0]
-        x2 = x.reshape(-1, d)
-        N = x2.shape[0]
-        result = x2.new_empty(*x.shape[:-1], d_out)
-        out = result.view(N, d_out)
-        # GSOFT with d_out == d: L's output lives in the result's buffer until the GEMM overwrites it
-        uT = _rotate_feature_major(x2, factors, result.view(-1) if d_out == d and len(factors) == 2 else None)
-        u = uT.t()  # Q x, token-major view of the feature-major result
-        h = None
-        if scale is None:
-            torch.mm(u, W.t(), out=out) if bias is None else torch.addmm(bias, u, W.t(), out=out)
-        else:
-            h = torch.mm(u, W.t())
-            torch.mul(h, scale, out=out) if bias is None else torch.addcmul(bias, h, scale, out=out)
+        result, h = _fused_forward(x, W, bias, scale, factors, ctx.needs_input_grad[3])
         # the inputs themselves are saved (x2 is a view of x or a copy), so that a differentiable
         # backward can reach them
-        ctx.save_for_backward(x, W, scale, h if ctx.needs_input_grad[3] else None, *factors)
+        ctx.save_for_backward(x, W, scale, h, *factors)
         ctx.lead = x.shape[:-1]
         return result
 
@@ -109,7 +97,27 @@ class _RotatedLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
             return _differentiable_backward(ctx, grad, x, W, scale, factors)
         x2 = x.reshape(-1, x.shape[-1])
-        return _backward(ctx, grad.reshape(x2.shape[0], W.shape[0]), x2, W, scale, h, factors)
+        return _backward(ctx.needs_input_grad, ctx.lead, grad.reshape(x2.shape[0], W.shape[0]), x2, W, scale, h,
+                         factors)
+
+
+def _fused_forward(x, W, bias, scale, factors, keep_h):
+    """``(s * (W (Q x)) + c, W (Q x) when keep_h and there is a scale, else None)`` of the fused node."""
+    d, d_out = x.shape[-1], W.shape[0]
+    x2 = x.reshape(-1, d)
+    N = x2.shape[0]
+    result = x2.new_empty(*x.shape[:-1], d_out)
+    out = result.view(N, d_out)
+    # GSOFT with d_out == d: L's output lives in the result's buffer until the GEMM overwrites it
+    uT = _rotate_feature_major(x2, factors, result.view(-1) if d_out == d and len(factors) == 2 else None)
+    u = uT.t()  # Q x, token-major view of the feature-major result
+    h = None
+    if scale is None:
+        torch.mm(u, W.t(), out=out) if bias is None else torch.addmm(bias, u, W.t(), out=out)
+    else:
+        h = torch.mm(u, W.t())
+        torch.mul(h, scale, out=out) if bias is None else torch.addcmul(bias, h, scale, out=out)
+    return result, (h if keep_h else None)
 
 
 def _differentiable_backward(ctx, grad, x, W, scale, factors):
@@ -127,9 +135,10 @@ def _differentiable_backward(ctx, grad, x, W, scale, factors):
     return tuple(grads)
 
 
-def _backward(ctx, g, x2, W, scale, h, factors):
-    """The fused backward (no graph): buffers are reused, nothing it returns is differentiable."""
-    need_x, need_W, need_bias, need_scale, *need_f = ctx.needs_input_grad
+def _backward(needs, lead, g, x2, W, scale, h, factors):
+    """The fused backward (no graph): buffers are reused, nothing it returns is differentiable. ``needs``:
+    whether x, W, bias, scale and each factor want a gradient; ``lead``: x's leading shape."""
+    need_x, need_W, need_bias, need_scale, *need_f = needs
     N, d = x2.shape
     dbias = g.sum(0) if need_bias else None
     dscale = torch.linalg.vecdot(g, h, dim=0) if need_scale else None
@@ -169,8 +178,90 @@ def _backward(ctx, g, x2, W, scale, h, factors):
         dx = torch.empty_like(x2) if spare is None else spare.view(N, d)  # GSOFT: in L^T's result, read
         # token-major: bmm writes block i's (N, b) rows straight into dx
         torch.bmm(dzT.transpose(1, 2), B, out=dx.view(N, r, b).transpose(0, 1))
-        dx = dx.view(*ctx.lead, d)
+        dx = dx.view(*lead, d)
     return (dx, dW, dbias, dscale, *grads)
+
+
+# ----------------------------------------------------------------------------- with the Cayley blocks
+
+
+class _AdaptedLinear(torch.autograd.Function):
+    """The fused node with the rotation's Cayley blocks computed in it from the packed skew parameters
+    ``p`` (n, r, b(b-1)/2) (n = 1: OFT's ``B``; n = 2: GSOFT's ``R``, ``L``): one node for a whole
+    adapted layer's step, as the separate Cayley node and :class:`_RotatedLinear` compute it. Its
+    second output, not differentiable, is the float64 vector of the layer's checks: the float64 sum
+    of each tensor of ``probe`` (finite exactly when the tensor is), then, for the Cayley-Neumann
+    series (``terms`` not None), ``max |Q^T Q - I|``."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, scale, p, index, sign, b, terms, probe):
+        Q, kept, err = packed_blocks(p, index, sign, b, terms)
+        factors = tuple(Q.view(*p.shape[:-1], b, b).unbind(0))
+        result, h = _fused_forward(x, W, bias, scale, factors, ctx.needs_input_grad[3])
+        parts = [t.detach().sum(dtype=torch.float64) for t in probe] + ([err.double()] if err is not None else [])
+        values = torch.stack(parts) if parts else x.new_zeros(0, dtype=torch.float64)
+        ctx.save_for_backward(x, W, scale, h, p, index, sign, Q, *kept)
+        ctx.lead, ctx.b, ctx.terms = x.shape[:-1], b, terms
+        ctx.mark_non_differentiable(values)
+        return result, values
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, W, scale, h, p, index, sign, Q, *kept = ctx.saved_tensors
+        b, n = ctx.b, p.shape[0]
+        need_x, need_W, need_bias, need_scale, need_p = ctx.needs_input_grad[:5]
+        rest = (None,) * 5
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            return (*_adapted_differentiable_backward(ctx, grad, x, W, scale, p, index, sign), *rest)
+        x2 = x.reshape(-1, x.shape[-1])
+        factors = tuple(Q.view(n, -1, b, b).unbind(0))
+        dx, dW, dbias, dscale, *dfs = _backward((need_x, need_W, need_bias, need_scale) + (need_p,) * n, ctx.lead,
+                                                grad.reshape(x2.shape[0], W.shape[0]), x2, W, scale, h, factors)
+        dp = None
+        if need_p:
+            dQ = torch.stack(dfs) if n > 1 else dfs[0]
+            dp = packed_blocks_grad(kept, dQ, b, ctx.terms is not None).view(p.shape)
+        return (dx, dW, dbias, dscale, dp, *rest)
+
+
+def _adapted_differentiable_backward(ctx, grad, x, W, scale, p, index, sign):
+    """The gradients of x, W, bias, scale and p by autograd through the reference (double backward)."""
+    b, terms = ctx.b, ctx.terms
+    args = [x, W, None, scale, p]
+    wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * len(args)
+    with torch.enable_grad():
+        K = skew_gathered(p, b, index, sign)
+        Q = cayley_exact_reference(K) if terms is None else cayley_neumann_reference(K, terms)
+        y = rotated_linear_reference(x, tuple(Q.unbind(0)), W, None, scale)
+        got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    for i, dt in zip(wanted, got):
+        grads[i] = torch.zeros_like(args[i]) if dt is None else dt
+    if ctx.needs_input_grad[2]:
+        grads[2] = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grads
+
+
+def adapted_fits(x: Tensor, W: Tensor, p: Tensor) -> bool:
+    """Whether :func:`adapted_linear_unchecked` takes this call: eager, the torch backend, float32/float64
+    throughout (x, W and the packed parameters ``p``), no autocast."""
+    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype or p.dtype != x.dtype:
+        return False
+    dev = x.device.type
+    if not x.numel() or x.dim() < 1 or dev == "meta" or (type(x) is not torch.Tensor and is_fake(x)) or (
+            torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return False
+    backend = dispatch.requested()
+    return backend == "torch" or (backend == "auto" and dev != "cuda")
+
+
+def adapted_linear_unchecked(x: Tensor, p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int | None,
+                             W: Tensor, bias: Tensor | None = None, scale: Tensor | None = None, probe=()):
+    """``(s * (W (Q x)) + c, checks)`` with ``Q`` from the packed skew parameters ``p`` (n, r, b(b-1)/2)
+    in the gather layout ``index``/``sign`` (n = 1: ``diag(B)``; n = 2: ``P^T L P R``), exact Cayley
+    (``terms`` None) or the Cayley-Neumann series; ``checks`` as :class:`_AdaptedLinear` says. No argument
+    checks (inputs valid by construction, :func:`adapted_fits` true)."""
+    return _AdaptedLinear.apply(x, W, bias, scale, p, index, sign, b, terms, list(probe))
 
 
 # ----------------------------------------------------------------------------- public

@@ -1,0 +1,127 @@
+"""gsops.ops.rotated_linear.adapted_linear_unchecked: a whole adapted Linear (the Cayley blocks from packed skew
+parameters, the rotation, the frozen GEMM, scale and bias) as one autograd node, against an independent float64
+dense computation (dense Cayley by a solve, dense Q, dense GEMM), and the checks it returns."""
+import numpy as np
+import pytest
+import torch
+
+from gsops.nn.cayley_param import _skew_gather
+from gsops.ops.rotated_linear import adapted_linear_unchecked
+from gsops.tolerances import tol
+
+from dense import perm_matrix
+
+
+def _skew(p, b):
+    """K from the packed strict upper triangle (row major), written out entry by entry."""
+    K = torch.zeros(*p.shape[:-1], b, b, dtype=p.dtype)
+    t = 0
+    for i in range(b):
+        for j in range(i + 1, b):
+            K[..., i, j] = p[..., t]
+            K[..., j, i] = -p[..., t]
+            t += 1
+    return K
+
+
+def _cayley(K, terms):
+    eye = torch.eye(K.shape[-1], dtype=K.dtype)
+    if terms is None:  # (I + K)(I - K)^{-1}
+        return torch.linalg.solve((eye - K).transpose(-1, -2), (eye + K).transpose(-1, -2)).transpose(-1, -2)
+    M, power = eye.expand_as(K), eye.expand_as(K)
+    for _ in range(terms):
+        power = power @ K
+        M = M + power
+    return 2 * M - eye
+
+
+def _dense(x, p, b, terms, W, bias, scale):
+    blocks = _cayley(_skew(p, b), terms)
+    if blocks.shape[0] == 1:
+        Q = torch.block_diag(*blocks[0])
+    else:
+        R, L = blocks[0], blocks[1]
+        r = R.shape[0]
+        P = torch.tensor(perm_matrix(r, r * b), dtype=x.dtype)
+        Q = P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R)
+    y = x @ Q.T @ W.T
+    if scale is not None:
+        y = y * scale
+    return (y if bias is None else y + bias), blocks
+
+
+def _case(n, r, b, d_out, seed=0, size=0.3):
+    g = torch.Generator().manual_seed(seed)
+    d = r * b
+    x = torch.randn(2, 3, d, generator=g, dtype=torch.float64)
+    p = size * torch.randn(n, r, b * (b - 1) // 2, generator=g, dtype=torch.float64) / b ** 0.5
+    W = torch.randn(d_out, d, generator=g, dtype=torch.float64) / d ** 0.5
+    bias = torch.randn(d_out, generator=g, dtype=torch.float64)
+    scale = 1 + 0.1 * torch.randn(d_out, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 3, d_out, generator=g, dtype=torch.float64)
+    return x, p, W, bias, scale, grad
+
+
+def _layout(b, dtype):
+    index, sign = _skew_gather(b)
+    return index, sign.to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 2])  # OFT's B; GSOFT's R, L
+@pytest.mark.parametrize("terms", [None, 1, 5])  # exact Cayley, the Cayley-Neumann series
+@pytest.mark.parametrize("r,b", [(4, 4), (3, 5), (2, 8), (6, 3)])
+@pytest.mark.parametrize("with_scale,with_bias", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_dense_float64_forward_backward_and_checks(n, terms, r, b, with_scale, with_bias, dtype):
+    x, p, W, bias, scale, grad = _case(n, r, b, 11 if r * b != 16 else 16)
+    bias = bias if with_bias else None
+    scale = scale if with_scale else None
+    ref = [t.clone().requires_grad_() if t is not None else None for t in (x, p, scale)]
+    want, blocks = _dense(ref[0], ref[1], b, terms, W, bias, ref[2])
+    want_grads = torch.autograd.grad(want, [t for t in ref if t is not None], grad)
+    got_in = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, p, scale)]
+    probe = [t for t in (got_in[2], got_in[1]) if t is not None]
+    index, sign = _layout(b, dtype)
+    y, checks = adapted_linear_unchecked(got_in[0], got_in[1], index, sign, b, terms, W.to(dtype),
+                                         None if bias is None else bias.to(dtype), got_in[2], probe)
+    t = tol(dtype)
+    torch.testing.assert_close(y.double(), want.detach(), rtol=t["rtol"], atol=t["atol"])
+    got_grads = torch.autograd.grad(y, [t_ for t_ in got_in if t_ is not None], grad.to(dtype))
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), e, rtol=10 * t["rtol"], atol=10 * t["atol"])
+    # the checks: a float64 sum per probed tensor, then the series' orthogonality error
+    assert checks.dtype == torch.float64 and not checks.requires_grad
+    assert checks.shape == (len(probe) + (terms is not None),)
+    for v, tensor in zip(checks, probe):
+        assert float(v) == pytest.approx(float(tensor.detach().double().sum()), rel=1e-12, abs=1e-12)
+    if terms is not None:
+        Qd = blocks.detach().reshape(-1, b, b)
+        err = (Qd.transpose(-1, -2) @ Qd - torch.eye(b, dtype=torch.float64)).abs().max()
+        assert float(checks[-1]) == pytest.approx(float(err), rel=1e-3, abs=10 * t["atol"])
+
+
+@pytest.mark.parametrize("terms", [None, 5])
+def test_double_backward_matches_dense(terms):
+    """create_graph=True: the gradients through the one node are themselves differentiable."""
+    x, p, W, bias, scale, grad = _case(2, 4, 4, 16, seed=3)
+    index, sign = _layout(4, torch.float64)
+
+    def second_order(fn):
+        ins = [t.clone().requires_grad_() for t in (x, p, scale)]
+        y = fn(*ins)
+        first = torch.autograd.grad((y * grad).sum(), ins, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), ins)
+
+    got = second_order(lambda x_, p_, s_: adapted_linear_unchecked(x_, p_, index, sign, 4, terms, W, bias, s_)[0])
+    want = second_order(lambda x_, p_, s_: _dense(x_, p_, 4, terms, W, bias, s_)[0])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol(torch.float64))
+
+
+def test_non_finite_parameters_show_in_the_checks():
+    x, p, W, bias, scale, _ = _case(1, 4, 4, 16, seed=4)
+    p[0, 1, 2] = float("nan")
+    scale[3] = float("inf")
+    index, sign = _layout(4, torch.float64)
+    _, checks = adapted_linear_unchecked(x, p, index, sign, 4, 5, W, bias, scale, [scale, p])
+    assert np.isinf(float(checks[0])) and np.isnan(float(checks[1])) and not np.isfinite(float(checks[2]))
