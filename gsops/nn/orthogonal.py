@@ -25,8 +25,12 @@ rotations with ``gsops.ops``. On the torch backend in eager mode (float32/float6
 no autocast) a Linear-like layer of ``gsoft``, ``oft`` or ``double_gsoft`` runs its
 input rotation, the frozen GEMM and (without an output rotation) scale and bias as
 one autograd node, :func:`gsops.ops.rotated_linear`, which keeps the rotation in
-a feature-major layout where the shuffle costs no copy; its numbers are those of
-the separate ops up to rounding.
+a feature-major layout where the shuffle costs no copy; for ``gsoft`` and ``oft``
+with packed parameters the same node also computes the Cayley blocks from the
+skew parameters and returns the layer's checks (parameter probes, the series'
+orthogonality error) beside the output, so a layer's step is one autograd node
+(:func:`gsops.ops.rotated_linear.adapted_linear_unchecked`). Its numbers are
+those of the separate ops up to rounding.
 
 Determinism: on CPU every method's forward and backward is bitwise
 reproducible for a fixed seed. GPU kernels that reduce block gradients with

@@ -198,8 +198,8 @@ class _AdaptedLinear(torch.autograd.Function):
         Q, kept, err = packed_blocks(p, index, sign, b, terms)
         factors = tuple(Q.view(*p.shape[:-1], b, b).unbind(0))
         result, h = _fused_forward(x, W, bias, scale, factors, ctx.needs_input_grad[3])
-        parts = [t.detach().sum(dtype=torch.float64) for t in probe] + ([err.double()] if err is not None else [])
-        values = torch.stack(parts) if parts else x.new_zeros(0, dtype=torch.float64)
+        parts = [t.detach().sum(dtype=torch.float64) for t in probe] + ([err] if err is not None else [])
+        values = torch.stack(parts).double() if parts else x.new_zeros(0, dtype=torch.float64)  # promotes err
         ctx.save_for_backward(x, W, scale, h, p, index, sign, Q, *kept)
         ctx.lead, ctx.b, ctx.terms = x.shape[:-1], b, terms
         ctx.mark_non_differentiable(values)
