@@ -15,7 +15,9 @@
 // written once. The transposed pass (dx = R^T P^T L^T P dy) is the same with the roles swapped. The
 // backward kernel reads x and dy once per token tile, recomputes R x on chip, writes dx (optional) and
 // accumulates the group's block gradients of L and R (optional, each) in shared memory, or L's there and
-// R's in registers where both do not fit (sm_90: 128 registers per thread, 472 bytes spilled); each CUDA block
+// R's in registers where both do not fit (sm_90: 128 registers per thread, 472 bytes spilled), the entries
+// past the registers' 32768 in shared memory too; where not even one fits in shared memory alone, one per
+// launch, split between registers and shared memory (a 1024-feature row of b = 64); each CUDA block
 // writes its partial sums for its token split to dL_part / dR_part [split, r, b, b], which the caller
 // sums (deterministic, no atomics). Index arithmetic over the features is incremental (no runtime
 // division per element; the block-gradient entries divide once per entry and token tile, not per
@@ -246,8 +248,10 @@ __global__ void __launch_bounds__(kPairThreads)
 
 // Backward of one group x one token split: dx (want_dx) and partial dL, dR (want_l, want_r).
 // Shared memory: xs, ts (R x), gs (dy), dus (P^T L^T dy): 4 tiles of tn x G floats; then the
-// accumulators of L and R (G b floats each, when wanted). With REG > 0 the accumulator of R is in
-// registers instead: thread t owns entries t + m * blockDim.x (m < REG), kPairRegThreads threads.
+// accumulators of L and R (G b floats each, when wanted). With REG > 0 one accumulator (R's when wanted,
+// else L's) is in registers instead, as far as they hold it: thread t owns entries t + m * blockDim.x
+// (m < REG, kPairRegThreads threads), and the entries from REG * blockDim.x on are in shared memory after
+// the other accumulator.
 template <typename T, int REG>
 __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     gs_pair_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ R,
@@ -260,15 +264,20 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
   const int64_t split = blockIdx.x / pg.n_groups;
   const int G = pg.features;
   const int GB = G * b;
+  const int reg_cap = REG * (int)blockDim.x;           // entries of the register accumulator (REG > 0)
+  const bool reg_l = REG > 0 && want_l && !want_r;     // which one is there: L's alone, else R's
+  const bool reg_r = REG > 0 && want_r;
+  const int spill = REG > 0 ? max(0, GB - reg_cap) : 0;  // its entries past the registers, in shared memory
   float* xs = pair_smem;
   float* ts = xs + (size_t)tn * G;
   float* gs = ts + (size_t)tn * G;
   float* dus = gs + (size_t)tn * G;
-  float* acc_l = dus + (size_t)tn * G;
-  float* acc_r = acc_l + (want_l ? GB : 0);  // REG == 0
+  float* acc_l = dus + (size_t)tn * G;                    // L's (not reg_l)
+  float* acc_r = acc_l + (want_l && !reg_l ? GB : 0);     // R's (REG == 0), or the spill of the register one
   float acc_reg[REG > 0 ? REG : 1];
   for (int m = 0; m < (REG > 0 ? REG : 1); ++m) acc_reg[m] = 0.f;
-  for (int e = threadIdx.x; e < (want_l ? GB : 0) + (want_r && REG == 0 ? GB : 0); e += blockDim.x) acc_l[e] = 0.f;
+  const int in_smem = (want_l && !reg_l ? GB : 0) + (REG > 0 ? spill : (want_r ? GB : 0));
+  for (int e = threadIdx.x; e < in_smem; e += blockDim.x) acc_l[e] = 0.f;
   const int64_t begin = split * tokens_per_split;
   const int64_t end = min(n_tokens, begin + tokens_per_split);
   for (int64_t t0 = begin; t0 < end; t0 += tn) {
@@ -281,17 +290,20 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     if (want_r || want_dx) apply_cols_transposed(L, gs, dus, g, tn);
     __syncthreads();
     const int nr = g.nrows;
-    if (want_l)
-      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_l[e] += l_grad_entry(gs, ts, e, b, G, nr, nt);
-    if (want_r && REG > 0) {  // this thread's entries, in registers
+    if (reg_l || reg_r) {  // this thread's entries in registers, the rest in shared memory
 #pragma unroll
       for (int m = 0; m < (REG > 0 ? REG : 1); ++m) {
         const int e = threadIdx.x + m * blockDim.x;
-        if (e < GB) acc_reg[m] += r_grad_entry(dus, xs, e, b, G, nt);
+        if (e < GB)
+          acc_reg[m] += reg_r ? r_grad_entry(dus, xs, e, b, G, nt) : l_grad_entry(gs, ts, e, b, G, nr, nt);
       }
-    } else if (want_r) {
-      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_r[e] += r_grad_entry(dus, xs, e, b, G, nt);
+      for (int e = reg_cap + threadIdx.x; e < GB; e += blockDim.x)
+        acc_r[e - reg_cap] += reg_r ? r_grad_entry(dus, xs, e, b, G, nt) : l_grad_entry(gs, ts, e, b, G, nr, nt);
     }
+    if (want_l && !reg_l)
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_l[e] += l_grad_entry(gs, ts, e, b, G, nr, nt);
+    if (want_r && !reg_r)
+      for (int e = threadIdx.x; e < GB; e += blockDim.x) acc_r[e] += r_grad_entry(dus, xs, e, b, G, nt);
     if (want_dx) {  // dx_j[v] = sum_u R_j[u][v] dus[j b + u], into ts (read above)
       __syncthreads();
       apply_rows(R, dus, ts, g, nt, true);
@@ -303,14 +315,22 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
   const int64_t bb = (int64_t)b * b;
   for (int e = threadIdx.x; e < GB; e += blockDim.x) {
     const int blk = e / (b * b), rest = e % (b * b);
-    if (want_l) dl_part[(split * r + g.lblock(blk)) * bb + rest] = acc_l[e];
-    if (want_r && REG == 0) dr_part[(split * r + g.rblock(blk)) * bb + rest] = acc_r[e];
+    if (want_l && !reg_l) dl_part[(split * r + g.lblock(blk)) * bb + rest] = acc_l[e];
+    if (want_r && !reg_r) dr_part[(split * r + g.rblock(blk)) * bb + rest] = acc_r[e];
+    if ((reg_l || reg_r) && e >= reg_cap) {
+      float* part = reg_r ? dr_part + (split * r + g.rblock(blk)) * bb : dl_part + (split * r + g.lblock(blk)) * bb;
+      part[rest] = acc_r[e - reg_cap];
+    }
   }
-  if (want_r && REG > 0) {
+  if (reg_l || reg_r) {
 #pragma unroll
     for (int m = 0; m < (REG > 0 ? REG : 1); ++m) {
       const int e = threadIdx.x + m * blockDim.x;
-      if (e < GB) dr_part[(split * r + g.rblock(e / (b * b))) * bb + e % (b * b)] = acc_reg[m];
+      if (e < GB) {
+        const int blk = e / (b * b);
+        float* part = reg_r ? dr_part + (split * r + g.rblock(blk)) * bb : dl_part + (split * r + g.lblock(blk)) * bb;
+        part[e % (b * b)] = acc_reg[m];
+      }
     }
   }
 }
@@ -377,8 +397,9 @@ __device__ float chain_grad_entry(const float* g, const float* in_tile, int e, i
 // adds sum_t dz[t][j b + i] in[t](j, v) to its accumulator (shared memory, d b floats each), and the gradient
 // moves to the factor's input (dz' = B^T dz through the same gather) while a lower factor or dx needs it.
 // Shared memory: top + 1 input tiles and two gradient tiles of tn x d floats, then the accumulators. With
-// REG > 0 the accumulator of the highest factor in `grads` is in registers instead (thread t owns entries
-// t + q * blockDim.x, q < REG; kPairRegThreads threads).
+// REG > 0 the accumulator of the highest factor in `grads` is in registers instead, as far as they hold it
+// (thread t owns entries t + q * blockDim.x, q < REG; kPairRegThreads threads); its entries from
+// REG * blockDim.x on follow the others in shared memory.
 template <typename T, int REG>
 __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     gs_chain_rows_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ W,
@@ -398,9 +419,12 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
   float* acts = pair_smem;                      // input of factor h: acts + h tn d (h <= top)
   float* g = acts + (size_t)(top + 1) * tn * d;  // gradient at the current factor's output
   float* gn = g + (size_t)tn * d;                // at its input
-  float* acc = gn + (size_t)tn * d;              // n_smem x d b
+  float* acc = gn + (size_t)tn * d;              // n_smem x d b, then the register accumulator's spill
   const int n_smem = n_acc - (REG > 0 ? 1 : 0);
-  for (int e = threadIdx.x; e < n_smem * DB; e += blockDim.x) acc[e] = 0.f;
+  const int reg_cap = REG * (int)blockDim.x;
+  const int spill = REG > 0 ? max(0, DB - reg_cap) : 0;
+  float* acc_spill = acc + (size_t)n_smem * DB;
+  for (int e = threadIdx.x; e < n_smem * DB + spill; e += blockDim.x) acc[e] = 0.f;
   float acc_reg[REG > 0 ? REG : 1];
   for (int q = 0; q < (REG > 0 ? REG : 1); ++q) acc_reg[q] = 0.f;
   const int64_t begin = split * tokens_per_split;
@@ -445,6 +469,8 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
             const int e = threadIdx.x + q * blockDim.x;
             if (e < DB) acc_reg[q] += chain_grad_entry(g, in_tile, e, r, b, d, f == 0, nt);
           }
+          for (int e = reg_cap + threadIdx.x; e < DB; e += blockDim.x)
+            acc_spill[e - reg_cap] += chain_grad_entry(g, in_tile, e, r, b, d, f == 0, nt);
         } else {
           float* a = acc + (size_t)k * DB;
           for (int e = threadIdx.x; e < DB; e += blockDim.x) a[e] += chain_grad_entry(g, in_tile, e, r, b, d, f == 0, nt);
@@ -480,6 +506,8 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
       const int e = threadIdx.x + q * blockDim.x;
       if (e < DB) dw_part[((int64_t)(n_acc - 1) * splits + split) * DB + e] = acc_reg[q];
     }
+    for (int e = reg_cap + threadIdx.x; e < DB; e += blockDim.x)
+      dw_part[((int64_t)(n_acc - 1) * splits + split) * DB + e] = acc_spill[e - reg_cap];
   }
 }
 }  // namespace
@@ -489,19 +517,28 @@ bool gs_pair_fits(int r, int b) {
   return pair_tile(pair_groups(r, b).features, 2, 0) > 0;
 }
 
-// Both accumulators in shared memory, or L's there and R's in registers, or one of them per launch.
-enum class GradPlan { kNone, kOne, kShared, kRegisters };
+// Both accumulators in shared memory; or L's there and R's in registers (its entries past the registers in
+// shared memory too); or one of them per launch, in shared memory or in registers with the rest in shared
+// memory (kSplit).
+enum class GradPlan { kNone, kOne, kSplit, kShared, kRegisters };
+
+constexpr size_t kPairRegBytes = sizeof(float) * kPairRegThreads * kPairRegAcc;
+
+size_t past_registers(size_t acc) { return acc > kPairRegBytes ? acc - kPairRegBytes : 0; }
 
 GradPlan grad_plan(int r, int b) {
   if (!gs_pair_fits(r, b)) return GradPlan::kNone;
   const int G = pair_groups(r, b).features;
   const size_t acc = sizeof(float) * (size_t)G * b;
   if (pair_tile(G, 4, 2 * acc) > 0) return GradPlan::kShared;
-  if (pair_tile(G, 4, acc) == 0) return GradPlan::kNone;
-  return (size_t)G * b <= (size_t)kPairRegThreads * kPairRegAcc ? GradPlan::kRegisters : GradPlan::kOne;
+  if (pair_tile(G, 4, acc + past_registers(acc)) > 0) return GradPlan::kRegisters;
+  if (pair_tile(G, 4, acc) > 0) return GradPlan::kOne;
+  return pair_tile(G, 4, past_registers(acc)) > 0 ? GradPlan::kSplit : GradPlan::kNone;
 }
 
-int factors_per_pass(GradPlan p) { return p == GradPlan::kNone ? 0 : p == GradPlan::kOne ? 1 : 2; }
+int factors_per_pass(GradPlan p) {
+  return p == GradPlan::kNone ? 0 : (p == GradPlan::kOne || p == GradPlan::kSplit) ? 1 : 2;
+}
 
 int gs_pair_grad_factors_per_pass(int r, int b) { return factors_per_pass(grad_plan(r, b)); }
 
@@ -556,12 +593,10 @@ cudaError_t gs_chain_rows(DType dt, const void* x, const float* W, void* y, int6
 }
 
 // Shared memory of a gs_chain_rows_grad launch: `bufs` tiles of tn x d floats and n_acc accumulators of d b.
-int chain_grad_tile(int r, int b, int bufs, int n_acc) {
-  return pair_tile(r * b, bufs, sizeof(float) * (size_t)n_acc * r * b * b, kChainGradSmemLimit);
+int chain_grad_tile(int r, int b, int bufs, int n_acc, bool registers = false) {
+  const size_t one = sizeof(float) * (size_t)r * b * b;
+  return pair_tile(r * b, bufs, one * n_acc + (registers ? past_registers(one) : 0), kChainGradSmemLimit);
 }
-
-// One accumulator of d b floats fits the registers of a kPairRegThreads block (kPairRegAcc per thread).
-bool chain_grad_in_registers(int r, int b) { return (size_t)r * b * b <= (size_t)kPairRegThreads * kPairRegAcc; }
 
 // Accumulators in shared memory for a launch with `bufs` tiles.
 int chain_grad_smem_accs(int r, int b, int bufs, int most) {
@@ -572,9 +607,9 @@ int chain_grad_smem_accs(int r, int b, int bufs, int most) {
 
 int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
   if (!gs_chain_rows_fits(r, b) || m < 1 || chain_grad_tile(r, b, m + 2, 0) == 0) return 0;
-  // with every input tile (the worst case), plus one in registers where it fits there
+  // with every input tile (the worst case), plus one in registers (its rest in shared memory) where it fits
   const int n = chain_grad_smem_accs(r, b, m + 2, m);
-  return std::min(m, n + (chain_grad_in_registers(r, b) ? 1 : 0));
+  return std::min(m, n + (chain_grad_tile(r, b, m + 2, n, true) > 0 ? 1 : 0));
 }
 
 int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b) {
@@ -600,12 +635,12 @@ cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const fl
   const int bufs = top + 3;
   // the highest factor's accumulator in registers where the shared memory does not hold them all
   const bool registers = n_acc > 0 && chain_grad_smem_accs(r, b, bufs, n_acc) < n_acc;
-  if (registers && !chain_grad_in_registers(r, b)) return cudaErrorInvalidValue;
   const int in_smem = n_acc - (int)registers;
-  const int tn = chain_grad_tile(r, b, bufs, in_smem);
+  const int tn = chain_grad_tile(r, b, bufs, in_smem, registers);
   if (tn == 0 || splits > 0x7fffffffLL) return cudaErrorInvalidValue;
   const int64_t per_split = ceil_div(ceil_div(n_tokens, splits), tn) * tn;
-  const size_t smem = sizeof(float) * ((size_t)bufs * tn * r * b + (size_t)in_smem * r * b * b);
+  const size_t smem = sizeof(float) * ((size_t)bufs * tn * r * b + (size_t)in_smem * r * b * b) +
+                      (registers ? past_registers(sizeof(float) * (size_t)r * b * b) : 0);
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     auto gs_chain_rows_grad_launch =
@@ -629,9 +664,11 @@ cudaError_t gs_pair_grad(DType dt, const void* dy, const void* x, const float* R
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
   const PairGroups g = pair_groups(r, b);
-  const bool registers = want_r && want_l && plan == GradPlan::kRegisters;
-  const int in_smem = (int)want_l + (int)(want_r && !registers);
-  const size_t acc = sizeof(float) * (size_t)g.features * b * in_smem;
+  // the register accumulator: R's beside L's in shared memory, or the one asked for where it fits nowhere else
+  const bool registers = (want_r && want_l && plan == GradPlan::kRegisters) || plan == GradPlan::kSplit;
+  const size_t one = sizeof(float) * (size_t)g.features * b;
+  const size_t acc = registers ? (want_l && want_r ? one : 0) + past_registers(one)
+                               : one * ((int)want_l + (int)want_r);
   const int tn = pair_tile(g.features, 4, acc);
   const int64_t grid = splits * g.n_groups;
   if (tn == 0 || grid > 0x7fffffffLL) return cudaErrorInvalidValue;

@@ -300,10 +300,11 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
     (perf.traffic --backend cuda; fp16 activations, 2 tokens). One-pass gs_apply (gs_pair): forward <= 1.25x
     the minimal sectors and <= 1.1x the bytes on every shape of the grid; backward one launch (x and dy read
     once, dx written once) where both block-gradient accumulators fit (b <= 32), two where one does (5/3 of the
-    minimum; no grid shape), the two-pass kernels where none does (b = 64), whose permuted side the counter
-    shows uncoalesced. A three-factor gs_chain forward is one pass over whole rows on every grid shape; its
+    minimum; b = 64 with d <= 1024, each accumulator half in registers), the two-pass kernels where none does
+    (b = 64, d = 4096), whose permuted side the counter shows uncoalesced. A three-factor gs_chain forward is one pass over whole rows on every grid shape; its
     backward one launch per group of factors whose accumulators fit on chip together (all three at b = 16 and
-    d <= 1024), each reading x and dy once, the pair's kernels and block steps where none fits."""
+    d <= 1024; one at d = 4096, b = 16, half of it in registers), each reading x and dy once, the pair's kernels
+    and block steps where none fits."""
     res = subprocess.run([sys.executable, "-c", _TRAFFIC, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
                          timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -342,6 +343,10 @@ def test_cuda_kernels_global_memory_traffic_under_emulation():
             assert f["sectors_bwd"] >= 10 * f["min_sectors_bwd"], key
     assert sum(k.startswith("gs_chain") for k in rows) == sum(k.startswith("gs_apply") for k in rows) > 0
     plans = {k: f["plan"] for k, f in rows.items() if k.startswith("gs_apply")}
-    assert sorted(set(plans.values())) == [0, 2], plans  # b = 64: none on chip; else one launch
+    # b = 64: one accumulator per launch, split between registers and shared memory (whole rows, d <= 1024),
+    # none on chip (the 4096-feature band group); else one launch
+    assert plans["gs_apply 1024 64"] == plans["gs_apply 768 64"] == 1 and plans["gs_apply 4096 64"] == 0, plans
+    assert sorted(set(plans.values())) == [0, 1, 2], plans
     chain = {k: f["chain_per"] for k, f in rows.items() if k.startswith("gs_chain")}
-    assert chain["gs_chain 768 16"] == chain["gs_chain 1024 16"] == 3 and chain["gs_chain 4096 16"] == 0, chain
+    assert chain["gs_chain 768 16"] == chain["gs_chain 1024 16"] == 3 and chain["gs_chain 4096 16"] == 1, chain
+    assert chain["gs_chain 4096 32"] == 0, chain  # 512 KiB of accumulator per factor

@@ -101,9 +101,10 @@ def test_gs_chain_and_block_diag_mm(b, dtype):
 
 
 # (r, b): band groups (r % b == 0, several groups), whole rows, both block gradients in one launch (in shared
-# memory; b = 32: R's in registers), one per launch (a 1280-feature row of b = 32), none on chip (b = 64 whole
-# row: the two-pass fallback of the backward)
-PAIR_SHAPES = [(8, 4), (6, 3), (5, 8), (3, 16), (32, 32), (40, 32), (16, 64)]
+# memory; b = 32: R's in registers), one per launch (a 1280-feature row of b = 32; a 1024-feature row of b = 64,
+# half of each accumulator in registers), none on chip (a 1280-feature row of b = 64: the two-pass fallback of
+# the backward)
+PAIR_SHAPES = [(8, 4), (6, 3), (5, 8), (3, 16), (32, 32), (40, 32), (16, 64), (20, 64)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -124,7 +125,7 @@ def test_one_pass_pair_forward_transposed_and_backward(r, b, dtype):
     close(_ops.gs_pair(g, R, L, True, True), np64(g) @ chain, dtype, "gs_pair linear_out transposed")
     per_launch = _C.gs_pair_grad_factors(r, b)
     if not EMULATED or "GSOPS_EMU_SMEM_OPTIN_KB" not in os.environ:  # the plans of an sm_90 part
-        assert per_launch == {(40, 32): 1, (16, 64): 0}.get((r, b), 2)
+        assert per_launch == {(40, 32): 1, (16, 64): 1, (20, 64): 0}.get((r, b), 2)
     _, wL, wR = ref_gs.gs_apply_backward(g.double().cpu(), x.double().cpu(), L.double(), R.double())
     out = cb._pair_backward(g, x, R, L, False)
     if per_launch == 0:
@@ -158,9 +159,9 @@ def test_one_pass_chain_over_whole_rows(r, b, m, dtype):
 
 
 # (r, b, m): every block gradient in one launch ((24, 32): one of them in registers); (32, 32): two per launch
-# (one in registers), (20, 48): one (three launches)
+# (one in registers), (20, 48): one (three launches), (16, 64): one, half of it in registers
 CHAIN_GRAD_SHAPES = [(4, 3, 3), (3, 16, 3), (2, 8, 5), (48, 16, 3), (64, 16, 3), (24, 32, 3), (32, 32, 3),
-                     (20, 48, 3)]
+                     (20, 48, 3), (16, 64, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -169,12 +170,12 @@ def test_one_pass_chain_backward_over_whole_rows(r, b, m, dtype):
     """gs_chain_rows_grad (what gs_chain_backward runs for three or more factors): dx and every block gradient
     against the float64 reference, the factor groups the launcher reports, and the same bits twice (no atomics)."""
     d = r * b
-    n = 19 if d <= 256 else 3
+    n = 19 if d <= 256 else 9  # several token tiles of the accumulators
     x, g = rand(n, d, dtype=dtype), rand(n, d, dtype=dtype)
     blocks = [rand(r, b, b, dtype=torch.float32, scale=b ** -0.5) for _ in range(m)]
     per = _C.gs_chain_rows_grad_factors(r, b, m)
     if not EMULATED or "GSOPS_EMU_SMEM_OPTIN_KB" not in os.environ:  # the plans of an sm_90 part
-        assert per == {(32, 32, 3): 2, (20, 48, 3): 1}.get((r, b, m), m)
+        assert per == {(32, 32, 3): 2, (20, 48, 3): 1, (16, 64, 3): 1}.get((r, b, m), m)
     A = gs_chain_matrix([np64(B) for B in blocks])
     _, want = ref_gs.gs_chain_backward(g.double().cpu(), x.double().cpu(), [B.double() for B in blocks])
     dx, dBs = cb.gs_chain_backward(g, x, blocks)
@@ -199,9 +200,9 @@ def test_plans_follow_the_shared_memory_of_the_device(monkeypatch):
     sm90 = [_C.gs_chain_rows_grad_factors(24, 32, 3), _C.gs_pair_grad_factors(40, 32), _C.gs_pair_supported(170, 128)]
     monkeypatch.setenv("GSOPS_EMU_SMEM_OPTIN_KB", "163")
     sm80 = [_C.gs_chain_rows_grad_factors(24, 32, 3), _C.gs_pair_grad_factors(40, 32), _C.gs_pair_supported(170, 128)]
-    assert sm90 == [3, 1, True] and sm80 == [2, 0, False]  # a 21760-feature row: two float32 tiles are 170 KiB
+    assert sm90 == [3, 1, True] and sm80 == [2, 1, False]  # a 21760-feature row: two float32 tiles are 170 KiB
     test_one_pass_chain_backward_over_whole_rows(24, 32, 3, torch.float16)
-    test_one_pass_pair_forward_transposed_and_backward(40, 32, torch.float32)  # its backward: the two-pass kernels
+    test_one_pass_pair_forward_transposed_and_backward(40, 32, torch.float32)  # one accumulator per launch, split
 
 
 def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
