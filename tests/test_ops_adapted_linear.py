@@ -125,3 +125,28 @@ def test_non_finite_parameters_show_in_the_checks():
     index, sign = _layout(4, torch.float64)
     _, checks = adapted_linear_unchecked(x, p, index, sign, 4, 5, W, bias, scale, [scale, p])
     assert np.isinf(float(checks[0])) and np.isnan(float(checks[1])) and not np.isfinite(float(checks[2]))
+
+
+def test_adapter_node_follows_a_replaced_rotation():
+    """The layer decides once what its structure allows for the one node, and decides again when its rotation
+    module is replaced (e.g. by a copy with other parameters)."""
+    import copy
+
+    from gsops.nn.orthogonal import OrthogonalAdapter
+
+    torch.manual_seed(0)
+    layer = OrthogonalAdapter(torch.nn.Linear(16, 8), method="oft", block_size=4, n_factors=1)
+    x = torch.randn(3, 16)
+    before = layer(x)
+    other = copy.deepcopy(layer.rotation)
+    with torch.no_grad():
+        other.factors.params.normal_(0, 0.2)
+    layer.rotation = other
+    got = layer(x)
+    layer.__dict__.pop("_one_node_plan")  # decided afresh
+    want = layer(x)
+    assert not torch.allclose(got, before) and torch.equal(got, want)
+    # the op path (no one node) gives the same numbers up to rounding
+    W, Q = layer.base_layer.weight, torch.block_diag(*layer.rotation.blocks(torch.float64)[0])
+    dense = (x.double() @ Q.T @ W.double().T) * layer.scale.double() + layer.base_layer.bias.double()
+    torch.testing.assert_close(got.double(), dense, **tol(torch.float32))

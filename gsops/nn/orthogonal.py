@@ -110,21 +110,28 @@ class OrthogonalAdapter(MergeableAdapter):
         """The layer's output by :func:`gsops.ops.adapted_linear_unchecked` (the Cayley blocks, the rotation,
         the frozen GEMM, scale and bias in one autograd node) when it takes this call, else None: a Linear-like
         base, one input rotation of packed exact or Cayley-Neumann blocks, and :func:`adapted_fits`."""
-        f = self.rotation.factors
-        if (self.rotation_out is not None or not f.packed or not f.exact and not f.series
-                or not self.rotation.fused_linear or not adapted_fits(x, W, f.params)):
+        rot = self._modules["rotation"]
+        cached = self.__dict__.get("_one_node_plan")
+        if cached is None or cached[0] is not rot or cached[1] is not rot.factors:  # what the structure allows
+            f = rot.factors
+            ok = self.rotation_out is None and f.packed and rot.fused_linear and f.cayley in ("exact", "neumann")
+            cached = self.__dict__["_one_node_plan"] = (rot, f, ok)
+        f = cached[1]
+        if not cached[2] or not adapted_fits(x, W, f.params):
             return None
-        base = self.base_layer
-        named = []
+        params, scale = f.params, self.scale
+        names, probe = [], []
         if check_finite_enabled():  # adapter_named_parameters() of this layer, in its order, without the walk
-            scale = self.scale
-            named = [(n, p) for n, p in (("scale", scale), ("rotation.factors.params", f.params))
-                     if p is not None and p.numel()]
+            for n, p in (("scale", scale), ("rotation.factors.params", params)):
+                if p is not None and p.numel():
+                    names.append(n)
+                    probe.append(p)
+        bias = self.base_layer.bias
         while True:
             terms = f.neumann_terms if f.series else None
-            y, values = adapted_linear_unchecked(x, f.params, f.skew_index, f.skew_sign, f.b, terms, W, base.bias,
-                                                 self.scale, [p for _, p in named])
-            if not values.numel() or not self.read_checks(values, [n for n, _ in named], [f] if terms else []):
+            y, values = adapted_linear_unchecked(x, params, f.skew_index, f.skew_sign, f.b, terms, W, bias, scale,
+                                                 probe)
+            if not values.numel() or not self.read_checks(values, names, [f] if terms else []):
                 return y
             # the series just switched to the exact Cayley transform: this call uses it already
 
@@ -132,8 +139,9 @@ class OrthogonalAdapter(MergeableAdapter):
         self.check_input(x)
         if self.merged:
             return self.base_layer(x)
-        if is_linear_like(self.base_layer):
-            y = self._one_node(x, self._flat_weight())
+        base = self.base_layer
+        if type(base) is nn.Linear or is_linear_like(base):
+            y = self._one_node(x, base.weight if type(base) is nn.Linear else self._flat_weight())
             if y is not None:
                 return y
         B_in, B_out = self._training_blocks()
