@@ -199,7 +199,7 @@ std::tuple<Tensor, Tensor> gs_chain_rows_grad(const Tensor& dy, const Tensor& x,
   int n = 0;
   for (int64_t f = 0; f < m; ++f) n += (int)(grads >> f & 1);
   const int per_pass = gsops::gs_chain_rows_grad_factors_per_pass((int)r, (int)b, (int)m);
-  TORCH_CHECK(n <= per_pass, "gs_chain_rows_grad: r=", r, ", b=", b, ", m=", m, " fits ", per_pass,
+  TORCH_CHECK(per_pass > 0 && n <= per_pass, "gs_chain_rows_grad: r=", r, ", b=", b, ", m=", m, " fits ", per_pass,
               " block-gradient accumulator(s) per launch (gs_chain_rows_grad_factors), asked for ", n);
   GSOPS_GUARD(x);
   const Tensor Wf = blocks.to(at::kFloat).contiguous();

@@ -606,7 +606,8 @@ int chain_grad_smem_accs(int r, int b, int bufs, int most) {
 }
 
 int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
-  if (!gs_chain_rows_fits(r, b) || m < 1 || chain_grad_tile(r, b, m + 2, 0) == 0) return 0;
+  // m <= 32: the factors of a launch are a 32-bit mask
+  if (!gs_chain_rows_fits(r, b) || m < 1 || m > 32 || chain_grad_tile(r, b, m + 2, 0) == 0) return 0;
   // with every input tile (the worst case), plus one in registers (its rest in shared memory) where it fits
   const int n = chain_grad_smem_accs(r, b, m + 2, m);
   return std::min(m, n + (chain_grad_tile(r, b, m + 2, n, true) > 0 ? 1 : 0));
@@ -628,11 +629,12 @@ cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const fl
       ++n_acc;
     }
   const bool want_dx = dx != nullptr;
-  if (m < 1 || m > 32 || (grads >> m) != 0u || n_tokens < 0 || splits < 1 || (n_acc == 0 && !want_dx) ||
+  if (m < 1 || m > 32 || (m < 32 && (grads >> m) != 0u) || n_tokens < 0 || splits < 1 ||
+      (n_acc == 0 && !want_dx) || gs_chain_rows_grad_factors_per_pass(r, b, m) == 0 ||
       n_acc > gs_chain_rows_grad_factors_per_pass(r, b, m))
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
-  const int bufs = top + 3;
+  const int bufs = std::max(top, 0) + 3;  // the kernel's input tiles 0..top (one, x, when only dx is asked)
   // the highest factor's accumulator in registers where the shared memory does not hold them all
   const bool registers = n_acc > 0 && chain_grad_smem_accs(r, b, bufs, n_acc) < n_acc;
   const int in_smem = n_acc - (int)registers;

@@ -191,6 +191,9 @@ def test_one_pass_chain_backward_over_whole_rows(r, b, m, dtype):
             _ops.gs_chain_rows_grad(g, x, W, (1 << m) - 1, True, splits)
     _, part = _ops.gs_chain_rows_grad(g, x, W, 1 << (m - 1), False, splits)  # the last factor alone, no dx
     close(part[0].sum(0), want[m - 1], dtype, "gs_chain_rows_grad the last factor alone")
+    dx_only, none = _ops.gs_chain_rows_grad(g, x, W, 0, True, splits)  # dx alone
+    close(dx_only, np64(g) @ A, dtype, "gs_chain_rows_grad dx alone")
+    assert none.shape == (0, splits, r, b, b)
 
 
 @pytest.mark.skipif(not EMULATED, reason="the emulator models a part with less shared memory per block")
@@ -224,6 +227,10 @@ def test_one_pass_pair_refuses_what_does_not_fit_and_names_the_argument():
     with pytest.raises(RuntimeError, match="splits=0 must be >= 1"):
         _ops.gs_chain_rows_grad(x, x, W, 1, True, 0)
     assert _C.gs_chain_rows_grad_factors(250, 128, 3) == 0
+    assert _C.gs_chain_rows_grad_factors(4, 3, 32) == 32 and _C.gs_chain_rows_grad_factors(4, 3, 33) == 0
+    row = torch.zeros(1, 250 * 128, device=DEV)
+    with pytest.raises(RuntimeError, match="fits 0 block-gradient accumulator"):  # a row that does not fit
+        _ops.gs_chain_rows_grad(row, row, torch.zeros(1, 250, 128, 128, device=DEV), 0, True, 1)
     assert not _C.gs_chain_rows_supported(250, 128)
     assert not _C.gs_pair_supported(250, 128)  # a whole row of 32000 features does not fit one CUDA block
     big = torch.zeros(250, 128, 128, device=DEV)

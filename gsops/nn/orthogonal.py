@@ -110,14 +110,10 @@ class OrthogonalAdapter(MergeableAdapter):
         """The layer's output by :func:`gsops.ops.adapted_linear_unchecked` (the Cayley blocks, the rotation,
         the frozen GEMM, scale and bias in one autograd node) when it takes this call, else None: a Linear-like
         base, one input rotation of packed exact or Cayley-Neumann blocks, and :func:`adapted_fits`."""
-        rot = self._modules["rotation"]
-        cached = self.__dict__.get("_one_node_plan")
-        if cached is None or cached[0] is not rot or cached[1] is not rot.factors:  # what the structure allows
-            f = rot.factors
-            ok = self.rotation_out is None and f.packed and rot.fused_linear and f.cayley in ("exact", "neumann")
-            cached = self.__dict__["_one_node_plan"] = (rot, f, ok)
-        f = cached[1]
-        if not cached[2] or not adapted_fits(x, W, f.params):
+        rot = self.rotation
+        f = rot.factors
+        if (self.rotation_out is not None or not rot.fused_linear or not f.packed or f.cayley not in ("exact", "neumann")
+                or not adapted_fits(x, W, f.params, self.base_layer.bias, self.scale)):
             return None
         params, scale = f.params, self.scale
         names, probe = [], []
@@ -127,13 +123,13 @@ class OrthogonalAdapter(MergeableAdapter):
                     names.append(n)
                     probe.append(p)
         bias = self.base_layer.bias
-        while True:
-            terms = f.neumann_terms if f.series else None
-            y, values = adapted_linear_unchecked(x, params, f.skew_index, f.skew_sign, f.b, terms, W, bias, scale,
-                                                 probe)
-            if not values.numel() or not self.read_checks(values, names, [f] if terms else []):
-                return y
-            # the series just switched to the exact Cayley transform: this call uses it already
+        terms = f.neumann_terms if f.series else None
+        y, values = adapted_linear_unchecked(x, params, f.skew_index, f.skew_sign, f.b, terms, W, bias, scale, probe)
+        if values.numel() and self.read_checks(values, names, [f] if terms else []):
+            # the series has just switched to the exact Cayley transform: this call uses it already (its checks
+            # were read with the series')
+            y, _ = adapted_linear_unchecked(x, params, f.skew_index, f.skew_sign, f.b, None, W, bias, scale, probe)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -125,9 +125,11 @@ def _differentiable_backward(ctx, grad, x, W, scale, factors):
     args = [x, W, None, scale, *factors]
     wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
     grads = [None] * len(args)
-    with torch.enable_grad():
-        y = rotated_linear_reference(x, args[4:], W, None, scale)
-        got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    got = []
+    if wanted:  # (the bias alone needs no graph)
+        with torch.enable_grad():
+            y = rotated_linear_reference(x, args[4:], W, None, scale)
+            got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
     for i, dt in zip(wanted, got):
         grads[i] = torch.zeros_like(args[i]) if dt is None else dt
     if ctx.needs_input_grad[2]:
@@ -230,11 +232,13 @@ def _adapted_differentiable_backward(ctx, grad, x, W, scale, p, index, sign):
     args = [x, W, None, scale, p]
     wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
     grads = [None] * len(args)
-    with torch.enable_grad():
-        K = skew_gathered(p, b, index, sign)
-        Q = cayley_exact_reference(K) if terms is None else cayley_neumann_reference(K, terms)
-        y = rotated_linear_reference(x, tuple(Q.unbind(0)), W, None, scale)
-        got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    got = []
+    if wanted:  # (the bias alone needs no graph)
+        with torch.enable_grad():
+            K = skew_gathered(p, b, index, sign)
+            Q = cayley_exact_reference(K) if terms is None else cayley_neumann_reference(K, terms)
+            y = rotated_linear_reference(x, tuple(Q.unbind(0)), W, None, scale)
+            got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
     for i, dt in zip(wanted, got):
         grads[i] = torch.zeros_like(args[i]) if dt is None else dt
     if ctx.needs_input_grad[2]:
@@ -242,10 +246,11 @@ def _adapted_differentiable_backward(ctx, grad, x, W, scale, p, index, sign):
     return grads
 
 
-def adapted_fits(x: Tensor, W: Tensor, p: Tensor) -> bool:
+def adapted_fits(x: Tensor, W: Tensor, p: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> bool:
     """Whether :func:`adapted_linear_unchecked` takes this call: eager, the torch backend, float32/float64
-    throughout (x, W and the packed parameters ``p``), no autocast."""
-    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype or p.dtype != x.dtype:
+    throughout (x, W, the packed parameters ``p``, bias and scale), no autocast."""
+    if torch.compiler.is_compiling() or x.dtype not in DTYPES or W.dtype != x.dtype or p.dtype != x.dtype or (
+            bias is not None and bias.dtype != x.dtype) or (scale is not None and scale.dtype != x.dtype):
         return False
     dev = x.device.type
     if not x.numel() or x.dim() < 1 or dev == "meta" or (type(x) is not torch.Tensor and is_fake(x)) or (
