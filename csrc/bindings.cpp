@@ -149,14 +149,19 @@ Tensor gs_pair(const Tensor& x, const Tensor& R, const Tensor& L, bool linear_ou
 
 bool gs_chain_rows_supported(int64_t r, int64_t b) { return gsops::gs_chain_rows_fits((int)r, (int)b); }
 
-// blocks (m, r, b, b): y = B_m P ... P B_1 x
-Tensor gs_chain_rows(const Tensor& x, const Tensor& blocks) {
+// (m, r, b) of a chain's stacked blocks (m, r, b, b), a floating CUDA tensor on x's device.
+std::tuple<int64_t, int64_t, int64_t> check_chain_blocks(const Tensor& x, const Tensor& blocks) {
   check_cuda("blocks", blocks);
   TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == blocks.size(3) && blocks.size(0) >= 1 && blocks.size(1) >= 1,
               "blocks must have shape (m, r, b, b) with m, r, b >= 1, got ", blocks.sizes());
   TORCH_CHECK(at::isFloatingType(blocks.scalar_type()), "blocks must be a floating tensor, got ", blocks.scalar_type());
   check_same_device("x", x, "blocks", blocks);
-  const int64_t m = blocks.size(0), r = blocks.size(1), b = blocks.size(2);
+  return {blocks.size(0), blocks.size(1), blocks.size(2)};
+}
+
+// blocks (m, r, b, b): y = B_m P ... P B_1 x
+Tensor gs_chain_rows(const Tensor& x, const Tensor& blocks) {
+  const auto [m, r, b] = check_chain_blocks(x, blocks);
   const int64_t n_tokens = check_features("x", x, r, b);
   TORCH_CHECK(gsops::gs_chain_rows_fits((int)r, (int)b), "gs_chain_rows: a row of r*b=", r * b,
               " features does not fit a CUDA block's shared memory (gs_chain_rows_supported is false)");
@@ -181,12 +186,7 @@ int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int64_t r, int64_t b) {
 // increasing order; dB_f is the sum of its partials over dim 1.
 std::tuple<Tensor, Tensor> gs_chain_rows_grad(const Tensor& dy, const Tensor& x, const Tensor& blocks, int64_t grads,
                                               bool want_dx, int64_t splits) {
-  check_cuda("blocks", blocks);
-  TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == blocks.size(3) && blocks.size(0) >= 1 && blocks.size(1) >= 1,
-              "blocks must have shape (m, r, b, b) with m, r, b >= 1, got ", blocks.sizes());
-  TORCH_CHECK(at::isFloatingType(blocks.scalar_type()), "blocks must be a floating tensor, got ", blocks.scalar_type());
-  check_same_device("x", x, "blocks", blocks);
-  const int64_t m = blocks.size(0), r = blocks.size(1), b = blocks.size(2);
+  const auto [m, r, b] = check_chain_blocks(x, blocks);
   const int64_t n_tokens = check_features("x", x, r, b);
   check_features("dy", dy, r, b);
   TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());

@@ -9,19 +9,21 @@ from gsops.nn.cayley_param import _skew_gather
 from gsops.ops.rotated_linear import adapted_linear_unchecked
 from gsops.tolerances import tol
 
-from dense import perm_matrix
+from dense import perm_matrix, skew_from_packed
 
 
 def _skew(p, b):
-    """K from the packed strict upper triangle (row major), written out entry by entry."""
-    K = torch.zeros(*p.shape[:-1], b, b, dtype=p.dtype)
-    t = 0
-    for i in range(b):
-        for j in range(i + 1, b):
-            K[..., i, j] = p[..., t]
-            K[..., j, i] = -p[..., t]
-            t += 1
-    return K
+    """K from the packed strict upper triangle (row major), differentiable in p: p written above the
+    diagonal, minus the transpose (the map of tests/dense.py's skew_from_packed, checked below)."""
+    iu = torch.triu_indices(b, b, offset=1)
+    A = p.new_zeros(*p.shape[:-1], b, b)
+    A[..., iu[0], iu[1]] = p
+    return A - A.transpose(-1, -2)
+
+
+def test_the_skew_map_is_the_dense_one():
+    p = torch.randn(2, 3, 10, dtype=torch.float64)
+    np.testing.assert_array_equal(_skew(p, 5).numpy(), skew_from_packed(p.numpy(), 5))
 
 
 def _cayley(K, terms):
