@@ -34,10 +34,10 @@ those of the separate ops up to rounding.
 
 Determinism: on CPU every method's forward and backward is bitwise
 reproducible for a fixed seed. GPU kernels that reduce block gradients with
-atomics (the CUDA backend's ``gs_apply`` block gradient and grouped
-conv-exponential weight gradient use ``atomicAdd``) are not bitwise
-deterministic; the torch reference backend (``GSOPS_BACKEND=torch``) is as
-deterministic as torch itself.
+atomics (the CUDA backend's two-pass block-gradient kernel, the fallback where
+no one-pass backward fits, and the grouped conv-exponential weight gradient use
+``atomicAdd``) are not bitwise deterministic; the torch reference backend
+(``GSOPS_BACKEND=torch``) is as deterministic as torch itself.
 """
 from __future__ import annotations
 
