@@ -335,6 +335,24 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
   }
 }
 
+// out[tt d + j b + u] = sum_v B_j[u][v] in(j, v) for whole rows of tn tokens: a chain factor whose input
+// entry v of block j is in[j b + v] (the first factor) or in[v r + j] (after P, the previous output).
+__device__ void apply_chain_factor(const float* __restrict__ B, const float* in_tile, float* out_tile, int r, int b,
+                                   bool first, int tn) {
+  const int d = r * b;
+  const int stride = first ? 1 : r;
+  for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
+    const float* row = B + ((int64_t)cur.row * b + cur.col) * b;
+    const int start = first ? cur.row * b : cur.row;
+    for (int tt = 0; tt < tn; ++tt) {
+      const float* in = in_tile + tt * d + start;
+      float acc = 0.f;
+      for (int v = 0; v < b; ++v) acc += __ldg(row + v) * in[v * stride];
+      out_tile[tt * d + cur.f] = acc;
+    }
+  }
+}
+
 // y = B_m P ... P B_1 x over whole rows: the m factors' blocks stacked (m, r, b, b), float32. A CUDA block
 // holds whole rows of tn tokens (two buffers of tn x d floats), applies the factors one after another with
 // the gather P as shared-memory index arithmetic (factor f > 0 reads entry v of block j at v r + j of the
@@ -354,18 +372,7 @@ __global__ void __launch_bounds__(kPairThreads)
   }
   for (int h = 0; h < m; ++h) {
     __syncthreads();
-    const float* B = W + (int64_t)h * r * b * b;
-    const int stride = h == 0 ? 1 : r;  // in(j, v) = a[j b + v] (first factor) or a[v r + j] (after P)
-    for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
-      const float* row = B + ((int64_t)cur.row * b + cur.col) * b;
-      const int start = h == 0 ? cur.row * b : cur.row;
-      for (int tt = 0; tt < tn; ++tt) {
-        const float* in = a + tt * d + start;
-        float acc = 0.f;
-        for (int v = 0; v < b; ++v) acc += __ldg(row + v) * in[v * stride];
-        c[tt * d + cur.f] = acc;
-      }
-    }
+    apply_chain_factor(W + (int64_t)h * r * b * b, a, c, r, b, h == 0, tn);
     float* tmp = a;
     a = c;
     c = tmp;
@@ -441,20 +448,8 @@ __global__ void __launch_bounds__(REG > 0 ? kPairRegThreads : kPairThreads, 1)
     }
     for (int h = 0; h < top; ++h) {  // inputs of factors 1..top
       __syncthreads();
-      const float* B = W + (int64_t)h * d * b;
-      const float* in_tile = acts + (size_t)h * tn * d;
-      float* out_tile = acts + (size_t)(h + 1) * tn * d;
-      const int stride = h == 0 ? 1 : r;
-      for (Cursor cur(threadIdx.x, blockDim.x, b); cur.f < d; cur.next()) {
-        const float* row = B + ((int64_t)cur.row * b + cur.col) * b;
-        const int start = h == 0 ? cur.row * b : cur.row;
-        for (int tt = 0; tt < nt; ++tt) {
-          const float* in = in_tile + tt * d + start;
-          float s = 0.f;
-          for (int v = 0; v < b; ++v) s += __ldg(row + v) * in[v * stride];
-          out_tile[tt * d + cur.f] = s;
-        }
-      }
+      apply_chain_factor(W + (int64_t)h * d * b, acts + (size_t)h * tn * d, acts + (size_t)(h + 1) * tn * d, r, b,
+                         h == 0, nt);
     }
     __syncthreads();
     int k = n_acc;
@@ -542,14 +537,16 @@ int factors_per_pass(GradPlan p) {
 
 int gs_pair_grad_factors_per_pass(int r, int b) { return factors_per_pass(grad_plan(r, b)); }
 
-int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b) {
-  // at least 16 b tokens per split (the partial sums stay small against the activations read),
-  // and enough splits x groups to fill ~2 CUDA blocks per SM of a 132-SM part
-  const PairGroups g = pair_groups(r, b);
+// Token splits of a backward whose partial sums are per (group, split): at least 16 b tokens per split (the
+// partial sums stay small against the activations read), and enough splits x groups to fill ~2 CUDA blocks
+// per SM of a 132-SM part.
+int64_t grad_splits(int64_t n_tokens, int b, int n_groups) {
   const int64_t min_tokens = 16 * (int64_t)b;
-  const int64_t want = std::max<int64_t>(1, ceil_div(264, g.n_groups));
+  const int64_t want = std::max<int64_t>(1, ceil_div(264, n_groups));
   return std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(n_tokens, min_tokens)));
 }
+
+int64_t gs_pair_grad_splits(int64_t n_tokens, int r, int b) { return grad_splits(n_tokens, b, pair_groups(r, b).n_groups); }
 
 cudaError_t gs_pair(DType dt, const void* x, const float* R, const float* L, void* y, int64_t n_tokens, int r, int b,
                     bool linear_out, bool transposed, cudaStream_t stream) {
@@ -613,11 +610,7 @@ int gs_chain_rows_grad_factors_per_pass(int r, int b, int m) {
   return std::min(m, n + (chain_grad_tile(r, b, m + 2, n, true) > 0 ? 1 : 0));
 }
 
-int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b) {
-  // as gs_pair_grad_splits for one group (whole rows)
-  const int64_t min_tokens = 16 * (int64_t)b;
-  return std::max<int64_t>(1, std::min<int64_t>(264, ceil_div(n_tokens, min_tokens)));
-}
+int64_t gs_chain_rows_grad_splits(int64_t n_tokens, int r, int b) { return grad_splits(n_tokens, b, 1); }  // whole rows
 
 cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const float* W, void* dx, float* dw_part,
                                int64_t n_tokens, int r, int b, int m, int64_t splits, unsigned grads,
@@ -629,9 +622,9 @@ cudaError_t gs_chain_rows_grad(DType dt, const void* dy, const void* x, const fl
       ++n_acc;
     }
   const bool want_dx = dx != nullptr;
-  if (m < 1 || m > 32 || (m < 32 && (grads >> m) != 0u) || n_tokens < 0 || splits < 1 ||
-      (n_acc == 0 && !want_dx) || gs_chain_rows_grad_factors_per_pass(r, b, m) == 0 ||
-      n_acc > gs_chain_rows_grad_factors_per_pass(r, b, m))
+  const int per_pass = gs_chain_rows_grad_factors_per_pass(r, b, m);  // 0 for m outside 1..32
+  if (per_pass == 0 || (m < 32 && (grads >> m) != 0u) || n_tokens < 0 || splits < 1 || (n_acc == 0 && !want_dx) ||
+      n_acc > per_pass)
     return cudaErrorInvalidValue;
   if (n_tokens == 0) return cudaSuccess;
   const int bufs = std::max(top, 0) + 3;  // the kernel's input tiles 0..top (one, x, when only dx is asked)

@@ -112,17 +112,16 @@ class OrthogonalAdapter(MergeableAdapter):
         base, one input rotation of packed exact or Cayley-Neumann blocks, and :func:`adapted_fits`."""
         rot = self.rotation
         f = rot.factors
+        params, bias, scale = f.params, self.base_layer.bias, self.scale
         if (self.rotation_out is not None or not rot.fused_linear or not f.packed or f.cayley not in ("exact", "neumann")
-                or not adapted_fits(x, W, f.params, self.base_layer.bias, self.scale)):
+                or not adapted_fits(x, W, params, bias, scale)):
             return None
-        params, scale = f.params, self.scale
         names, probe = [], []
         if check_finite_enabled():  # adapter_named_parameters() of this layer, in its order, without the walk
             for n, p in (("scale", scale), ("rotation.factors.params", params)):
                 if p is not None and p.numel():
                     names.append(n)
                     probe.append(p)
-        bias = self.base_layer.bias
         terms = f.neumann_terms if f.series else None
         y, values = adapted_linear_unchecked(x, params, f.skew_index, f.skew_sign, f.b, terms, W, bias, scale, probe)
         if values.numel() and self.read_checks(values, names, [f] if terms else []):

@@ -147,12 +147,13 @@ def _packed_backward_with_graph(ctx, G, transform):
     return (dp, *([None] * (len(ctx.needs_input_grad) - 1)))
 
 
-def packed_blocks(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int | None = None):
+def packed_blocks(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int | None = None, measure: bool = True):
     """``(Q, kept, err)`` for packed skew parameters ``p`` (..., b(b-1)/2) in the gather layout of
     :func:`skew_gathered`: ``Q`` (n, b, b) the exact Cayley blocks (``terms`` None: ``M = (I - K)^{-1}``,
     ``Q = 2M - I``, ``kept = (M,)``) or OFTv2's Cayley-Neumann blocks with ``terms`` terms (Horner's
     ``M_1 = I + K``, ``M_k = I + K M_(k-1)``, ``Q = 2 M_t - I``, ``kept = (K, M_1..M_(t-1))``, ``err`` the
-    0-d ``max |Q^T Q - I|``, else None). No autograd: :func:`packed_blocks_grad` is the backward."""
+    0-d ``max |Q^T Q - I|`` when ``measure``, else None). No autograd: :func:`packed_blocks_grad` is the
+    backward."""
     K = skew_gathered(p, b, index, sign).view(-1, b, b)
     eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
     if terms is None:
@@ -161,7 +162,7 @@ def packed_blocks(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int | N
         return torch.add(neg_eye, M, alpha=2), (M,), None
     Ms = _horner(K, eye, terms)
     Q = torch.add(neg_eye, Ms[-1], alpha=2)
-    err = torch.baddbmm(eye, Q.transpose(-1, -2), Q, beta=-1).abs().amax()
+    err = torch.baddbmm(eye, Q.transpose(-1, -2), Q, beta=-1).abs().amax() if measure else None
     return Q, (K, *Ms[:-1]), err
 
 
@@ -214,7 +215,7 @@ class _NeumannPackedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, index, sign, b, terms):
-        Q, kept, _ = _packed_neumann(p, index, sign, b, terms)
+        Q, kept, _ = packed_blocks(p, index, sign, b, terms, measure=False)  # the caller measures the series
         ctx.save_for_backward(p, index, sign, *kept)
         ctx.shape, ctx.b, ctx.terms = p.shape, b, terms
         return Q.view(*p.shape[:-1], b, b)
@@ -225,13 +226,6 @@ class _NeumannPackedEager(torch.autograd.Function):
             return _packed_backward_with_graph(ctx, dQ, lambda K: cayley_neumann_reference(K, ctx.terms))
         return packed_blocks_grad(ctx.saved_tensors[3:], dQ, ctx.b, True).view(ctx.shape), None, None, None, None
 
-
-def _packed_neumann(p, index, sign, b, terms):
-    """:func:`packed_blocks` of the series without its error (the caller measures it)."""
-    K = skew_gathered(p, b, index, sign).view(-1, b, b)
-    eye, neg_eye = _eye_pair(b, p.dtype, str(p.device))
-    Ms = _horner(K, eye, terms)
-    return torch.add(neg_eye, Ms[-1], alpha=2), (K, *Ms[:-1]), None
 
 
 def neumann_packed_unchecked(p: Tensor, index: Tensor, sign: Tensor, b: int, terms: int) -> Tensor:

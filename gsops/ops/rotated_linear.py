@@ -120,21 +120,27 @@ def _fused_forward(x, W, bias, scale, factors, keep_h):
     return result, (h if keep_h else None)
 
 
-def _differentiable_backward(ctx, grad, x, W, scale, factors):
-    """The gradients by autograd through the reference, from the saved inputs (double backward)."""
-    args = [x, W, None, scale, *factors]
+def _grads_through(ctx, grad, args, forward):
+    """The gradients of ``args`` (x, W, bias slot, scale, then the rotation's tensors) wanted by ``ctx``, by
+    autograd through ``forward(*args)`` (``s * (W (Q x))`` without the bias) with a graph (double backward)."""
     wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
     grads = [None] * len(args)
     got = []
     if wanted:  # (the bias alone needs no graph)
         with torch.enable_grad():
-            y = rotated_linear_reference(x, args[4:], W, None, scale)
-            got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+            got = torch.autograd.grad(forward(*args), [args[i] for i in wanted], grad, create_graph=True,
+                                      allow_unused=True)
     for i, dt in zip(wanted, got):
         grads[i] = torch.zeros_like(args[i]) if dt is None else dt
     if ctx.needs_input_grad[2]:
         grads[2] = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return tuple(grads)
+    return grads
+
+
+def _differentiable_backward(ctx, grad, x, W, scale, factors):
+    """The gradients by autograd through the reference, from the saved inputs (double backward)."""
+    return tuple(_grads_through(ctx, grad, [x, W, None, scale, *factors],
+                                lambda x, W, _, scale, *fs: rotated_linear_reference(x, fs, W, None, scale)))
 
 
 def _backward(needs, lead, g, x2, W, scale, h, factors):
@@ -229,21 +235,13 @@ class _AdaptedLinear(torch.autograd.Function):
 def _adapted_differentiable_backward(ctx, grad, x, W, scale, p, index, sign):
     """The gradients of x, W, bias, scale and p by autograd through the reference (double backward)."""
     b, terms = ctx.b, ctx.terms
-    args = [x, W, None, scale, p]
-    wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i]]
-    grads = [None] * len(args)
-    got = []
-    if wanted:  # (the bias alone needs no graph)
-        with torch.enable_grad():
-            K = skew_gathered(p, b, index, sign)
-            Q = cayley_exact_reference(K) if terms is None else cayley_neumann_reference(K, terms)
-            y = rotated_linear_reference(x, tuple(Q.unbind(0)), W, None, scale)
-            got = torch.autograd.grad(y, [args[i] for i in wanted], grad, create_graph=True, allow_unused=True)
-    for i, dt in zip(wanted, got):
-        grads[i] = torch.zeros_like(args[i]) if dt is None else dt
-    if ctx.needs_input_grad[2]:
-        grads[2] = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grads
+
+    def forward(x, W, _, scale, p):
+        K = skew_gathered(p, b, index, sign)
+        Q = cayley_exact_reference(K) if terms is None else cayley_neumann_reference(K, terms)
+        return rotated_linear_reference(x, tuple(Q.unbind(0)), W, None, scale)
+
+    return _grads_through(ctx, grad, [x, W, None, scale, p], forward)
 
 
 def adapted_fits(x: Tensor, W: Tensor, p: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> bool:
