@@ -1,6 +1,8 @@
 """gsops.ops.rotated_linear.adapted_linear_unchecked: a whole adapted Linear (the Cayley blocks from packed skew
 parameters, the rotation, the frozen GEMM, scale and bias) as one autograd node, against an independent float64
 dense computation (dense Cayley by a solve, dense Q, dense GEMM), and the checks it returns."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,72 @@ def test_double_backward_with_the_bias_alone():
     y, _ = adapted_linear_unchecked(x, p, index, sign, 4, None, W, c, scale)
     (dc,) = torch.autograd.grad(y, c, grad, create_graph=True)
     torch.testing.assert_close(dc, grad.reshape(-1, 16).sum(0))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("tokens", [7, 40, 41])  # one chunk; 5 chunks of 8; 6 chunks, the last of 1
+def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens):
+    """The node runs chunk by chunk of tokens (block gradients summed over the chunks); with tiny chunks
+    forced, every output and gradient (x, W, p, scale, bias) still matches the dense float64 computation."""
+    rl = importlib.import_module("gsops.ops.rotated_linear")
+
+    monkeypatch.setattr(rl, "CHUNK_BYTES", 8 * 12 * 8)  # 8 tokens of d = 12 in float64
+    monkeypatch.setattr(rl, "MIN_CHUNK", 1)
+    r, b = 3, 4
+    assert rl.chunk_tokens(40, r * b, 8) == 8 and rl.chunk_tokens(7, r * b, 8) == 7
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, r * b, generator=g, dtype=torch.float64)
+    p = 0.3 * torch.randn(n, r, b * (b - 1) // 2, generator=g, dtype=torch.float64)
+    W = torch.randn(5, r * b, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    scale = (1 + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)) if with_scale else None
+    grad = torch.randn(tokens, 5, generator=g, dtype=torch.float64)
+    ins = [t.clone().requires_grad_() for t in (x, p, W, bias) + ((scale,) if with_scale else ())]
+    index, sign = _layout(b, torch.float64)
+    y, _ = adapted_linear_unchecked(ins[0], ins[1], index, sign, b, None, ins[2], ins[3],
+                                    ins[4] if with_scale else None)
+    got = torch.autograd.grad(y, ins, grad)
+    ref = [t.clone().requires_grad_() for t in ins]
+    want, _ = _dense(ref[0], ref[1], b, None, ref[2], ref[3], ref[4] if with_scale else None)
+    torch.testing.assert_close(y, want, **tol(torch.float64))
+    for a, e in zip(got, torch.autograd.grad(want, ref, grad)):
+        torch.testing.assert_close(a, e, **tol(torch.float64))
+
+
+def test_results_never_share_the_scratch_buffers():
+    """Outputs and gradients of one call are untouched by the next call (the node's scratch is only for its
+    own intermediates), in and out of inference mode, and after the scratch is released."""
+    rl = importlib.import_module("gsops.ops.rotated_linear")
+
+    g = torch.Generator().manual_seed(8)
+    r, b, N = 8, 8, 4096  # activations of 1 MiB: the scratch is used
+    index, sign = _layout(b, torch.float32)
+    W = torch.randn(r * b, r * b, generator=g)
+    scale = 1 + 0.1 * torch.randn(r * b, generator=g)
+
+    def call(seed):
+        gg = torch.Generator().manual_seed(seed)
+        x = torch.randn(N, r * b, generator=gg).requires_grad_()
+        p = (0.1 * torch.randn(2, r, b * (b - 1) // 2, generator=gg)).requires_grad_()
+        s = scale.clone().requires_grad_()
+        y, _ = adapted_linear_unchecked(x, p, index, sign, b, None, W, None, s)
+        grads = torch.autograd.grad(y, (x, p, s), torch.ones_like(y))
+        return [t.detach() for t in (y, *grads)]
+
+    first = call(1)
+    kept = [t.clone() for t in first]
+    with torch.inference_mode():
+        x = torch.randn(N, r * b)
+        p = torch.zeros(2, r, b * (b - 1) // 2)
+        y, _ = adapted_linear_unchecked(x, p, index, sign, b, None, W, None, scale)
+        torch.testing.assert_close(y, (x @ W.T) * scale, **tol(torch.float32))
+    second = call(2)
+    for a, k in zip(first, kept):
+        assert torch.equal(a, k)
+    assert all(not torch.equal(a, c) for a, c in zip(first, second))
+    assert rl._scratch.buffers  # the intermediates went through the scratch
+    rl.release_scratch()
+    assert not rl._scratch.buffers
+    for a, c in zip(call(2), second):
+        assert torch.equal(a, c)

@@ -11,21 +11,38 @@ Why one node. The block products are cheap in flops (``2 N d b`` each against th
 GEMM's ``2 N d d_out``) but each is a pass over the activations, and the shuffle
 ``P`` is a layout change: between two BLAS calls in token-major layout (``x`` as
 ``N x d``) it costs a copy per permutation. The fused node keeps the rotation
-*feature-major* (``Q x`` held as ``d x N``): there every factor is one ``bmm`` over
-the blocks whose operands are strided views (``P`` and ``P^T`` become strides,
-``stride(p) = r N``, with unit stride along the tokens), and the GEMM with ``W``
-takes the transposed ``Q x`` as it is. In the backward the gradient of ``Q x`` is
-computed feature-major by the same GEMM (``W^T dy^T``), so the frozen layer's own
-backward is not run separately and no token-major transpose is ever copied.
+*feature-major* (``Q x`` held as ``d x c`` for a chunk of ``c`` tokens): there every
+factor is one ``bmm`` over the blocks whose operands are strided views (``P`` and
+``P^T`` become strides, ``stride(p) = r c``, with unit stride along the tokens), and
+the GEMM with ``W`` takes the transposed ``Q x`` as it is. In the backward the
+gradient of ``Q x`` is computed feature-major by the same GEMM (``W^T dy^T``), so the
+frozen layer's own backward is not run separately and no token-major transpose is
+ever copied.
 
-Passes over the activations (``N x d`` each), forward: the block products (1 for
-OFT, 2 for GSOFT) and one row-block copy for ``P^T`` (GSOFT); backward: ``R x``
-recomputed (GSOFT), one ``bmm`` per factor for ``dx`` and one per factor for its
-block gradient, one row-block copy for ``P`` (GSOFT) and one for ``dx``'s
-token-major layout. Saved for the backward: ``x`` (a view, no copy) and, with the
-scale, ``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
+Chunks of tokens. Forward and backward run chunk by chunk of ``c`` tokens
+(:func:`chunk_tokens`: about ``CHUNK_BYTES`` = 2 MiB of a ``d``-wide intermediate, at
+least 128 tokens): a chunk's rotation is still in the CPU's caches when its GEMM
+reads it, and the backward's intermediates of a chunk (the gradient of ``Q x``,
+``R x`` recomputed, ``L^T`` of it) never reach main memory. The block gradients are
+summed over the chunks in float32/float64 as the products produce them. Per chunk,
+forward: the block products (1 for OFT, 2 for GSOFT) and one row-block copy for
+``P^T`` (GSOFT), then the GEMM; backward: the GEMM for the gradient of ``Q x``,
+``R x`` recomputed (GSOFT), one ``bmm`` per factor for its block gradient and one
+per factor for ``dx`` (then one copy of runs of ``b`` into the token-major ``dx``), one
+row-block copy for ``P`` (GSOFT). Passes over main memory: those of the frozen layer, plus ``x``
+read again by the block products and, with the scale, ``W (Q x)`` written and
+read. Saved for the backward: ``x`` (a view, no copy) and, with the scale,
+``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
+
+Scratch memory. The two chunk-sized intermediates live in buffers kept per thread
+and dtype between calls (``d c`` elements each, about 2 MiB): a fresh buffer per
+call would be paid for in page faults on the CPU, where glibc hands large freed
+blocks back to the system. :func:`release_scratch` frees them. What the node returns
+or saves is always a tensor of its own.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,28 +70,79 @@ def rotated_linear_reference(x: Tensor, factors, W: Tensor, bias: Tensor | None 
     return y if bias is None else y + bias
 
 
+# ----------------------------------------------------------------------------- chunks and scratch
+
+CHUNK_BYTES = 1 << 21  # one chunk's d-wide intermediate: small enough to stay in the CPU's caches
+MIN_CHUNK = 128        # tokens: below this the GEMM on a chunk loses efficiency
+
+
+def chunk_tokens(N: int, d: int, itemsize: int) -> int:
+    """Tokens per chunk of the fused node: ``CHUNK_BYTES`` of a ``d``-wide intermediate, at least
+    ``MIN_CHUNK``, at most ``N``; the chunks split ``N`` evenly (multiples of 8 where possible)."""
+    c = max(MIN_CHUNK, CHUNK_BYTES // max(1, d * itemsize))
+    if c >= N:
+        return N
+    n = -(-N // c)
+    c = -(-N // n)
+    return min(N, -(-c // 8) * 8)
+
+
+class _Scratch(threading.local):
+    """Per thread: flat buffers by (slot, dtype), grown to the largest request (see the module docstring)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, slot: int, numel: int, like: Tensor) -> Tensor:
+        """A flat buffer of ``numel`` elements of ``like``'s dtype; slots never overlap. Its contents are
+        overwritten by the next call that asks for the same slot."""
+        if like.device.type != "cpu":
+            return like.new_empty(numel)
+        key = (slot, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)  # free the smaller one first
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel]
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the calling thread's scratch buffers of the fused CPU node (they are made again when needed)."""
+    _scratch.buffers.clear()
+
+
 # ----------------------------------------------------------------------------- the fused node
 
 
-def _first_factor(x2: Tensor, B: Tensor) -> Tensor:
-    """Block i of ``B`` on block i of every token, feature-major: (r, b, N)."""
-    N = x2.shape[0]
+def _first_factor(xc: Tensor, B: Tensor, out: Tensor) -> Tensor:
+    """Block i of ``B`` on block i of every token of ``xc`` (c, d), feature-major into ``out``: (r, b, c)."""
+    c = xc.shape[0]
     r, b, _ = B.shape
-    return torch.bmm(B, x2.view(N, r, b).permute(1, 2, 0))
+    return torch.bmm(B, xc.view(c, r, b).permute(1, 2, 0), out=out.view(r, b, c))
 
 
-def _rotate_feature_major(x2: Tensor, factors, spare: Tensor | None = None) -> Tensor:
-    """``(Q x)^T`` as a contiguous ``d x N`` tensor. GSOFT's ``L`` output goes into ``spare`` (a flat
-    buffer of ``d N`` elements) when given: it is read by the time this returns."""
-    N, d = x2.shape
+def _rotate_chunk(xc: Tensor, factors, out: Tensor, spare: Tensor) -> Tensor:
+    """``(Q x)^T`` of the chunk ``xc`` (c, d) as a contiguous ``d x c`` view of ``out``; GSOFT's ``L`` output
+    goes through ``spare`` (both ``d c`` elements)."""
+    c, d = xc.shape
     B = factors[0]
     r, b, _ = B.shape
-    zT = _first_factor(x2, B)
+    zT = _first_factor(xc, B, out)
     if len(factors) == 1:
-        return zT.view(d, N)
+        return zT.view(d, c)
     # L's block q reads features p*r + q of R x (P), and its output entry p goes to feature p*r + q (P^T)
-    wT = torch.bmm(factors[1], zT.view(b, r, N).transpose(0, 1), out=None if spare is None else spare.view(r, b, N))
-    return zT.view(b, r, N).copy_(wT.transpose(0, 1)).view(d, N)  # in R x's buffer, read by then
+    wT = torch.bmm(factors[1], zT.view(b, r, c).transpose(0, 1), out=spare.view(r, b, c))
+    return zT.view(b, r, c).copy_(wT.transpose(0, 1)).view(d, c)  # in R x's buffer, read by then
+
+
+def _chunks(N: int, d: int, like: Tensor):
+    """``(start, stop)`` of each chunk, and two scratch buffers of one chunk's ``d c`` elements."""
+    c = chunk_tokens(N, d, like.element_size())
+    return [(s, min(N, s + c)) for s in range(0, N, c)], _scratch.get(0, d * c, like), _scratch.get(1, d * c, like)
 
 
 class _RotatedLinear(torch.autograd.Function):
@@ -102,21 +170,25 @@ class _RotatedLinear(torch.autograd.Function):
 
 
 def _fused_forward(x, W, bias, scale, factors, keep_h):
-    """``(s * (W (Q x)) + c, W (Q x) when keep_h and there is a scale, else None)`` of the fused node."""
+    """``(s * (W (Q x)) + c, W (Q x) when keep_h and there is a scale, else None)`` of the fused node,
+    chunk by chunk of tokens (each chunk's rotation stays in the caches until its GEMM reads it)."""
     d, d_out = x.shape[-1], W.shape[0]
     x2 = x.reshape(-1, d)
     N = x2.shape[0]
     result = x2.new_empty(*x.shape[:-1], d_out)
     out = result.view(N, d_out)
-    # GSOFT with d_out == d: L's output lives in the result's buffer until the GEMM overwrites it
-    uT = _rotate_feature_major(x2, factors, result.view(-1) if d_out == d and len(factors) == 2 else None)
-    u = uT.t()  # Q x, token-major view of the feature-major result
-    h = None
-    if scale is None:
-        torch.mm(u, W.t(), out=out) if bias is None else torch.addmm(bias, u, W.t(), out=out)
-    else:
-        h = torch.mm(u, W.t())
-        torch.mul(h, scale, out=out) if bias is None else torch.addcmul(bias, h, scale, out=out)
+    h = None if scale is None else x2.new_empty(N, d_out)
+    chunks, buf, spare = _chunks(N, d, x2)
+    Wt = W.t()
+    for s0, s1 in chunks:
+        n = (s1 - s0) * d
+        u = _rotate_chunk(x2[s0:s1], factors, buf[:n], spare[:n]).t()  # Q x of the chunk, token-major view
+        if scale is None:
+            torch.mm(u, Wt, out=out[s0:s1]) if bias is None else torch.addmm(bias, u, Wt, out=out[s0:s1])
+        else:
+            torch.mm(u, Wt, out=h[s0:s1])
+            torch.mul(h[s0:s1], scale, out=out[s0:s1]) if bias is None else \
+                torch.addcmul(bias, h[s0:s1], scale, out=out[s0:s1])
     return result, (h if keep_h else None)
 
 
@@ -143,49 +215,54 @@ def _differentiable_backward(ctx, grad, x, W, scale, factors):
                                 lambda x, W, _, scale, *fs: rotated_linear_reference(x, fs, W, None, scale)))
 
 
+def _accumulate(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b`` (batched), in ``acc``'s buffer; ``a @ b`` when ``acc`` is None."""
+    return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
+
+
 def _backward(needs, lead, g, x2, W, scale, h, factors):
-    """The fused backward (no graph): buffers are reused, nothing it returns is differentiable. ``needs``:
-    whether x, W, bias, scale and each factor want a gradient; ``lead``: x's leading shape."""
+    """The fused backward (no graph), chunk by chunk of tokens; nothing it returns is differentiable.
+    ``needs``: whether x, W, bias, scale and each factor want a gradient; ``lead``: x's leading shape."""
     need_x, need_W, need_bias, need_scale, *need_f = needs
     N, d = x2.shape
     dbias = g.sum(0) if need_bias else None
-    dscale = torch.linalg.vecdot(g, h, dim=0) if need_scale else None
-    gs = None  # s * g, once built
-    if scale is None:
-        gs = g
-        dyT = torch.mm(W.t(), g.t())
-    elif W.shape[1] <= N:  # fold s into the weight when it is the smaller operand
-        dyT = torch.mm((W * scale[:, None]).t(), g.t())
-    else:
-        gs = g * scale
-        dyT = torch.mm(W.t(), gs.t())
-    # dyT: the gradient of Q x, feature-major (d, N)
-    dW = None
-    if need_W:
-        gs = g * scale if gs is None else gs
-        dW = torch.mm(gs.t(), _rotate_feature_major(x2, factors).t())
+    dscale = None
+    # dQx = W'^T g^T per chunk, with W' = W s when the scale is folded into the weight
+    Ws = W if scale is None else W * scale[:, None]
+    Wst = Ws.t()
     B = factors[0]
     r, b, _ = B.shape
+    L = factors[1] if len(factors) == 2 else None
     grads = [None] * len(factors)
-    spare = None
-    if len(factors) == 1:
-        dzT = dyT.view(r, b, N)
-    else:
-        L = factors[1]
-        dwq = dyT.view(b, r, N).transpose(0, 1)  # (q, p, N): the gradient of L's output
-        if need_f[1]:
-            spare = _first_factor(x2, B)  # R x, recomputed
-            grads[1] = torch.bmm(dwq, spare.view(b, r, N).transpose(0, 1).transpose(1, 2))
-        dzq = torch.bmm(L.transpose(1, 2), dwq, out=spare)  # (q, p, N): L^T (in R x's buffer, read)
-        dzT = dyT.view(b, r, N).copy_(dzq.transpose(0, 1)).view(r, b, N)  # P^T, in dyT's buffer
-        spare = dzq
-    if need_f[0]:
-        grads[0] = torch.bmm(dzT, x2.view(N, r, b).transpose(0, 1))
-    dx = None
+    dx = torch.empty_like(x2) if need_x else None
+    dW = None
+    chunks, buf, spare = _chunks(N, d, x2)
+    for s0, s1 in chunks:
+        c = s1 - s0
+        xc, gc, bufc, sparec = x2[s0:s1], g[s0:s1], buf[:c * d], spare[:c * d]
+        if need_scale:
+            part = torch.linalg.vecdot(gc, h[s0:s1], dim=0)
+            dscale = part if dscale is None else dscale.add_(part)
+        if need_W:  # W's gradient: (s g)^T (Q x), with Q x of the chunk recomputed
+            gsc = gc if scale is None else gc * scale
+            uc = _rotate_chunk(xc, factors, bufc, sparec)
+            dW = torch.mm(gsc.t(), uc.t()) if dW is None else dW.addmm_(gsc.t(), uc.t())
+        dyT = torch.mm(Wst, gc.t(), out=bufc.view(d, c))  # the gradient of Q x, feature-major (d, c)
+        if L is None:
+            dzT = dyT.view(r, b, c)
+        else:
+            dwq = dyT.view(b, r, c).transpose(0, 1)  # (q, p, c): the gradient of L's output
+            if need_f[1]:
+                zT = _first_factor(xc, B, sparec)  # R x, recomputed
+                grads[1] = _accumulate(grads[1], dwq, zT.view(b, r, c).transpose(0, 1).transpose(1, 2))
+            dzq = torch.bmm(L.transpose(1, 2), dwq, out=sparec.view(r, b, c))  # (q, p, c): L^T
+            dzT = dyT.view(b, r, c).copy_(dzq.transpose(0, 1)).view(r, b, c)  # P^T, in dyT's buffer
+        if need_f[0]:
+            grads[0] = _accumulate(grads[0], dzT, xc.view(c, r, b).transpose(0, 1))
+        if need_x:  # block i's (c, b) rows, then one copy into the token-major dx
+            dxr = torch.bmm(dzT.transpose(1, 2), B, out=sparec.view(r, c, b))
+            dx[s0:s1].view(c, r, b).copy_(dxr.transpose(0, 1))
     if need_x:
-        dx = torch.empty_like(x2) if spare is None else spare.view(N, d)  # GSOFT: in L^T's result, read
-        # token-major: bmm writes block i's (N, b) rows straight into dx
-        torch.bmm(dzT.transpose(1, 2), B, out=dx.view(N, r, b).transpose(0, 1))
         dx = dx.view(*lead, d)
     return (dx, dW, dbias, dscale, *grads)
 
