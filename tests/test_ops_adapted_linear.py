@@ -174,6 +174,7 @@ def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens):
     monkeypatch.setattr(rl, "MIN_CHUNK", 1)
     r, b = 3, 4
     assert rl.chunk_tokens(40, r * b, 8) == 8 and rl.chunk_tokens(7, r * b, 8) == 7
+    assert rl.chunk_tokens(40, r * b, 8, w_bytes=rl.W_CACHE_BYTES + 1) == 40  # a large W: longer chunks
     g = torch.Generator().manual_seed(7)
     x = torch.randn(tokens, r * b, generator=g, dtype=torch.float64)
     p = 0.3 * torch.randn(n, r, b * (b - 1) // 2, generator=g, dtype=torch.float64)

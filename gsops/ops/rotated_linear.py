@@ -21,7 +21,8 @@ ever copied.
 
 Chunks of tokens. Forward and backward run chunk by chunk of ``c`` tokens
 (:func:`chunk_tokens`: about ``CHUNK_BYTES`` = 2 MiB of a ``d``-wide intermediate, at
-least 128 tokens): a chunk's rotation is still in the CPU's caches when its GEMM
+least 128 tokens; at least 1024 when ``W`` is over 8 MiB, since every chunk's GEMM
+reads all of ``W``): a chunk's rotation is still in the CPU's caches when its GEMM
 reads it, and the backward's intermediates of a chunk (the gradient of ``Q x``,
 ``R x`` recomputed, ``L^T`` of it) never reach main memory. The block gradients are
 summed over the chunks in float32/float64 as the products produce them. Per chunk,
@@ -35,7 +36,8 @@ read. Saved for the backward: ``x`` (a view, no copy) and, with the scale,
 ``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
 
 Scratch memory. The two chunk-sized intermediates live in buffers kept per thread
-and dtype between calls (``d c`` elements each, about 2 MiB): a fresh buffer per
+and dtype between calls (``d c`` elements each, about 2 MiB; up to 16 MiB, larger ones
+are allocated per call): a fresh buffer per
 call would be paid for in page faults on the CPU, where glibc hands large freed
 blocks back to the system. :func:`release_scratch` frees them. What the node returns
 or saves is always a tensor of its own.
@@ -74,12 +76,18 @@ def rotated_linear_reference(x: Tensor, factors, W: Tensor, bias: Tensor | None 
 
 CHUNK_BYTES = 1 << 21  # one chunk's d-wide intermediate: small enough to stay in the CPU's caches
 MIN_CHUNK = 128        # tokens: below this the GEMM on a chunk loses efficiency
+W_CACHE_BYTES = 8 << 20  # a larger W is read from memory by every chunk's GEMM: then chunks are longer
+LARGE_W_CHUNK = 1024     # tokens per chunk for such a W
+SCRATCH_MAX_BYTES = 16 << 20  # larger intermediates are allocated per call rather than kept
 
 
-def chunk_tokens(N: int, d: int, itemsize: int) -> int:
+def chunk_tokens(N: int, d: int, itemsize: int, w_bytes: int = 0) -> int:
     """Tokens per chunk of the fused node: ``CHUNK_BYTES`` of a ``d``-wide intermediate, at least
-    ``MIN_CHUNK``, at most ``N``; the chunks split ``N`` evenly (multiples of 8 where possible)."""
+    ``MIN_CHUNK`` (``LARGE_W_CHUNK`` when the frozen weight has more than ``W_CACHE_BYTES``), at most
+    ``N``; the chunks split ``N`` evenly (multiples of 8 where possible)."""
     c = max(MIN_CHUNK, CHUNK_BYTES // max(1, d * itemsize))
+    if w_bytes > W_CACHE_BYTES:
+        c = max(c, LARGE_W_CHUNK)
     if c >= N:
         return N
     n = -(-N // c)
@@ -96,7 +104,7 @@ class _Scratch(threading.local):
     def get(self, slot: int, numel: int, like: Tensor) -> Tensor:
         """A flat buffer of ``numel`` elements of ``like``'s dtype; slots never overlap. Its contents are
         overwritten by the next call that asks for the same slot."""
-        if like.device.type != "cpu":
+        if like.device.type != "cpu" or numel * like.element_size() > SCRATCH_MAX_BYTES:
             return like.new_empty(numel)
         key = (slot, like.dtype)
         buf = self.buffers.get(key)
@@ -104,7 +112,7 @@ class _Scratch(threading.local):
             self.buffers.pop(key, None)  # free the smaller one first
             with torch.inference_mode(False):  # usable in and out of inference mode
                 buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel]
+        return buf if buf.numel() == numel else buf[:numel]
 
 
 _scratch = _Scratch()
@@ -139,10 +147,15 @@ def _rotate_chunk(xc: Tensor, factors, out: Tensor, spare: Tensor) -> Tensor:
     return zT.view(b, r, c).copy_(wT.transpose(0, 1)).view(d, c)  # in R x's buffer, read by then
 
 
-def _chunks(N: int, d: int, like: Tensor):
+def _chunks(N: int, d: int, W: Tensor, like: Tensor):
     """``(start, stop)`` of each chunk, and two scratch buffers of one chunk's ``d c`` elements."""
-    c = chunk_tokens(N, d, like.element_size())
+    c = chunk_tokens(N, d, like.element_size(), W.numel() * W.element_size())
     return [(s, min(N, s + c)) for s in range(0, N, c)], _scratch.get(0, d * c, like), _scratch.get(1, d * c, like)
+
+
+def _rows(t: Tensor | None, s0: int, s1: int) -> Tensor | None:
+    """Rows ``s0:s1`` of ``t`` (``t`` itself when they are all of it: one op fewer per call on small layers)."""
+    return t if t is None or (s0 == 0 and s1 == t.shape[0]) else t[s0:s1]
 
 
 class _RotatedLinear(torch.autograd.Function):
@@ -178,17 +191,17 @@ def _fused_forward(x, W, bias, scale, factors, keep_h):
     result = x2.new_empty(*x.shape[:-1], d_out)
     out = result.view(N, d_out)
     h = None if scale is None else x2.new_empty(N, d_out)
-    chunks, buf, spare = _chunks(N, d, x2)
+    chunks, buf, spare = _chunks(N, d, W, x2)
     Wt = W.t()
     for s0, s1 in chunks:
         n = (s1 - s0) * d
-        u = _rotate_chunk(x2[s0:s1], factors, buf[:n], spare[:n]).t()  # Q x of the chunk, token-major view
+        u = _rotate_chunk(_rows(x2, s0, s1), factors, _rows(buf, 0, n), _rows(spare, 0, n)).t()  # Q x, token-major
+        oc = _rows(out, s0, s1)
         if scale is None:
-            torch.mm(u, Wt, out=out[s0:s1]) if bias is None else torch.addmm(bias, u, Wt, out=out[s0:s1])
+            torch.mm(u, Wt, out=oc) if bias is None else torch.addmm(bias, u, Wt, out=oc)
         else:
-            torch.mm(u, Wt, out=h[s0:s1])
-            torch.mul(h[s0:s1], scale, out=out[s0:s1]) if bias is None else \
-                torch.addcmul(bias, h[s0:s1], scale, out=out[s0:s1])
+            hc = torch.mm(u, Wt, out=_rows(h, s0, s1))
+            torch.mul(hc, scale, out=oc) if bias is None else torch.addcmul(bias, hc, scale, out=oc)
     return result, (h if keep_h else None)
 
 
@@ -227,27 +240,27 @@ def _backward(needs, lead, g, x2, W, scale, h, factors):
     N, d = x2.shape
     dbias = g.sum(0) if need_bias else None
     dscale = None
-    # dQx = W'^T g^T per chunk, with W' = W s when the scale is folded into the weight
-    Ws = W if scale is None else W * scale[:, None]
-    Wst = Ws.t()
+    # the gradient of Q x is W^T (s g)^T per chunk: s folded into the weight when it is the smaller operand
+    fold = scale is not None and W.shape[1] <= N
+    Wst = (W * scale[:, None]).t() if fold else W.t()
     B = factors[0]
     r, b, _ = B.shape
     L = factors[1] if len(factors) == 2 else None
     grads = [None] * len(factors)
     dx = torch.empty_like(x2) if need_x else None
     dW = None
-    chunks, buf, spare = _chunks(N, d, x2)
+    chunks, buf, spare = _chunks(N, d, W, x2)
     for s0, s1 in chunks:
         c = s1 - s0
-        xc, gc, bufc, sparec = x2[s0:s1], g[s0:s1], buf[:c * d], spare[:c * d]
+        xc, gc, bufc, sparec = _rows(x2, s0, s1), _rows(g, s0, s1), _rows(buf, 0, c * d), _rows(spare, 0, c * d)
         if need_scale:
-            part = torch.linalg.vecdot(gc, h[s0:s1], dim=0)
+            part = torch.linalg.vecdot(gc, _rows(h, s0, s1), dim=0)
             dscale = part if dscale is None else dscale.add_(part)
+        gsc = gc if scale is None or (fold and not need_W) else gc * scale  # s g of the chunk, where needed
         if need_W:  # W's gradient: (s g)^T (Q x), with Q x of the chunk recomputed
-            gsc = gc if scale is None else gc * scale
             uc = _rotate_chunk(xc, factors, bufc, sparec)
             dW = torch.mm(gsc.t(), uc.t()) if dW is None else dW.addmm_(gsc.t(), uc.t())
-        dyT = torch.mm(Wst, gc.t(), out=bufc.view(d, c))  # the gradient of Q x, feature-major (d, c)
+        dyT = torch.mm(Wst, (gc if fold else gsc).t(), out=bufc.view(d, c))  # the gradient of Q x, (d, c)
         if L is None:
             dzT = dyT.view(r, b, c)
         else:
@@ -259,9 +272,11 @@ def _backward(needs, lead, g, x2, W, scale, h, factors):
             dzT = dyT.view(b, r, c).copy_(dzq.transpose(0, 1)).view(r, b, c)  # P^T, in dyT's buffer
         if need_f[0]:
             grads[0] = _accumulate(grads[0], dzT, xc.view(c, r, b).transpose(0, 1))
-        if need_x:  # block i's (c, b) rows, then one copy into the token-major dx
+        if need_x and len(chunks) == 1:  # token-major: bmm writes block i's (c, b) rows straight into dx
+            torch.bmm(dzT.transpose(1, 2), B, out=dx.view(c, r, b).transpose(0, 1))
+        elif need_x:  # block i's (c, b) rows, then one copy into the token-major dx (faster on large layers)
             dxr = torch.bmm(dzT.transpose(1, 2), B, out=sparec.view(r, c, b))
-            dx[s0:s1].view(c, r, b).copy_(dxr.transpose(0, 1))
+            _rows(dx, s0, s1).view(c, r, b).copy_(dxr.transpose(0, 1))
     if need_x:
         dx = dx.view(*lead, d)
     return (dx, dW, dbias, dscale, *grads)
@@ -283,7 +298,7 @@ class _AdaptedLinear(torch.autograd.Function):
         Q, kept, err = packed_blocks(p, index, sign, b, terms)
         factors = tuple(Q.view(*p.shape[:-1], b, b).unbind(0))
         result, h = _fused_forward(x, W, bias, scale, factors, ctx.needs_input_grad[3])
-        parts = [t.detach().sum(dtype=torch.float64) for t in probe] + ([err] if err is not None else [])
+        parts = [t.sum(dtype=torch.float64) for t in probe] + ([err] if err is not None else [])  # no graph here
         values = torch.stack(parts).double() if parts else x.new_zeros(0, dtype=torch.float64)  # promotes err
         ctx.save_for_backward(x, W, scale, h, p, index, sign, Q, *kept)
         ctx.lead, ctx.b, ctx.terms = x.shape[:-1], b, terms
