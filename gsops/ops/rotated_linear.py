@@ -79,6 +79,7 @@ MIN_CHUNK = 128        # tokens: below this the GEMM on a chunk loses efficiency
 W_CACHE_BYTES = 8 << 20  # a larger W is read from memory by every chunk's GEMM: then chunks are longer
 LARGE_W_CHUNK = 1024     # tokens per chunk for such a W
 SCRATCH_MAX_BYTES = 16 << 20  # larger intermediates are allocated per call rather than kept
+SMALL_BYTES = 1 << 18  # activations below this in one chunk: no scratch (nothing to save in page faults)
 
 
 def chunk_tokens(N: int, d: int, itemsize: int, w_bytes: int = 0) -> int:
@@ -126,16 +127,21 @@ def release_scratch() -> None:
 # ----------------------------------------------------------------------------- the fused node
 
 
-def _first_factor(xc: Tensor, B: Tensor, out: Tensor) -> Tensor:
-    """Block i of ``B`` on block i of every token of ``xc`` (c, d), feature-major into ``out``: (r, b, c)."""
+def _as(buf: Tensor | None, *shape) -> Tensor | None:
+    """``buf`` viewed as ``shape``, or None (the op allocates its output) when there is no buffer."""
+    return None if buf is None else buf.view(*shape)
+
+
+def _first_factor(xc: Tensor, B: Tensor, out: Tensor | None) -> Tensor:
+    """Block i of ``B`` on block i of every token of ``xc`` (c, d), feature-major (into ``out``): (r, b, c)."""
     c = xc.shape[0]
     r, b, _ = B.shape
-    return torch.bmm(B, xc.view(c, r, b).permute(1, 2, 0), out=out.view(r, b, c))
+    return torch.bmm(B, xc.view(c, r, b).permute(1, 2, 0), out=_as(out, r, b, c))
 
 
-def _rotate_chunk(xc: Tensor, factors, out: Tensor, spare: Tensor) -> Tensor:
-    """``(Q x)^T`` of the chunk ``xc`` (c, d) as a contiguous ``d x c`` view of ``out``; GSOFT's ``L`` output
-    goes through ``spare`` (both ``d c`` elements)."""
+def _rotate_chunk(xc: Tensor, factors, out: Tensor | None, spare: Tensor | None) -> Tensor:
+    """``(Q x)^T`` of the chunk ``xc`` (c, d) as a contiguous ``d x c`` tensor (a view of ``out``); GSOFT's
+    ``L`` output goes through ``spare`` (both ``d c`` elements, or None: allocated here)."""
     c, d = xc.shape
     B = factors[0]
     r, b, _ = B.shape
@@ -143,18 +149,21 @@ def _rotate_chunk(xc: Tensor, factors, out: Tensor, spare: Tensor) -> Tensor:
     if len(factors) == 1:
         return zT.view(d, c)
     # L's block q reads features p*r + q of R x (P), and its output entry p goes to feature p*r + q (P^T)
-    wT = torch.bmm(factors[1], zT.view(b, r, c).transpose(0, 1), out=spare.view(r, b, c))
+    wT = torch.bmm(factors[1], zT.view(b, r, c).transpose(0, 1), out=_as(spare, r, b, c))
     return zT.view(b, r, c).copy_(wT.transpose(0, 1)).view(d, c)  # in R x's buffer, read by then
 
 
 def _chunks(N: int, d: int, W: Tensor, like: Tensor):
-    """``(start, stop)`` of each chunk, and two scratch buffers of one chunk's ``d c`` elements."""
+    """``(start, stop)`` of each chunk, and two scratch buffers of one chunk's ``d c`` elements (None and
+    None for a small layer in one chunk: its ops allocate their outputs, as few ops and lookups as can be)."""
     c = chunk_tokens(N, d, like.element_size(), W.numel() * W.element_size())
+    if c == N and N * d * like.element_size() < SMALL_BYTES:
+        return ((0, N),), None, None
     return [(s, min(N, s + c)) for s in range(0, N, c)], _scratch.get(0, d * c, like), _scratch.get(1, d * c, like)
 
 
 def _rows(t: Tensor | None, s0: int, s1: int) -> Tensor | None:
-    """Rows ``s0:s1`` of ``t`` (``t`` itself when they are all of it: one op fewer per call on small layers)."""
+    """Rows ``s0:s1`` of ``t`` (``t`` itself when they are all of it or None: one op fewer on small layers)."""
     return t if t is None or (s0 == 0 and s1 == t.shape[0]) else t[s0:s1]
 
 
@@ -260,7 +269,7 @@ def _backward(needs, lead, g, x2, W, scale, h, factors):
         if need_W:  # W's gradient: (s g)^T (Q x), with Q x of the chunk recomputed
             uc = _rotate_chunk(xc, factors, bufc, sparec)
             dW = torch.mm(gsc.t(), uc.t()) if dW is None else dW.addmm_(gsc.t(), uc.t())
-        dyT = torch.mm(Wst, (gc if fold else gsc).t(), out=bufc.view(d, c))  # the gradient of Q x, (d, c)
+        dyT = torch.mm(Wst, (gc if fold else gsc).t(), out=_as(bufc, d, c))  # the gradient of Q x, (d, c)
         if L is None:
             dzT = dyT.view(r, b, c)
         else:
@@ -268,14 +277,15 @@ def _backward(needs, lead, g, x2, W, scale, h, factors):
             if need_f[1]:
                 zT = _first_factor(xc, B, sparec)  # R x, recomputed
                 grads[1] = _accumulate(grads[1], dwq, zT.view(b, r, c).transpose(0, 1).transpose(1, 2))
-            dzq = torch.bmm(L.transpose(1, 2), dwq, out=sparec.view(r, b, c))  # (q, p, c): L^T
+                sparec = zT.view(-1)  # read: L^T's output goes into it
+            dzq = torch.bmm(L.transpose(1, 2), dwq, out=_as(sparec, r, b, c))  # (q, p, c): L^T
             dzT = dyT.view(b, r, c).copy_(dzq.transpose(0, 1)).view(r, b, c)  # P^T, in dyT's buffer
         if need_f[0]:
             grads[0] = _accumulate(grads[0], dzT, xc.view(c, r, b).transpose(0, 1))
         if need_x and len(chunks) == 1:  # token-major: bmm writes block i's (c, b) rows straight into dx
             torch.bmm(dzT.transpose(1, 2), B, out=dx.view(c, r, b).transpose(0, 1))
         elif need_x:  # block i's (c, b) rows, then one copy into the token-major dx (faster on large layers)
-            dxr = torch.bmm(dzT.transpose(1, 2), B, out=sparec.view(r, c, b))
+            dxr = torch.bmm(dzT.transpose(1, 2), B, out=_as(sparec, r, c, b))
             _rows(dx, s0, s1).view(c, r, b).copy_(dxr.transpose(0, 1))
     if need_x:
         dx = dx.view(*lead, d)
