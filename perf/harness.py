@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-micro", dest="micro", action="store_false", help="leave out the micro-benchmarks")
     p.add_argument("--no-density", dest="density", action="store_false", help="do not compute the density of Q")
     p.add_argument("--no-plot", dest="plot", action="store_false")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the methods (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the methods (default 6, 3 with --quick)")
     p.add_argument("--row-seconds", type=float, default=None, help="target timing seconds per row (default 4, quick 1)")
     p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row before timing (default 2, quick 1)")
@@ -555,7 +555,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--dtype {n!r} must be one of {list(DTYPES)}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    opts.rounds = opts.rounds or 3
+    opts.rounds = opts.rounds or (3 if opts.quick else 6)
     if opts.warmup is None:
         opts.warmup = 1 if opts.quick else 2
     opts.row_seconds = opts.row_seconds if opts.row_seconds is not None else (1.0 if opts.quick else 4.0)
