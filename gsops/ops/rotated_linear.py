@@ -28,9 +28,9 @@ reads it, and the backward's intermediates of a chunk (the gradient of ``Q x``,
 summed over the chunks in float32/float64 as the products produce them. Per chunk,
 forward: the block products (1 for OFT, 2 for GSOFT) and one row-block copy for
 ``P^T`` (GSOFT), then the GEMM; backward: the GEMM for the gradient of ``Q x``,
-``R x`` recomputed (GSOFT), one ``bmm`` per factor for its block gradient and one
-per factor for ``dx`` (then one copy of runs of ``b`` into the token-major ``dx``), one
-row-block copy for ``P`` (GSOFT). Passes over main memory: those of the frozen layer, plus ``x``
+``R x`` recomputed (GSOFT), one ``bmm`` per factor for its block gradient, one
+``bmm`` for ``dx`` (written token-major straight into ``dx`` when the layer is one
+chunk, else through one copy of runs of ``b``), one row-block copy for ``P`` (GSOFT). Passes over main memory: those of the frozen layer, plus ``x``
 read again by the block products and, with the scale, ``W (Q x)`` written and
 read. Saved for the backward: ``x`` (a view, no copy) and, with the scale,
 ``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
