@@ -32,19 +32,22 @@ def _configs():
 
     ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
     out = []
-    for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0)]:
-        bb, g = G._tiling(b)
-        c = dict(TILES_PER_PROG=4, LOAD=load, STORE=load, TRANS=bool(load), BB=bb, G=g,
-                 BLOCK_N=64 if bb * g <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC_DTYPE=tl.float32)
+    esize = {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}
+    # (the packed tiles of b = 24 and b = 20 in half precision: two and four blocks per 64- and 128-wide tile)
+    for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0), (24, tl.float16, 0),
+                        (20, tl.bfloat16, 0)]:
+        bb, g, tile = G._tiling(b, esize[dt], load == 0)
+        c = dict(TILES_PER_PROG=4, LOAD=load, STORE=load, TRANS=bool(load), BB=bb, G=g, TILE=tile,
+                 BLOCK_N=64 if tile <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC_DTYPE=tl.float32)
         out.append((f"block_step b={b} {dt}", G._block_step_kernel,
-                    {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, 8 if bb * g >= 128 else 4))
-    for b, dt in [(2, tl.float16), (32, tl.bfloat16), (128, tl.float32)]:
-        bb, g = G._tiling(b)
-        c = dict(TILES_PER_SPLIT=8, G_LAYOUT=1, X_LAYOUT=1, BB=bb, G=g, BLOCK_N=64 if bb * g <= 64 else 32,
-                 DOT_DTYPE=dt, IEEE=dt == tl.float32, WITH_DX=True)
+                    {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, G._num_warps(tile)))
+    for b, dt, layout in [(2, tl.float16, 1), (32, tl.bfloat16, 1), (128, tl.float32, 1), (24, tl.bfloat16, 0)]:
+        bb, g, tile = G._tiling(b, esize[dt], layout == 0)
+        c = dict(TILES_PER_SPLIT=8, G_LAYOUT=layout, X_LAYOUT=layout, BB=bb, G=g, TILE=tile,
+                 BLOCK_N=64 if tile <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, WITH_DX=True)
         out.append((f"block_grad+dx b={b} {dt}", G._block_grad_kernel,
                     {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "out_ptr": "*fp32", "w_ptr": "*fp32", "dx_ptr": ptr[dt]},
-                    c, 8 if bb * g >= 128 else 4))
+                    c, G._num_warps(tile)))
     # one-pass GS apply: band tilings (b | r), whole-row tilings (gather), b < 16 (no tensor-core dot),
     # the fused backward and the two backward kernels of larger tiles
     for b, r, dt, kind in [(16, 32, tl.bfloat16, "fwd"), (16, 32, tl.bfloat16, "bwd"), (8, 16, tl.float16, "fwd"),

@@ -104,6 +104,36 @@ def test_block_diag_mm_forward_backward(b, r, device):
     torch.testing.assert_close(B.grad.cpu(), torch.from_numpy(dB), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,r", [(24, 5), (20, 5), (12, 3), (3, 7)])
+def test_block_diag_mm_packed_tiles(dtype, b, r, device):
+    """Blocks whose runs are not whole 32-byte sectors share a tile, ``G`` consecutive blocks as one run (b = 24
+    in half precision: two blocks, 96 bytes, per 64-wide tile); ``r`` is not a multiple of ``G`` (a partial last
+    group) and 130 tokens are two interpreter tiles. Against the dense float64 product of the rounded inputs."""
+    from gsops.triton_kernels import gs_apply as G
+
+    esize = torch.empty(0, dtype=dtype).element_size()
+    bb, g, tile = G._tiling(b, esize, linear=True)
+    if (b * esize) % 32:  # packed, the last group partial
+        assert bb == b and (g * b * esize) % 32 == 0 and g * b <= tile and r % g
+    else:  # whole sectors already (b = 24 in float32: 96 bytes): padded
+        assert bb == G.triton.next_power_of_2(b)
+    assert G._tiling(b, esize, linear=False)[0] == G.triton.next_power_of_2(b)  # a permuted side stays padded
+    B = (torch.randn(r, b, b) / b ** 0.5).to(dtype).to(device).requires_grad_()
+    x = torch.randn(130, r * b).to(dtype).to(device).requires_grad_()
+    gy = torch.randn(130, r * b).to(dtype).to(device)
+    with gsops.use_backend("triton"):
+        y = gsops.block_diag_mm(x, B)
+    y.backward(gy)
+    D = block_diag(np64(B.detach()))
+    t = tol(dtype)
+    torch.testing.assert_close(y.detach().double(), _dense_apply(D, x.detach()), **t)
+    torch.testing.assert_close(x.grad.double(), _dense_apply(D.T, gy), **t)
+    gn, xn = np64(gy).reshape(-1, r, b), np64(x.detach()).reshape(-1, r, b)
+    dB = torch.from_numpy(np.einsum("npi,npq->piq", gn, xn))
+    torch.testing.assert_close(B.grad.double().cpu(), dB, rtol=t["rtol"], atol=t["atol"] * 130 ** 0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,r", [(2, 4), (16, 2)])
 def test_half_precision_matches_reference(dtype, b, r, device):

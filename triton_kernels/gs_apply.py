@@ -51,12 +51,18 @@ are packed into one 16-wide tile: the program loads a ``TILE x TILE`` weight
 whose off-diagonal blocks are masked to zero, i.e. the block-diagonal of its
 ``G`` blocks, and does one dense ``[BLOCK_N, TILE] x [TILE, TILE]`` dot.  Any
 ``b`` (not only powers of two) is handled by masking ``q >= b``; any number of
-tokens by masking ``n >= N``.  Accumulation is float32; half inputs are fed to
+tokens by masking ``n >= N``.  Where a block's run of ``b`` elements is not whole
+32-byte sectors and both sides are unpermuted (``block_diag_mm``, the first step of a
+chain), the blocks are packed instead (``BB = b``, :func:`_tiling`): ``G`` consecutive
+blocks whose ``G b`` elements are whole sectors share a power-of-two tile (b = 24 in
+half precision: two blocks, 96 bytes, in a 64-wide tile), so each token's run of the
+tile is whole sectors.  Accumulation is float32; half inputs are fed to
 ``tl.dot`` in their own dtype on a GPU and as float32 under the interpreter
 (whose bf16 dot is not exact).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -85,12 +91,13 @@ def _feature_index(p, q, r, b, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _group_features(pid_g, r, b, BB: tl.constexpr, G: tl.constexpr):
-    """Tile position ``c`` of block group ``pid_g``, its block ``p``, in-block index ``q`` and the valid mask."""
-    c = tl.arange(0, G * BB)
+def _group_features(pid_g, r, b, BB: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr):
+    """Tile position ``c`` of block group ``pid_g``, its block ``p``, in-block index ``q`` and the valid mask
+    (block ``p`` of the group sits at tile positions ``[k BB, k BB + b)``, ``k = p - G pid_g``)."""
+    c = tl.arange(0, TILE)
     p = pid_g * G + c // BB
     q = c % BB
-    valid = (q < b) & (p < r)
+    valid = (q < b) & (p < r) & (c < G * BB)
     return c, p, q, valid
 
 
@@ -143,14 +150,14 @@ def _block_step_kernel(
     stride_xn, stride_xd, stride_yn, stride_yd,
     n_groups,
     TILES_PER_PROG: tl.constexpr, LOAD: tl.constexpr, STORE: tl.constexpr, TRANS: tl.constexpr,
-    BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BB: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_g = pid % n_groups  # block groups vary fastest: neighbouring programs share cache lines
     pid_n = pid // n_groups
 
-    c, p, q, valid = _group_features(pid_g, r, b, BB, G)
+    c, p, q, valid = _group_features(pid_g, r, b, BB, G, TILE)
     feat = _feature_index(p, q, r, b, LOAD).to(tl.int64)
     feat_out = _feature_index(p, q, r, b, STORE).to(tl.int64)
 
@@ -173,7 +180,7 @@ def _block_grad_kernel(
     stride_gn, stride_gd, stride_xn, stride_xd, stride_dxn, stride_dxd,
     n_groups,
     TILES_PER_SPLIT: tl.constexpr, G_LAYOUT: tl.constexpr, X_LAYOUT: tl.constexpr,
-    BB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BB: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, WITH_DX: tl.constexpr,
 ):
     """out[split, p, i, q] = sum over this split's tokens of g'[n, p, i] * x'[n, p, q].
@@ -182,12 +189,11 @@ def _block_grad_kernel(
     (stored in ``X_LAYOUT``) from the same loads of ``g``: one pass over the
     activations gives both gradients.
     """
-    TILE: tl.constexpr = G * BB
     pid = tl.program_id(0)
     pid_g = pid % n_groups
     split = pid // n_groups
 
-    c, p, q, valid = _group_features(pid_g, r, b, BB, G)
+    c, p, q, valid = _group_features(pid_g, r, b, BB, G, TILE)
     feat_g = _feature_index(p, q, r, b, G_LAYOUT).to(tl.int64)
     feat_x = _feature_index(p, q, r, b, X_LAYOUT).to(tl.int64)
 
@@ -212,11 +218,30 @@ def _block_grad_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _tiling(b: int) -> tuple[int, int]:
-    """(BB, G): padded block size and blocks per program (TILE = G*BB >= 16)."""
+SECTOR_BYTES = 32   # a GPU's DRAM sector: the unit of a global load or store
+PACKED_MAX_TILE = 128  # features of a packed tile (below: the tile is a TILE x TILE block-diagonal weight)
+
+
+def _tiling(b: int, esize: int = 2, linear: bool = False) -> tuple[int, int, int]:
+    """(BB, G, TILE): blocks per program ``G``, the pitch ``BB`` of a block in the program's tile, and the
+    tile's width ``TILE`` (a power of two >= 16, >= G*BB).
+
+    Padded: ``BB = next_pow2(b)`` (block k at tile positions ``k BB .. k BB + b``). Packed (only where both
+    sides are LINEAR, i.e. a group of blocks is one run of ``G b`` consecutive features, and a padded block's
+    run of ``b`` elements would straddle 32-byte sectors): ``BB = b`` and ``G`` blocks whose ``G b`` elements
+    of ``esize`` bytes are whole sectors, so every row of a tile is whole sectors (b = 24 in half precision:
+    two blocks, 96 bytes, in a 64-wide tile).
+    """
     bb = triton.next_power_of_2(b)
+    if linear and b != bb and (b * esize) % SECTOR_BYTES:
+        g = SECTOR_BYTES // math.gcd(b * esize, SECTOR_BYTES)
+        while g * b < 16:
+            g *= 2
+        tile = triton.next_power_of_2(g * b)
+        if tile <= max(PACKED_MAX_TILE, bb):
+            return b, g, tile
     g = max(1, 16 // bb)
-    return bb, g
+    return bb, g, g * bb
 
 
 def _block_n(tile: int, n_tokens: int) -> int:
@@ -245,19 +270,19 @@ def _loop_count(n_tiles: int, n_groups: int, want_programs: int) -> int:
 
 
 class _GroupGrid(NamedTuple):
-    bb: int                 # padded block size BB
+    bb: int                 # pitch BB of a block in the tile (see _tiling)
     g: int                  # blocks per program G
-    tile: int               # G * BB features per program
+    tile: int               # TILE >= G * BB features per program
     n_groups: int           # block groups (programs along the features)
     block_n: int            # tokens per token tile
     tiles_per_program: int  # token tiles looped inside one program
     token_programs: int     # programs along the tokens (token splits of the backward)
 
 
-def _group_grid(r: int, b: int, n_tok: int, want_programs: int) -> _GroupGrid:
-    """Launch plan of a (block groups x token tiles) kernel over ``r`` blocks of size ``b`` and ``n_tok`` tokens."""
-    bb, g = _tiling(b)
-    tile = bb * g
+def _group_grid(r: int, b: int, n_tok: int, want_programs: int, esize: int = 2, linear: bool = False) -> _GroupGrid:
+    """Launch plan of a (block groups x token tiles) kernel over ``r`` blocks of size ``b`` and ``n_tok`` tokens
+    (``esize``, ``linear``: see :func:`_tiling`)."""
+    bb, g, tile = _tiling(b, esize, linear)
     n_groups = triton.cdiv(r, g)
     block_n = _block_n(tile, n_tok)
     n_tiles = triton.cdiv(n_tok, block_n)
@@ -312,14 +337,14 @@ def block_step(x: torch.Tensor, B: torch.Tensor, load: int, store: int, transpos
     if n_tok == 0:
         return y2.reshape(*lead, d)
     Bc = B.contiguous()
-    grid = _group_grid(r, b, n_tok, 8 * _n_sm(x.device))
+    grid = _group_grid(r, b, n_tok, 8 * _n_sm(x.device), x.element_size(), load == store == LINEAR)
     dot_dtype, ieee = _dot_config(x.dtype, B.dtype)
     _block_step_kernel[(grid.n_groups * grid.token_programs,)](
         x2, Bc, y2, n_tok, r, b,
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
         grid.n_groups,
         TILES_PER_PROG=grid.tiles_per_program, LOAD=load, STORE=store, TRANS=bool(transpose),
-        BB=grid.bb, G=grid.g, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
+        BB=grid.bb, G=grid.g, TILE=grid.tile, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee,
         ACC_DTYPE=tl.float64 if dot_dtype == tl.float64 else tl.float32, num_warps=_num_warps(grid.tile),
     )
     return y2.reshape(*lead, d)
@@ -339,7 +364,8 @@ def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout:
     if n_tok == 0:
         dB = torch.zeros((r, b, b), dtype=out_dtype, device=x.device)
         return dB if B is None else (dx2.reshape(x.shape), dB)
-    grid = _group_grid(r, b, n_tok, 4 * _n_sm(x.device))
+    grid = _group_grid(r, b, n_tok, 4 * _n_sm(x.device), min(x.element_size(), grad.element_size()),
+                       grad_layout == x_layout == LINEAR)
     splits = grid.token_programs
     acc_dtype = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
     partial = torch.empty((splits, r, b, b), dtype=acc_dtype, device=x.device)
@@ -353,7 +379,7 @@ def block_grad(grad: torch.Tensor, x: torch.Tensor, r: int, b: int, grad_layout:
         dx_arg.stride(0), dx_arg.stride(1),
         grid.n_groups,
         TILES_PER_SPLIT=grid.tiles_per_program, G_LAYOUT=grad_layout, X_LAYOUT=x_layout,
-        BB=grid.bb, G=grid.g, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee, WITH_DX=with_dx,
+        BB=grid.bb, G=grid.g, TILE=grid.tile, BLOCK_N=grid.block_n, DOT_DTYPE=dot_dtype, IEEE=ieee, WITH_DX=with_dx,
         num_warps=_num_warps(grid.tile),
     )
     dB = partial.sum(0).to(out_dtype)
