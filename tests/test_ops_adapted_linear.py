@@ -166,13 +166,16 @@ def test_double_backward_with_the_bias_alone():
 @pytest.mark.parametrize("with_scale", [True, False])
 @pytest.mark.parametrize("tokens", [7, 40, 41])  # one chunk; 5 chunks of 8; 6 chunks, the last of 1
 @pytest.mark.parametrize("wanted", ["all", "x", "p"])  # the gradients asked for
-def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens, wanted):
+@pytest.mark.parametrize("forward", ["tokens", "weight"])  # the forward rotates x, or W (y = (W Q) x)
+def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens, wanted, forward):
     """The node runs chunk by chunk of tokens (block gradients summed over the chunks); with tiny chunks
-    forced, every output and gradient (x, W, p, scale, bias) still matches the dense float64 computation."""
+    forced, every output and gradient (x, W, p, scale, bias) still matches the dense float64 computation,
+    whether the forward rotates the tokens or the weight."""
     rl = importlib.import_module("gsops.ops.rotated_linear")
 
     monkeypatch.setattr(rl, "CHUNK_BYTES", 8 * 12 * 8)  # 8 tokens of d = 12 in float64
     monkeypatch.setattr(rl, "MIN_CHUNK", 1)
+    monkeypatch.setattr(rl, "MERGE_TOKENS_PER_ROW", 0 if forward == "weight" else 10 ** 9)
     r, b = 3, 4
     assert rl.chunk_tokens(40, r * b, 8) == 8 and rl.chunk_tokens(7, r * b, 8) == 7
     assert rl.chunk_tokens(40, r * b, 8, w_bytes=rl.W_CACHE_BYTES + 1) == 40  # a large W: longer chunks
@@ -183,6 +186,7 @@ def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens, wa
     bias = torch.randn(5, generator=g, dtype=torch.float64)
     scale = (1 + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)) if with_scale else None
     grad = torch.randn(tokens, 5, generator=g, dtype=torch.float64)
+    assert rl._merges(tokens, W) == (forward == "weight")
     ins = [t.clone().requires_grad_(wanted == "all" or i == "xp".find(wanted))
            for i, t in enumerate((x, p, W, bias) + ((scale,) if with_scale else ()))]
     index, sign = _layout(b, torch.float64)
@@ -195,6 +199,25 @@ def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens, wa
     assert len(got) == (len(ins) if wanted == "all" else 1)
     for a, e in zip(got, torch.autograd.grad(want, [t for t in ref if t.requires_grad], grad)):
         torch.testing.assert_close(a, e, **tol(torch.float64))
+
+
+def test_forward_rotates_the_weight_when_tokens_outnumber_its_rows():
+    """``y = (W Q) x`` (Q applied to the d_out rows of W) where N >= 2 d_out, ``W (Q x)`` below; the two agree
+    with each other and with the dense float64 product up to rounding, with the scale and the bias."""
+    rl = importlib.import_module("gsops.ops.rotated_linear")
+
+    g = torch.Generator().manual_seed(9)
+    r, b, d_out = 4, 8, 48
+    W = torch.randn(d_out, r * b, generator=g)
+    index, sign = _layout(b, torch.float32)
+    p = 0.2 * torch.randn(2, r, b * (b - 1) // 2, generator=g)
+    bias, scale = torch.randn(d_out, generator=g), 1 + 0.1 * torch.randn(d_out, generator=g)
+    for N, merged in ((2 * d_out, True), (2 * d_out - 1, False)):
+        assert rl._merges(N, W) == merged
+        x = torch.randn(N, r * b, generator=g)
+        y, _ = adapted_linear_unchecked(x, p, index, sign, b, None, W, bias, scale)
+        want, _ = _dense(x.double(), p.double(), b, None, W.double(), bias.double(), scale.double())
+        torch.testing.assert_close(y.double(), want, **tol(torch.float32))
 
 
 def test_results_never_share_the_scratch_buffers():

@@ -35,9 +35,17 @@ read again by the block products and, with the scale, ``W (Q x)`` written and
 read. Saved for the backward: ``x`` (a view, no copy) and, with the scale,
 ``W (Q x)`` (the gradient of ``s`` needs it; recomputing it would be a GEMM).
 
-Scratch memory. The two chunk-sized intermediates live in buffers kept per thread
-and dtype between calls (``d c`` elements each, about 2 MiB; up to 16 MiB, larger ones
-are allocated per call): a fresh buffer per
+Rotating the weight. Where there are at least twice as many tokens as rows of ``W`` (``N >= 2 d_out``,
+:func:`_merges`), the forward computes ``(W Q) x`` instead: ``Q^T`` is applied to the
+``d_out`` rows of ``W`` (``W^T`` copied feature-major once, then the same strided block
+products), which costs ``d_out / N`` of rotating the tokens, and the GEMM reads ``x`` as
+the frozen layer's does (no second pass over ``x``). The backward is the same either way:
+its block gradients need the gradient of ``Q x``, which only the GEMM with ``W`` gives.
+
+Scratch memory. The two chunk-sized intermediates (``d c`` elements each, about 2 MiB)
+and, when the weight is rotated, ``W^T`` and ``(W Q)^T`` (``d d_out`` each) live in two
+buffers kept per thread and dtype between calls (up to 16 MiB each, larger ones are
+allocated per call): a fresh buffer per
 call would be paid for in page faults on the CPU, where glibc hands large freed
 blocks back to the system. :func:`release_scratch` frees them. What the node returns
 or saves is always a tensor of its own.
@@ -80,6 +88,7 @@ W_CACHE_BYTES = 8 << 20  # a larger W is read from memory by every chunk's GEMM:
 LARGE_W_CHUNK = 1024     # tokens per chunk for such a W
 SCRATCH_MAX_BYTES = 16 << 20  # larger intermediates are allocated per call rather than kept
 SMALL_BYTES = 1 << 18  # activations below this in one chunk: no scratch (nothing to save in page faults)
+MERGE_TOKENS_PER_ROW = 2  # the forward rotates W (d_out rows) instead of x when N >= this x d_out
 
 
 def chunk_tokens(N: int, d: int, itemsize: int, w_bytes: int = 0) -> int:
@@ -153,13 +162,35 @@ def _rotate_chunk(xc: Tensor, factors, out: Tensor | None, spare: Tensor | None)
     return zT.view(b, r, c).copy_(wT.transpose(0, 1)).view(d, c)  # in R x's buffer, read by then
 
 
-def _chunks(N: int, d: int, W: Tensor, like: Tensor):
+def _chunks(N: int, d: int, W: Tensor, like: Tensor, buffers: bool = True):
     """``(start, stop)`` of each chunk, and two scratch buffers of one chunk's ``d c`` elements (None and
-    None for a small layer in one chunk: its ops allocate their outputs, as few ops and lookups as can be)."""
+    None without ``buffers``, or for a small layer in one chunk: its ops allocate their outputs, as few ops
+    and lookups as can be)."""
     c = chunk_tokens(N, d, like.element_size(), W.numel() * W.element_size())
-    if c == N and N * d * like.element_size() < SMALL_BYTES:
-        return ((0, N),), None, None
+    if not buffers or (c == N and N * d * like.element_size() < SMALL_BYTES):
+        return [(s, min(N, s + c)) for s in range(0, N, c)], None, None
     return [(s, min(N, s + c)) for s in range(0, N, c)], _scratch.get(0, d * c, like), _scratch.get(1, d * c, like)
+
+
+def _merges(N: int, W: Tensor) -> bool:
+    """Whether the forward rotates the weight instead of the tokens: ``W Q`` costs ``d_out / N`` of ``Q x``."""
+    return MERGE_TOKENS_PER_ROW * W.shape[0] <= N
+
+
+def _merged_weight_t(W: Tensor, factors) -> Tensor:
+    """``(W Q)^T = Q^T W^T`` (d, d_out), in a scratch buffer: ``Q^T`` applied to the rows of ``W``, held
+    feature-major (``W^T`` copied once), so that ``P`` and ``P^T`` are strides of the block products as in
+    :func:`_rotate_chunk`. ``Q^T = diag(B)^T``, or ``R^T P^T L^T P`` for GSOFT's ``(R, L)``."""
+    d_out, d = W.shape
+    B = factors[0]
+    r, b, _ = B.shape
+    wt = _scratch.get(0, d * d_out, W).view(d, d_out)
+    wt.copy_(W.t())
+    out = _scratch.get(1, d * d_out, W)
+    if len(factors) == 2:  # L^T on P w (block q of P w is entries q of the runs of r), then P^T, in wt's buffer
+        zq = torch.bmm(factors[1].transpose(1, 2), wt.view(b, r, d_out).transpose(0, 1), out=out.view(r, b, d_out))
+        wt.view(b, r, d_out).copy_(zq.transpose(0, 1))
+    return torch.bmm(B.transpose(1, 2), wt.view(r, b, d_out), out=out.view(r, b, d_out)).view(d, d_out)
 
 
 def _rows(t: Tensor | None, s0: int, s1: int) -> Tensor | None:
@@ -200,11 +231,20 @@ def _fused_forward(x, W, bias, scale, factors, keep_h):
     result = x2.new_empty(*x.shape[:-1], d_out)
     out = result.view(N, d_out)
     h = None if scale is None else x2.new_empty(N, d_out)
-    chunks, buf, spare = _chunks(N, d, W, x2)
-    Wt = W.t()
+    merged = _merges(N, W)
+    if merged:  # y = (W Q) x: one GEMM on x as it is, as the frozen layer's
+        WQt = _merged_weight_t(W, factors)
+        if scale is None:
+            torch.mm(x2, WQt, out=out) if bias is None else torch.addmm(bias, x2, WQt, out=out)
+            return result, None
+    chunks, buf, spare = _chunks(N, d, W, x2, buffers=not merged)
+    Wt = WQt if merged else W.t()
     for s0, s1 in chunks:
         n = (s1 - s0) * d
-        u = _rotate_chunk(_rows(x2, s0, s1), factors, _rows(buf, 0, n), _rows(spare, 0, n)).t()  # Q x, token-major
+        if merged:
+            u = _rows(x2, s0, s1)
+        else:  # Q x of the chunk, token-major (a transposed view of its feature-major rotation)
+            u = _rotate_chunk(_rows(x2, s0, s1), factors, _rows(buf, 0, n), _rows(spare, 0, n)).t()
         oc = _rows(out, s0, s1)
         if scale is None:
             torch.mm(u, Wt, out=oc) if bias is None else torch.addmm(bias, u, Wt, out=oc)
