@@ -202,8 +202,8 @@ def test_token_chunks_match_dense_float64(monkeypatch, n, with_scale, tokens, wa
 
 
 def test_forward_rotates_the_weight_when_tokens_outnumber_its_rows():
-    """``y = (W Q) x`` (Q applied to the d_out rows of W) where N >= 2 d_out, ``W (Q x)`` below; the two agree
-    with each other and with the dense float64 product up to rounding, with the scale and the bias."""
+    """``y = (W Q) x`` (Q applied to the d_out rows of W) where N >= 2 d_out, ``W (Q x)`` below; on both sides
+    of the boundary the result matches the dense float64 product up to rounding, with the scale and the bias."""
     rl = importlib.import_module("gsops.ops.rotated_linear")
 
     g = torch.Generator().manual_seed(9)

@@ -32,17 +32,17 @@ def _configs():
 
     ptr = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
     out = []
-    esize = {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}
+    nbytes = {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}
     # (the packed tiles of b = 24 and b = 20 in half precision: two and four blocks per 64- and 128-wide tile)
     for b, dt, load in [(3, tl.float32, 1), (16, tl.bfloat16, 1), (128, tl.bfloat16, 0), (24, tl.float16, 0),
                         (20, tl.bfloat16, 0)]:
-        bb, g, tile = G._tiling(b, esize[dt], load == 0)
+        bb, g, tile = G._tiling(b, nbytes[dt], load == 0)
         c = dict(TILES_PER_PROG=4, LOAD=load, STORE=load, TRANS=bool(load), BB=bb, G=g, TILE=tile,
                  BLOCK_N=64 if tile <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC_DTYPE=tl.float32)
         out.append((f"block_step b={b} {dt}", G._block_step_kernel,
                     {"x_ptr": ptr[dt], "w_ptr": "*fp32", "y_ptr": ptr[dt]}, c, G._num_warps(tile)))
     for b, dt, layout in [(2, tl.float16, 1), (32, tl.bfloat16, 1), (128, tl.float32, 1), (24, tl.bfloat16, 0)]:
-        bb, g, tile = G._tiling(b, esize[dt], layout == 0)
+        bb, g, tile = G._tiling(b, nbytes[dt], layout == 0)
         c = dict(TILES_PER_SPLIT=8, G_LAYOUT=layout, X_LAYOUT=layout, BB=bb, G=g, TILE=tile,
                  BLOCK_N=64 if tile <= 64 else 32, DOT_DTYPE=dt, IEEE=dt == tl.float32, WITH_DX=True)
         out.append((f"block_grad+dx b={b} {dt}", G._block_grad_kernel,
@@ -54,7 +54,7 @@ def _configs():
                            (32, 64, tl.bfloat16, "fwd"), (32, 64, tl.bfloat16, "dx"), (32, 64, tl.bfloat16, "grads"),
                            (24, 32, tl.bfloat16, "fwd"), (24, 32, tl.bfloat16, "grads"), (24, 8, tl.float32, "bwd"),
                            (16, 32, tl.float32, "fwd"), (24, 4, tl.float64, "bwd")]:
-        plan = G.onepass_plan(r, b, {tl.bfloat16: 2, tl.float16: 2, tl.float32: 4, tl.float64: 8}[dt])
+        plan = G.onepass_plan(r, b, nbytes[dt])
         assert plan is not None and (kind != "bwd" or plan.fused_backward)
         old = G._interpreting
         G._interpreting = lambda: False
@@ -108,13 +108,12 @@ def _configs():
                         {"g_ptr": ptr[dt], "x_ptr": ptr[dt], "w_ptr": "*fp32", "dx_ptr": ptr[dt], "dw_ptr": "*fp32"},
                         c, warps))
     # the fallback's coalesced permuted step (runs of G blocks), forward and gradient
-    esz = {tl.bfloat16: 2, tl.float32: 4}
     for b, r, dt, grad in [(64, 64, tl.bfloat16, False), (64, 64, tl.bfloat16, True), (128, 32, tl.bfloat16, True),
                            (64, 64, tl.float32, True), (8, 512, tl.bfloat16, True), (128, 128, tl.float32, True)]:
         old = G._interpreting
         G._interpreting = lambda: False
         try:
-            g, bb, bn = G._strided_plan(r, b, esz[dt], 1 << 20)
+            g, bb, bn = G._strided_plan(r, b, nbytes[dt], 1 << 20)
         finally:
             G._interpreting = old
         c = dict(TILES=4, OUT_STRIDED=True, G=g, BB=bb, BN=bn, DOT_DTYPE=dt, IEEE=dt == tl.float32, ACC=tl.float32,

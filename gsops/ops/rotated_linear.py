@@ -240,10 +240,10 @@ def _fused_forward(x, W, bias, scale, factors, keep_h):
     chunks, buf, spare = _chunks(N, d, W, x2, buffers=not merged)
     Wt = WQt if merged else W.t()
     for s0, s1 in chunks:
-        n = (s1 - s0) * d
         if merged:
             u = _rows(x2, s0, s1)
         else:  # Q x of the chunk, token-major (a transposed view of its feature-major rotation)
+            n = (s1 - s0) * d
             u = _rotate_chunk(_rows(x2, s0, s1), factors, _rows(buf, 0, n), _rows(spare, 0, n)).t()
         oc = _rows(out, s0, s1)
         if scale is None:
